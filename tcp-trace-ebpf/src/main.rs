@@ -1,0 +1,286 @@
+//! Kernel side of tcp-trace: one program on `sock:inet_sock_set_state`.
+//!
+//! Per transition it (1) keeps, per socket, when the socket entered its state
+//! and who owns it, (2) applies the user's filters, (3) streams one `Event`
+//! through the ring buffer. Field offsets and filters are read-only globals
+//! that userspace fills in at load time.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_buf,
+    },
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    EbpfContext as _,
+};
+use tcp_trace_common::{
+    counter, state, Event, Filter, Listener, Owner, SockState, TracepointLayout, AF_INET,
+    FLAG_DURATION_KNOWN, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, IPPROTO_TCP,
+};
+
+/// Field offsets of the tracepoint record (from its tracefs format file).
+#[no_mangle]
+static LAYOUT: TracepointLayout = TracepointLayout {
+    skaddr: 8,
+    oldstate: 16,
+    newstate: 20,
+    sport: 24,
+    dport: 26,
+    family: 28,
+    protocol: 30,
+    saddr: 32,
+    daddr: 36,
+    saddr_v6: 40,
+    daddr_v6: 56,
+};
+
+/// The user's filters; zero fields match everything.
+#[no_mangle]
+static FILTER: Filter = Filter {
+    pid: 0,
+    port: 0,
+    lport: 0,
+    rport: 0,
+    family: 0,
+};
+
+/// Wake the reader only once this many bytes are queued; it also drains the
+/// ring buffer on a short timer, so quiet periods still flow.
+#[no_mangle]
+static WAKEUP_BYTES: u64 = 0;
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Live sockets by kernel address. LRU, so sockets we never see close cannot
+/// exhaust it; userspace may resize it at load time.
+#[map]
+static SOCKETS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(131_072, 0);
+
+/// Listening sockets by local port: accepted sockets are born in softirq and
+/// are charged to their listener's owner until a process touches them.
+#[map]
+static LISTENERS: LruHashMap<u16, Listener> = LruHashMap::with_max_entries(8192, 0);
+
+/// Per CPU, the `pt_regs` pointer the kernel hands a tracepoint program in
+/// task (process) context. The kernel stores `&__perf_regs[context]` in the
+/// record's first 8 bytes, one slot per context level (task, softirq, hardirq,
+/// NMI), so a different pointer on the same CPU means interrupt context.
+/// Learnt from transitions only syscalls make; userspace primes every CPU.
+#[map]
+static TASK_REGS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_trace(&ctx);
+    0
+}
+
+#[inline(always)]
+fn global<T: Copy>(value: &'static T) -> T {
+    // Volatile: these are patched at load time, the compiler must not fold them.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i32> {
+    unsafe { ctx.read_at::<T>(offset as usize) }
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        unsafe { *slot += 1 };
+    }
+}
+
+fn current_owner() -> Owner {
+    Owner {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        known: 1,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
+}
+
+/// Transitions that only a syscall makes (listen, connect, close, shutdown),
+/// hence always in the owner's process context.
+#[inline(always)]
+fn syscall_only(old_state: u8, new_state: u8) -> bool {
+    matches!(
+        (old_state, new_state),
+        (state::CLOSE, state::LISTEN)
+            | (state::CLOSE, state::SYN_SENT)
+            | (state::ESTABLISHED, state::FIN_WAIT1)
+            | (state::SYN_RECV, state::FIN_WAIT1)
+            | (state::CLOSE_WAIT, state::LAST_ACK)
+    )
+}
+
+#[inline(always)]
+fn in_task_context(ctx: &TracePointContext, old_state: u8, new_state: u8) -> Result<bool, i32> {
+    let regs: u64 = field(ctx, 0)?;
+    let Some(task_regs) = TASK_REGS.get_ptr_mut(0) else {
+        return Ok(syscall_only(old_state, new_state));
+    };
+    let task_regs = unsafe { &mut *task_regs };
+    if old_state == state::CLOSE && (new_state == state::LISTEN || new_state == state::SYN_SENT) {
+        *task_regs = regs;
+        return Ok(true);
+    }
+    if *task_regs == 0 {
+        // This CPU is not calibrated yet: trust only syscall-made transitions.
+        return Ok(syscall_only(old_state, new_state));
+    }
+    Ok(regs == *task_regs)
+}
+
+fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = global(&LAYOUT);
+    let filter = global(&FILTER);
+
+    // TCP only: SCTP and MPTCP's own socket use the same tracepoint.
+    if field::<u16>(ctx, layout.protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family: u16 = field(ctx, layout.family)?;
+    if filter.family != 0 && family != filter.family {
+        return Ok(());
+    }
+
+    let now = unsafe { bpf_ktime_get_ns() };
+    let skaddr: u64 = field(ctx, layout.skaddr)?;
+    let old_state = field::<i32>(ctx, layout.oldstate)? as u8;
+    let new_state = field::<i32>(ctx, layout.newstate)? as u8;
+    let sport: u16 = field(ctx, layout.sport)?;
+    let dport: u16 = field(ctx, layout.dport)?;
+    let in_irq = !in_task_context(ctx, old_state, new_state)?;
+
+    let mut flags = if in_irq { FLAG_IRQ_CONTEXT } else { 0 };
+    let mut duration_ns = 0;
+    let owner = match SOCKETS.get_ptr_mut(skaddr) {
+        Some(sock) => {
+            let sock = unsafe { &mut *sock };
+            duration_ns = now.wrapping_sub(sock.entered_ns);
+            flags |= FLAG_DURATION_KNOWN;
+            sock.entered_ns = now;
+            // A transition in process context names the socket's real owner.
+            if !in_irq {
+                sock.owner = current_owner();
+            }
+            sock.owner
+        }
+        None => {
+            let owner = if !in_irq {
+                current_owner()
+            } else if old_state == state::LISTEN && new_state == state::SYN_RECV {
+                unsafe { LISTENERS.get(sport) }
+                    .map(|l| l.owner)
+                    .unwrap_or_default()
+            } else {
+                Owner::default()
+            };
+            // First sight of a socket that did not just come to life: it was
+            // open before we started, or fell out of the LRU map.
+            if old_state != state::CLOSE && old_state != state::LISTEN {
+                count(counter::UNTRACKED);
+            }
+            if new_state != state::CLOSE {
+                let sock = SockState {
+                    entered_ns: now,
+                    owner,
+                };
+                if SOCKETS.insert(skaddr, sock, 0).is_err() {
+                    count(counter::MAP_UPDATE_FAILED);
+                }
+            }
+            owner
+        }
+    };
+
+    if new_state == state::CLOSE {
+        let _ = SOCKETS.remove(skaddr);
+    }
+    if new_state == state::LISTEN {
+        let _ = LISTENERS.insert(sport, Listener { skaddr, owner }, 0);
+    } else if old_state == state::LISTEN && new_state == state::CLOSE {
+        if let Some(l) = unsafe { LISTENERS.get(sport) } {
+            if l.skaddr == skaddr {
+                let _ = LISTENERS.remove(sport);
+            }
+        }
+    }
+
+    // Emission filters come after tracking so that durations and owners stay
+    // right for sockets whose ports are not known yet (port 0 at connect).
+    if filter.port != 0 && sport != filter.port && dport != filter.port {
+        return Ok(());
+    }
+    if filter.lport != 0 && sport != filter.lport {
+        return Ok(());
+    }
+    if filter.rport != 0 && dport != filter.rport {
+        return Ok(());
+    }
+    if filter.pid != 0 && (owner.known == 0 || owner.pid != filter.pid) {
+        return Ok(());
+    }
+    if owner.known != 0 {
+        flags |= FLAG_OWNER_KNOWN;
+    }
+
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    let base = ctx.as_ptr() as *const u8;
+    unsafe {
+        if family == AF_INET {
+            bpf_probe_read_kernel_buf(base.add(layout.saddr as usize), &mut saddr[..4])?;
+            bpf_probe_read_kernel_buf(base.add(layout.daddr as usize), &mut daddr[..4])?;
+        } else {
+            bpf_probe_read_kernel_buf(base.add(layout.saddr_v6 as usize), &mut saddr)?;
+            bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), &mut daddr)?;
+        }
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(counter::RINGBUF_FULL);
+        return Ok(());
+    };
+    entry.write(Event {
+        ts_ns: now,
+        skaddr,
+        duration_ns,
+        pid: owner.pid,
+        sport,
+        dport,
+        family,
+        old_state,
+        new_state,
+        flags,
+        _pad: [0; 3],
+        comm: owner.comm,
+        saddr,
+        daddr,
+    });
+    let queued = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let wake = if queued >= global(&WAKEUP_BYTES) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wake as u64);
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,140 @@
+//! Command-line flags, turned into plain configs for the commands.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tcp_trace_common::{Filter, AF_INET, AF_INET6};
+
+#[derive(Parser, Debug)]
+#[command(name = "tcp-trace", version, about = "Times every TCP state transition on this host")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print every TCP state transition: owner, endpoints, and time spent in the old state.
+    Watch(WatchArgs),
+}
+
+/// Filters shared by every tracing command; applied in the kernel.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FilterArgs {
+    /// Only sockets owned by this process id.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+    /// Only sockets with this port at either end.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Only sockets with this local port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub lport: Option<u16>,
+    /// Only sockets with this remote port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub rport: Option<u16>,
+    /// Only IPv4 sockets.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6 sockets.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+}
+
+impl FilterArgs {
+    pub fn to_filter(&self) -> Filter {
+        Filter {
+            pid: self.pid.unwrap_or(0),
+            port: self.port.unwrap_or(0),
+            lport: self.lport.unwrap_or(0),
+            rport: self.rport.unwrap_or(0),
+            family: match (self.ipv4, self.ipv6) {
+                (true, _) => AF_INET,
+                (_, true) => AF_INET6,
+                _ => 0,
+            },
+        }
+    }
+}
+
+/// Settings of the kernel program that are not filters.
+#[derive(Args, Debug, Clone)]
+pub struct KernelArgs {
+    /// Most sockets tracked at once (LRU: the least recently active are evicted, and counted).
+    #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_sockets: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// One JSON object per line instead of columns.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop by itself after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+}
+
+pub struct WatchConfig {
+    pub filter: Filter,
+    pub max_sockets: u32,
+    pub json: bool,
+    pub duration: Option<Duration>,
+}
+
+impl WatchArgs {
+    pub fn into_config(self) -> WatchConfig {
+        WatchConfig {
+            filter: self.filter.to_filter(),
+            max_sockets: self.kernel.max_sockets,
+            json: self.json,
+            duration: self.duration,
+        }
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(format!("`{s}` must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tcp-trace").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn filters_reach_the_kernel_config() {
+        let Command::Watch(w) = parse(&["watch", "--port", "8080", "-6", "--pid", "42"]).unwrap();
+        let f = w.into_config().filter;
+        assert_eq!((f.port, f.family, f.pid, f.lport), (8080, AF_INET6, 42, 0));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["watch", "--port", "0"][..],
+            &["watch", "--port", "70000"],
+            &["watch", "--pid", "x"],
+            &["watch", "-4", "-6"],
+            &["watch", "--duration", "-1"],
+            &["watch", "--bogus"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Decoding ring-buffer records into transitions userspace can reason about.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{bail, Result};
+use tcp_trace_common::{
+    Event, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_DURATION_KNOWN, FLAG_OWNER_KNOWN,
+};
+
+/// A TCP state, named as the kernel names it without the `TCP_` prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TcpState(pub u8);
+
+impl TcpState {
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            1 => "ESTABLISHED",
+            2 => "SYN_SENT",
+            3 => "SYN_RECV",
+            4 => "FIN_WAIT1",
+            5 => "FIN_WAIT2",
+            6 => "TIME_WAIT",
+            7 => "CLOSE",
+            8 => "CLOSE_WAIT",
+            9 => "LAST_ACK",
+            10 => "LISTEN",
+            11 => "CLOSING",
+            12 => "NEW_SYN_RECV",
+            _ => "UNKNOWN",
+        }
+    }
+
+    fn is_valid(self) -> bool {
+        (1..=12).contains(&self.0)
+    }
+}
+
+/// The process that owns a socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    /// Raw `comm` bytes up to the first NUL; may hold anything a process chose.
+    pub comm: Vec<u8>,
+}
+
+/// One decoded transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub ts_ns: u64,
+    pub sk: u64,
+    pub owner: Option<Owner>,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub old_state: TcpState,
+    pub new_state: TcpState,
+    /// Time spent in `old_state`; `None` when we never saw the socket enter it.
+    pub duration_ns: Option<u64>,
+}
+
+impl Transition {
+    pub fn is_ipv4(&self) -> bool {
+        self.laddr.is_ipv4()
+    }
+}
+
+/// Decodes one ring-buffer record. Errors mean a record we cannot trust; the
+/// caller counts them as dropped.
+pub fn decode(bytes: &[u8]) -> Result<Transition> {
+    if bytes.len() != EVENT_SIZE {
+        bail!("record of {} bytes, expected {EVENT_SIZE}", bytes.len());
+    }
+    // SAFETY: the length matches and `Event` is plain old data valid for any
+    // bit pattern; read_unaligned copes with any alignment.
+    let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    from_event(&ev)
+}
+
+pub fn from_event(ev: &Event) -> Result<Transition> {
+    let (laddr, raddr) = match ev.family {
+        AF_INET => (ipv4(&ev.saddr), ipv4(&ev.daddr)),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(ev.saddr)),
+            IpAddr::V6(Ipv6Addr::from(ev.daddr)),
+        ),
+        other => bail!("unknown address family {other}"),
+    };
+    let (old_state, new_state) = (TcpState(ev.old_state), TcpState(ev.new_state));
+    if !old_state.is_valid() || !new_state.is_valid() {
+        bail!("unknown TCP state {} -> {}", ev.old_state, ev.new_state);
+    }
+    let owner = (ev.flags & FLAG_OWNER_KNOWN != 0).then(|| Owner {
+        pid: ev.pid,
+        comm: comm_bytes(&ev.comm).to_vec(),
+    });
+    Ok(Transition {
+        ts_ns: ev.ts_ns,
+        sk: ev.skaddr,
+        owner,
+        laddr,
+        lport: ev.sport,
+        raddr,
+        rport: ev.dport,
+        old_state,
+        new_state,
+        duration_ns: (ev.flags & FLAG_DURATION_KNOWN != 0).then_some(ev.duration_ns),
+    })
+}
+
+fn ipv4(bytes: &[u8; 16]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+}
+
+fn comm_bytes(comm: &[u8; COMM_LEN]) -> &[u8] {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    &comm[..end]
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use tcp_trace_common::FLAG_IRQ_CONTEXT;
+
+    pub fn sample_event() -> Event {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..4].copy_from_slice(b"curl");
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        Event {
+            ts_ns: 1_000,
+            skaddr: 0xffff_8880_1234_5678,
+            duration_ns: 317_000,
+            pid: 4242,
+            sport: 45_678,
+            dport: 80,
+            family: AF_INET,
+            old_state: 2,
+            new_state: 1,
+            flags: FLAG_OWNER_KNOWN | FLAG_DURATION_KNOWN | FLAG_IRQ_CONTEXT,
+            _pad: [0; 3],
+            comm,
+            saddr,
+            daddr,
+        }
+    }
+
+    fn bytes_of(ev: &Event) -> Vec<u8> {
+        // SAFETY: `Event` is repr(C) plain data without implicit padding.
+        unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), EVENT_SIZE) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_an_ipv4_record() {
+        let t = decode(&bytes_of(&sample_event())).unwrap();
+        assert_eq!(t.laddr, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(t.raddr, "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!((t.lport, t.rport), (45_678, 80));
+        assert_eq!((t.old_state.name(), t.new_state.name()), ("SYN_SENT", "ESTABLISHED"));
+        assert_eq!(t.duration_ns, Some(317_000));
+        assert_eq!(
+            t.owner,
+            Some(Owner {
+                pid: 4242,
+                comm: b"curl".to_vec()
+            })
+        );
+    }
+
+    #[test]
+    fn decodes_an_ipv6_record() {
+        let mut ev = sample_event();
+        ev.family = AF_INET6;
+        ev.saddr = "::1".parse::<Ipv6Addr>().unwrap().octets();
+        ev.daddr = "2001:db8::7".parse::<Ipv6Addr>().unwrap().octets();
+        let t = decode(&bytes_of(&ev)).unwrap();
+        assert_eq!(t.laddr.to_string(), "::1");
+        assert_eq!(t.raddr.to_string(), "2001:db8::7");
+        assert!(!t.is_ipv4());
+    }
+
+    #[test]
+    fn unknown_owner_and_duration_stay_unknown() {
+        let mut ev = sample_event();
+        ev.flags = 0;
+        ev.duration_ns = 0;
+        let t = decode(&bytes_of(&ev)).unwrap();
+        assert_eq!(t.owner, None);
+        assert_eq!(t.duration_ns, None);
+    }
+
+    #[test]
+    fn zero_duration_known_is_not_unknown() {
+        let mut ev = sample_event();
+        ev.duration_ns = 0;
+        assert_eq!(decode(&bytes_of(&ev)).unwrap().duration_ns, Some(0));
+    }
+
+    #[test]
+    fn full_length_comm_has_no_nul() {
+        let mut ev = sample_event();
+        ev.comm = *b"0123456789abcdef";
+        let t = decode(&bytes_of(&ev)).unwrap();
+        assert_eq!(t.owner.unwrap().comm, b"0123456789abcdef");
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        let good = bytes_of(&sample_event());
+        assert!(decode(&good[..EVENT_SIZE - 1]).is_err());
+        assert!(decode(&[]).is_err());
+        let mut ev = sample_event();
+        ev.family = 99;
+        assert!(decode(&bytes_of(&ev)).is_err());
+        let mut ev = sample_event();
+        ev.new_state = 13;
+        assert!(decode(&bytes_of(&ev)).is_err());
+    }
+
+    #[test]
+    fn state_names_match_the_kernel() {
+        let names: Vec<_> = (1..=12).map(|s| TcpState(s).name()).collect();
+        assert_eq!(
+            names,
+            [
+                "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
+                "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV"
+            ]
+        );
+        assert_eq!(TcpState(0).name(), "UNKNOWN");
+    }
+}
