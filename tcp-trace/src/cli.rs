@@ -110,7 +110,6 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser as _;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("tcp-trace").chain(args.iter().copied()))
@@ -118,7 +117,7 @@ mod tests {
 
     #[test]
     fn filters_reach_the_kernel_config() {
-        let Command::Watch(w) = parse(&["watch", "--port", "8080", "-6", "--pid", "42"]).unwrap();
+        let Command::Watch(w) = parse(&["watch", "--port", "8080", "-6", "--pid", "42"]).unwrap().command;
         let f = w.into_config().filter;
         assert_eq!((f.port, f.family, f.pid, f.lport), (8080, AF_INET6, 42, 0));
     }

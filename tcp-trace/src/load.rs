@@ -40,6 +40,9 @@ pub struct KernelCounters {
 impl Tracer {
     /// Loads and attaches the program; returns it with its event ring buffer.
     pub fn attach(settings: &Settings) -> Result<(Self, RingBuf<MapData>)> {
+        if PROGRAM.is_empty() {
+            bail!("this binary was built with AYA_BUILD_SKIP=1 and holds no BPF program");
+        }
         check_privileges()?;
         raise_memlock_limit();
         let tracefs = tracepoint::tracefs_root()?;

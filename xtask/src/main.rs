@@ -1,1 +1,132 @@
-fn main(){}
+//! Developer tasks: `cargo xtask setup|build|run|test|lint`.
+
+mod setup;
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (idempotent): rust-src for the nightly, bpf-linker.
+    Setup,
+    /// Set up, then build everything in release mode (target/release/tcp-trace).
+    Build,
+    /// Build, then run `tcp-trace ARGS`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build, then run every test: lints, unit tests and the kernel integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// rustfmt and clippy, userspace and kernel crates (the latter on its own).
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<ExitCode> {
+    let root = workspace_root();
+    match task {
+        Task::Setup => {
+            setup::setup()?;
+        }
+        Task::Build => build(&root)?,
+        Task::Run { args } => {
+            build(&root)?;
+            let status = Command::new(root.join("target/release/tcp-trace"))
+                .args(args)
+                .status()
+                .context("running target/release/tcp-trace")?;
+            return Ok(ExitCode::from(status.code().unwrap_or(1) as u8));
+        }
+        Task::Test { args } => {
+            build(&root)?;
+            lint(&root)?;
+            let tools = setup::setup()?;
+            cargo(&root, &tools, &["test", "--workspace", "--exclude", "tcp-trace-ebpf"], &args)?;
+        }
+        Task::Lint => {
+            setup::setup()?;
+            lint(&root)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn build(root: &Path) -> Result<()> {
+    let tools = setup::setup()?;
+    cargo(root, &tools, &["build", "--release", "--workspace", "--exclude", "tcp-trace-ebpf"], &[])
+}
+
+fn lint(root: &Path) -> Result<()> {
+    let tools = setup::setup()?;
+    cargo(root, &tools, &["fmt", "--all", "--check"], &[])?;
+    cargo(
+        root,
+        &tools,
+        &["clippy", "--workspace", "--exclude", "tcp-trace-ebpf", "--all-targets", "--", "-D", "warnings"],
+        &[],
+    )?;
+    // The BPF crate alone, for its own target: linting it with the workspace
+    // would unify features and build its panic handler for the host.
+    let status = Command::new("rustup")
+        .args(["run", "nightly", "cargo", "clippy", "--release", "-Z", "build-std=core"])
+        .args(["--target", "bpfel-unknown-none", "--", "-D", "warnings"])
+        .current_dir(root.join("tcp-trace-ebpf"))
+        .env("PATH", &tools.path)
+        .env("CARGO_TARGET_DIR", root.join("target/ebpf-lint"))
+        .status()
+        .context("running clippy on tcp-trace-ebpf")?;
+    if !status.success() {
+        bail!("clippy on tcp-trace-ebpf failed");
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path, tools: &setup::Tools, args: &[&str], extra: &[OsString]) -> Result<()> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .args(extra)
+        .current_dir(root)
+        .env("PATH", &tools.path)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}

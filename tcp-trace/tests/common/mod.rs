@@ -1,0 +1,271 @@
+//! Helpers for tests that load the real program and drive real connections.
+//!
+//! Every test shares the kernel with the others running in parallel: each
+//! picks ports of its own and asserts only on sockets using them.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Deserialize;
+
+pub const TRACER: &str = env!("CARGO_BIN_EXE_tcp-trace");
+
+/// One line of `tcp-trace watch --json`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Ev {
+    pub ts_ns: u64,
+    pub sk: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub family: String,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub old_state: String,
+    pub new_state: String,
+    pub duration_ns: Option<u64>,
+}
+
+/// A running `tcp-trace watch --json`.
+pub struct Tracer {
+    child: Child,
+    stdout: thread::JoinHandle<Vec<String>>,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// What a stopped tracer printed.
+pub struct Trace {
+    pub events: Vec<Ev>,
+    pub stderr: Vec<String>,
+}
+
+impl Tracer {
+    /// Starts the tracer and waits until it says it is tracing. Fails loudly
+    /// (never skips) when the program cannot be loaded.
+    pub fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(TRACER)
+            .args(["watch", "--json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning tcp-trace");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stdout = thread::spawn(move || stdout.lines().map_while(Result::ok).collect());
+        let (tx, stderr) = mpsc::channel();
+        let err = BufReader::new(child.stderr.take().unwrap());
+        thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.starts_with("tcp-trace: tracing ") => break,
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "tcp-trace did not start tracing: loading BPF into the running kernel \
+                         needs root (or CAP_BPF + CAP_PERFMON). It said:\n{}",
+                        seen.join("\n")
+                    );
+                }
+            }
+        }
+        Tracer {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Stops the tracer with SIGTERM, as an operator or systemd would.
+    pub fn stop(mut self) -> Trace {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut self.child, Duration::from_secs(30));
+        let lines = self.stdout.join().expect("stdout reader");
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        assert!(status.success(), "tcp-trace exited with {status}: {stderr:?}");
+        let events = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect();
+        Trace { events, stderr }
+    }
+}
+
+impl Trace {
+    /// Events of sockets with `port` at either end, grouped per socket, in order.
+    pub fn sockets_on_port(&self, port: u16) -> BTreeMap<String, Vec<Ev>> {
+        let mut by_sk: BTreeMap<String, Vec<Ev>> = BTreeMap::new();
+        for ev in self.events.iter().filter(|e| e.lport == port || e.rport == port) {
+            by_sk.entry(ev.sk.clone()).or_default().push(ev.clone());
+        }
+        by_sk
+    }
+
+    pub fn summary(&self) -> &str {
+        self.stderr
+            .iter()
+            .find(|l| l.contains("events received"))
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no summary on stderr: {:?}", self.stderr))
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting on a child") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("child {} did not exit within {limit:?}", child.id());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn loopback(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    }
+}
+
+/// A port below the ephemeral range (so no client socket takes it by chance)
+/// that is free on both loopback addresses right now.
+pub fn free_port() -> u16 {
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos()
+        ^ (std::process::id() << 12);
+    let mut x = seed | 1;
+    loop {
+        // xorshift: different tests in one process get different sequences via the clock.
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let port = 20_000 + (x % 10_000) as u16;
+        let free = [false, true].iter().all(|&v6| {
+            TcpListener::bind(SocketAddr::new(loopback(v6), port)).is_ok()
+        });
+        if free {
+            return port;
+        }
+    }
+}
+
+/// The `tcp_peer` example, built by `cargo test` next to the test binaries.
+fn peer_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps -> target/<profile>
+    let bin = dir.join("examples").join("tcp_peer");
+    assert!(bin.exists(), "{} is missing: run the tests with cargo test", bin.display());
+    bin
+}
+
+/// A peer process that waits for `go` before acting.
+pub struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    pub fn spawn(args: &[String]) -> Peer {
+        let mut child = Command::new(peer_bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning tcp_peer");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Peer {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn server(addr: SocketAddr, hold: Duration, linger: Duration) -> Peer {
+        Self::spawn(&[
+            "server".into(),
+            addr.to_string(),
+            hold.as_millis().to_string(),
+            linger.as_millis().to_string(),
+        ])
+    }
+
+    pub fn client(addr: SocketAddr, linger: Duration) -> Peer {
+        Self::spawn(&["client".into(), addr.to_string(), linger.as_millis().to_string()])
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn go(&mut self) {
+        writeln!(self.stdin, "go").expect("writing go");
+    }
+
+    pub fn expect_line(&mut self, want: &str) {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading the peer");
+        assert_eq!(line.trim(), want, "peer {} said something else", self.pid());
+    }
+
+    pub fn finish(mut self) {
+        let status = wait_timeout(&mut self.child, Duration::from_secs(30));
+        assert!(status.success(), "peer {} exited with {status}", self.child.id());
+    }
+}
+
+/// Timing of a scripted exchange.
+#[derive(Clone, Copy)]
+pub struct Script {
+    /// How long the server holds the accepted connection before closing it.
+    pub hold: Duration,
+    /// How long the client lingers after EOF before closing.
+    pub linger: Duration,
+}
+
+/// Runs one exchange: server and client in two processes. Returns their pids.
+pub fn exchange(addr: SocketAddr, script: Script) -> (u32, u32) {
+    let mut server = Peer::server(addr, script.hold, script.linger);
+    server.go();
+    server.expect_line("listening");
+    let mut client = Peer::client(addr, script.linger);
+    client.go();
+    let pids = (server.pid(), client.pid());
+    client.finish();
+    server.finish();
+    pids
+}
+
+/// The sequence of `OLD->NEW` of one socket's events.
+pub fn sequence(events: &[Ev]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| format!("{}->{}", e.old_state, e.new_state))
+        .collect()
+}

@@ -1,0 +1,266 @@
+//! `tcp-trace watch` against the running kernel and real loopback connections.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use common::{exchange, free_port, loopback, sequence, Ev, Script, Tracer, TRACER};
+
+const SCRIPT: Script = Script {
+    hold: Duration::from_millis(300),
+    linger: Duration::from_millis(200),
+};
+
+/// Scheduling slack for a duration the test controls: a measured state may
+/// last up to this much longer than the sleep that bounds it (tests share two
+/// cores), and never shorter than the sleep less 1 ms of clock granularity.
+const SLACK: Duration = Duration::from_millis(250);
+
+fn assert_about(what: &str, got: Option<u64>, want: Duration) {
+    let got = got.unwrap_or_else(|| panic!("{what}: duration unknown, expected ~{want:?}"));
+    let (lo, hi) = (want.as_nanos() as u64 - 1_000_000, (want + SLACK).as_nanos() as u64);
+    assert!(
+        (lo..=hi).contains(&got),
+        "{what}: {:.1} ms, expected {:?} (tolerance -1 ms / +{SLACK:?})",
+        got as f64 / 1e6,
+        want
+    );
+}
+
+fn find<'a>(sockets: &'a [Vec<Ev>], first: &str, what: &str) -> &'a [Ev] {
+    let found: Vec<_> = sockets
+        .iter()
+        .filter(|evs| sequence(evs).first().map(String::as_str) == Some(first))
+        .collect();
+    assert_eq!(found.len(), 1, "expected one {what} socket starting with {first}: {sockets:#?}");
+    found[0]
+}
+
+fn scripted_exchange(v6: bool) {
+    let port = free_port();
+    let tracer = Tracer::start(&["--port", &port.to_string()]);
+    let (server_pid, client_pid) = exchange(SocketAddr::new(loopback(v6), port), SCRIPT);
+    // Let the softirq tail of the exchange reach the ring buffer.
+    thread::sleep(Duration::from_millis(200));
+    let trace = tracer.stop();
+    let sockets: Vec<Vec<Ev>> = trace.sockets_on_port(port).into_values().collect();
+    assert_eq!(sockets.len(), 3, "listener, accepted and client sockets: {sockets:#?}");
+
+    let family = if v6 { "ipv6" } else { "ipv4" };
+    for ev in sockets.iter().flatten() {
+        assert_eq!(ev.family, family);
+        assert_eq!(ev.laddr, loopback(v6));
+    }
+
+    let listener = find(&sockets, "CLOSE->LISTEN", "listener");
+    assert_eq!(sequence(listener), ["CLOSE->LISTEN", "LISTEN->CLOSE"]);
+    let accepted = find(&sockets, "LISTEN->SYN_RECV", "accepted");
+    assert_eq!(
+        sequence(accepted),
+        [
+            "LISTEN->SYN_RECV",
+            "SYN_RECV->ESTABLISHED",
+            "ESTABLISHED->FIN_WAIT1",
+            "FIN_WAIT1->FIN_WAIT2",
+            "FIN_WAIT2->CLOSE"
+        ]
+    );
+    let client = find(&sockets, "CLOSE->SYN_SENT", "client");
+    assert_eq!(
+        sequence(client),
+        [
+            "CLOSE->SYN_SENT",
+            "SYN_SENT->ESTABLISHED",
+            "ESTABLISHED->CLOSE_WAIT",
+            "CLOSE_WAIT->LAST_ACK",
+            "LAST_ACK->CLOSE"
+        ]
+    );
+
+    // Owners: every event, softirq ones included, goes to the socket's process.
+    for (evs, pid, comm) in [
+        (listener, server_pid, "tt-server"),
+        (accepted, server_pid, "tt-server"),
+        (client, client_pid, "tt-client"),
+    ] {
+        for ev in evs {
+            assert_eq!(
+                (ev.pid, ev.comm.as_deref()),
+                (Some(pid), Some(comm)),
+                "owner of {}->{}",
+                ev.old_state,
+                ev.new_state
+            );
+        }
+    }
+
+    // Ports: the accepted and listening sockets sit on the port; the client's
+    // local port is 0 only before the SYN goes out.
+    assert!(accepted.iter().all(|e| e.lport == port));
+    assert!(client.iter().all(|e| e.rport == port));
+    assert_eq!(client[0].lport, 0);
+    assert!(client[1..].iter().all(|e| e.lport == accepted[0].rport));
+
+    // Unknown means unknown: no socket existed before its first event.
+    for evs in [listener, accepted, client] {
+        assert_eq!(evs[0].duration_ns, None, "first event of {}", evs[0].sk);
+        assert!(evs[1..].iter().all(|e| e.duration_ns.is_some()), "{evs:#?}");
+        assert!(evs.windows(2).all(|w| w[0].ts_ns <= w[1].ts_ns));
+        for w in evs.windows(2) {
+            assert_eq!(w[1].duration_ns, Some(w[1].ts_ns - w[0].ts_ns));
+        }
+    }
+
+    // Durations the script controls.
+    assert_about("server ESTABLISHED", accepted[2].duration_ns, SCRIPT.hold);
+    assert_about("client ESTABLISHED", client[2].duration_ns, SCRIPT.hold);
+    assert_about("client CLOSE_WAIT", client[3].duration_ns, SCRIPT.linger);
+    // The orphaned server socket does not wait out FIN_WAIT2 itself: the kernel
+    // hands it to a timewait mini-socket (invisible to the tracepoint) at once,
+    // so its FIN_WAIT2 -> CLOSE comes before the client closes, not after.
+    assert!(accepted[4].ts_ns < client[3].ts_ns, "{accepted:#?} {client:#?}");
+    let fin_wait = accepted[3].duration_ns.unwrap() + accepted[4].duration_ns.unwrap();
+    assert!(fin_wait < SCRIPT.linger.as_nanos() as u64 / 2, "{fin_wait} ns");
+    assert!(
+        listener[1].duration_ns.unwrap() >= (SCRIPT.hold + SCRIPT.linger).as_nanos() as u64,
+        "the listener outlives the connection"
+    );
+    // Loopback handshakes complete in well under a second.
+    assert!(client[1].duration_ns.unwrap() < 1_000_000_000);
+
+    assert!(trace.summary().contains(" 0 dropped"), "{}", trace.summary());
+}
+
+#[test]
+fn ipv4_exchange_sequences_owners_and_durations() {
+    scripted_exchange(false);
+}
+
+#[test]
+fn ipv6_exchange_sequences_owners_and_durations() {
+    scripted_exchange(true);
+}
+
+#[test]
+fn port_filter_lets_no_other_port_through() {
+    let (watched, other) = (free_port(), free_port());
+    assert_ne!(watched, other);
+    let tracer = Tracer::start(&["--port", &watched.to_string()]);
+    let quick = Script {
+        hold: Duration::from_millis(20),
+        linger: Duration::from_millis(20),
+    };
+    let busy = thread::spawn(move || {
+        for _ in 0..5 {
+            exchange(SocketAddr::new(loopback(false), other), quick);
+        }
+    });
+    exchange(SocketAddr::new(loopback(false), watched), quick);
+    busy.join().unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let trace = tracer.stop();
+    assert!(!trace.events.is_empty());
+    for ev in &trace.events {
+        assert!(ev.lport == watched || ev.rport == watched, "leaked: {ev:?}");
+    }
+    assert_eq!(trace.sockets_on_port(watched).len(), 3);
+}
+
+#[test]
+fn family_filter_keeps_one_family() {
+    let port = free_port();
+    let tracer = Tracer::start(&["--port", &port.to_string(), "-6"]);
+    let quick = Script {
+        hold: Duration::from_millis(20),
+        linger: Duration::from_millis(20),
+    };
+    exchange(SocketAddr::new(loopback(false), port), quick);
+    exchange(SocketAddr::new(loopback(true), port), quick);
+    thread::sleep(Duration::from_millis(200));
+    let trace = tracer.stop();
+    assert!(trace.events.iter().all(|e| e.family == "ipv6"), "{:#?}", trace.events);
+    assert_eq!(trace.sockets_on_port(port).len(), 3);
+}
+
+#[test]
+fn pid_filter_keeps_one_process() {
+    let port = free_port();
+    let addr = SocketAddr::new(loopback(false), port);
+    // The server waits for `go`, so its pid is known before tracing starts.
+    let mut server = common::Peer::server(addr, Duration::from_millis(50), Duration::from_millis(20));
+    let tracer = Tracer::start(&["--pid", &server.pid().to_string()]);
+    server.go();
+    server.expect_line("listening");
+    let mut client = common::Peer::client(addr, Duration::from_millis(20));
+    client.go();
+    let server_pid = server.pid();
+    client.finish();
+    server.finish();
+    thread::sleep(Duration::from_millis(200));
+    let trace = tracer.stop();
+    assert!(trace.events.iter().all(|e| e.pid == Some(server_pid)), "{:#?}", trace.events);
+    // The listener and the accepted socket, not the client's.
+    let sockets = trace.sockets_on_port(port);
+    assert_eq!(sockets.len(), 2, "{sockets:#?}");
+    assert!(sockets.values().all(|evs| evs.iter().all(|e| e.lport == port)));
+}
+
+#[test]
+fn text_output_names_the_owner() {
+    let port = free_port();
+    let child = Command::new(TRACER)
+        .args(["watch", "--port", &port.to_string(), "--duration", "3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // No stderr handshake here: give it time to attach, then drive traffic.
+    thread::sleep(Duration::from_millis(1500));
+    exchange(
+        SocketAddr::new(loopback(false), port),
+        Script {
+            hold: Duration::from_millis(20),
+            linger: Duration::from_millis(20),
+        },
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("TIME") && lines[0].contains("OLDSTATE"), "{text}");
+    let syn_sent = lines.iter().find(|l| l.contains("CLOSE       -> SYN_SENT")).expect(&text);
+    assert!(syn_sent.contains(" tt-client ") && syn_sent.contains(&format!("127.0.0.1:{port}")));
+    let fin_wait2 = lines.iter().find(|l| l.contains("FIN_WAIT2   -> CLOSE")).expect(&text);
+    assert!(fin_wait2.contains(" tt-server "), "{fin_wait2}");
+}
+
+#[test]
+fn missing_privileges_are_named() {
+    // As `nobody`, with no capabilities at all.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args(["--bounding-set=-all", TRACER, "watch"])
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("CAP_BPF") && stderr.contains("CAP_PERFMON"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line, no backtrace: {stderr}");
+    assert!(!stderr.contains("panicked"));
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_message() {
+    for args in [&["watch", "--port", "0"][..], &["watch", "--lport", "x"], &["nonsense"]] {
+        let out = Command::new(TRACER).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error:"), "{stderr}");
+        assert!(!stderr.contains("panicked"));
+    }
+}

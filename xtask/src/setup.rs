@@ -1,0 +1,136 @@
+//! `cargo xtask setup`: the nightly's rust-src and a bpf-linker built against
+//! the nightly toolchain's own libLLVM, cached outside target/.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// What later steps need from the set-up.
+pub struct Tools {
+    /// PATH with bpf-linker's directory first.
+    pub path: OsString,
+}
+
+pub fn setup() -> Result<Tools> {
+    ensure_rust_src()?;
+    let bin = ensure_bpf_linker()?;
+    let mut paths = vec![bin];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    Ok(Tools {
+        path: env::join_paths(paths).context("building PATH")?,
+    })
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("is the nightly toolchain installed? (`rustup toolchain list`)")?;
+    if installed.lines().any(|l| l.trim() == "rust-src") {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    output(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    Ok(())
+}
+
+fn cache_dir() -> Result<PathBuf> {
+    let base = match env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    Ok(base.join("tcp-trace"))
+}
+
+/// The nightly's libLLVM: its path and LLVM major version.
+fn nightly_llvm() -> Result<(PathBuf, String)> {
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` names no LLVM version")?;
+    let major = llvm.split('.').next().unwrap_or_default().to_string();
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let file = fs::read_dir(&lib)
+        .with_context(|| format!("listing {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}")))
+        })
+        .with_context(|| format!("no libLLVM.so.{major}* in {}", lib.display()))?;
+    Ok((file, major))
+}
+
+/// Returns the directory holding a working bpf-linker, building it if needed.
+fn ensure_bpf_linker() -> Result<PathBuf> {
+    let cache = cache_dir()?;
+    let (libllvm, major) = nightly_llvm()?;
+    let llvm_name = libllvm.file_name().expect("a file").to_owned();
+    // One build per (bpf-linker version, libLLVM file): a new nightly rebuilds it.
+    let stamp = format!("{BPF_LINKER_VERSION} {}", llvm_name.to_string_lossy());
+    let root = cache.join("bpf-linker");
+    let bin = root.join("bin");
+    let stamp_file = root.join("stamp");
+    let works = || {
+        Command::new(bin.join("bpf-linker"))
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if fs::read_to_string(&stamp_file).is_ok_and(|s| s == stamp) && works() {
+        return Ok(bin);
+    }
+
+    // bpf-linker links libLLVM from LLVM_PREFIX/lib, and keeps that path as
+    // its rpath, so the prefix lives in the cache next to it.
+    let prefix = cache.join("llvm");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for name in [OsString::from("libLLVM.so"), llvm_name] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        symlink(&libllvm, &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)");
+    let status = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .arg("--root")
+        .arg(&root)
+        .env("LLVM_PREFIX", &prefix)
+        .status()
+        .context("running cargo install bpf-linker")?;
+    if !status.success() || !works() {
+        bail!("building bpf-linker failed");
+    }
+    fs::write(&stamp_file, stamp).with_context(|| format!("writing {}", stamp_file.display()))?;
+    Ok(bin)
+}
