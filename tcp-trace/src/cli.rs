@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use tcp_trace_common::{Filter, AF_INET, AF_INET6};
 
 #[derive(Parser, Debug)]
-#[command(name = "tcp-trace", version, about = "Times every TCP state transition on this host")]
+#[command(
+    name = "tcp-trace",
+    version,
+    about = "Times every TCP state transition on this host"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -117,7 +121,9 @@ mod tests {
 
     #[test]
     fn filters_reach_the_kernel_config() {
-        let Command::Watch(w) = parse(&["watch", "--port", "8080", "-6", "--pid", "42"]).unwrap().command;
+        let Command::Watch(w) = parse(&["watch", "--port", "8080", "-6", "--pid", "42"])
+            .unwrap()
+            .command;
         let f = w.into_config().filter;
         assert_eq!((f.port, f.family, f.pid, f.lport), (8080, AF_INET6, 42, 0));
     }

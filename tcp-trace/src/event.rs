@@ -159,7 +159,10 @@ pub mod tests {
         assert_eq!(t.laddr, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(t.raddr, "10.1.2.3".parse::<IpAddr>().unwrap());
         assert_eq!((t.lport, t.rport), (45_678, 80));
-        assert_eq!((t.old_state.name(), t.new_state.name()), ("SYN_SENT", "ESTABLISHED"));
+        assert_eq!(
+            (t.old_state.name(), t.new_state.name()),
+            ("SYN_SENT", "ESTABLISHED")
+        );
         assert_eq!(t.duration_ns, Some(317_000));
         assert_eq!(
             t.owner,
@@ -226,8 +229,18 @@ pub mod tests {
         assert_eq!(
             names,
             [
-                "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
-                "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV"
+                "ESTABLISHED",
+                "SYN_SENT",
+                "SYN_RECV",
+                "FIN_WAIT1",
+                "FIN_WAIT2",
+                "TIME_WAIT",
+                "CLOSE",
+                "CLOSE_WAIT",
+                "LAST_ACK",
+                "LISTEN",
+                "CLOSING",
+                "NEW_SYN_RECV"
             ]
         );
         assert_eq!(TcpState(0).name(), "UNKNOWN");

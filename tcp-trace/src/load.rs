@@ -64,7 +64,9 @@ impl Tracer {
             .context("the BPF object has no program inet_sock_set_state")?
             .try_into()
             .context("inet_sock_set_state is not a tracepoint program")?;
-        program.load().context("the kernel's verifier rejected the program")?;
+        program
+            .load()
+            .context("the kernel's verifier rejected the program")?;
         program
             .attach(tracepoint::CATEGORY, tracepoint::NAME)
             .with_context(|| {

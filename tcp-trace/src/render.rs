@@ -69,7 +69,8 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Self {
-        let offset_ns = clock_ns(libc::CLOCK_REALTIME) as i128 - clock_ns(libc::CLOCK_MONOTONIC) as i128;
+        let offset_ns =
+            clock_ns(libc::CLOCK_REALTIME) as i128 - clock_ns(libc::CLOCK_MONOTONIC) as i128;
         Self { offset_ns }
     }
 
@@ -89,7 +90,10 @@ impl Clock {
         if !ok {
             return format!("{secs}.{millis:03}");
         }
-        format!("{:02}:{:02}:{:02}.{millis:03}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+        format!(
+            "{:02}:{:02}:{:02}.{millis:03}",
+            tm.tm_hour, tm.tm_min, tm.tm_sec
+        )
     }
 }
 
@@ -203,7 +207,9 @@ impl TextColumns {
             Some(o) => (o.pid.to_string(), printable_comm(&o.comm)),
             None => ("-".to_string(), "-".to_string()),
         };
-        let duration = t.duration_ns.map_or_else(|| "-".to_string(), human_duration);
+        let duration = t
+            .duration_ns
+            .map_or_else(|| "-".to_string(), human_duration);
         writeln!(
             out,
             "{:<12} {pid:>7} {comm:<16} {local:<w$} {remote:<w$} {:<11} -> {:<11} {duration:>8}",
@@ -254,10 +260,16 @@ mod tests {
         assert_eq!(endpoint("127.0.0.1".parse().unwrap(), 80), "127.0.0.1:80");
         assert_eq!(endpoint("::1".parse().unwrap(), 443), "[::1]:443");
         assert_eq!(
-            endpoint("2001:0db8:0000:0000:0000:0000:0000:0001".parse().unwrap(), 22),
+            endpoint(
+                "2001:0db8:0000:0000:0000:0000:0000:0001".parse().unwrap(),
+                22
+            ),
             "[2001:db8::1]:22"
         );
-        assert_eq!(endpoint("::ffff:10.0.0.1".parse().unwrap(), 1), "[::ffff:10.0.0.1]:1");
+        assert_eq!(
+            endpoint("::ffff:10.0.0.1".parse().unwrap(), 1),
+            "[::ffff:10.0.0.1]:1"
+        );
     }
 
     #[test]
@@ -297,7 +309,8 @@ mod tests {
         cols.write(&mut out, &t).unwrap();
         let mut unknown = sample_event();
         unknown.flags = 0;
-        cols.write(&mut out, &from_event(&unknown).unwrap()).unwrap();
+        cols.write(&mut out, &from_event(&unknown).unwrap())
+            .unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
@@ -306,6 +319,10 @@ mod tests {
         assert_eq!(col(lines[1], "SYN_SENT"), col(lines[2], "SYN_SENT"));
         assert!(lines[1].contains(" 4242 curl "), "{}", lines[1]);
         assert!(lines[1].contains("127.0.0.1:45678") && lines[1].ends_with("317us"));
-        assert!(lines[2].contains("      - -  ") && lines[2].ends_with(" -"), "{}", lines[2]);
+        assert!(
+            lines[2].contains("      - -  ") && lines[2].ends_with(" -"),
+            "{}",
+            lines[2]
+        );
     }
 }

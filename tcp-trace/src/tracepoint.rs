@@ -59,7 +59,11 @@ fn mount_tracefs() -> std::io::Result<()> {
 
 /// Reads the record layout of the tracepoint from tracefs.
 pub fn read_layout(tracefs: &Path) -> Result<TracepointLayout> {
-    let path = tracefs.join("events").join(CATEGORY).join(NAME).join("format");
+    let path = tracefs
+        .join("events")
+        .join(CATEGORY)
+        .join(NAME)
+        .join("format");
     let text = fs::read_to_string(&path).with_context(|| {
         format!(
             "reading {} (the kernel needs the {CATEGORY}:{NAME} tracepoint, Linux 4.16 or later)",
@@ -111,10 +115,7 @@ pub fn parse_layout(format: &str) -> Result<TracepointLayout> {
             .find(|f| f.name == name)
             .with_context(|| format!("the tracepoint has no field `{name}` (kernel too old?)"))?;
         if field.size != size {
-            bail!(
-                "field `{name}` has size {}, expected {size}",
-                field.size
-            );
+            bail!("field `{name}` has size {}, expected {size}", field.size);
         }
         Ok(field.offset)
     };
@@ -167,7 +168,7 @@ print fmt: \"family=%s protocol=%s ...\"
         assert_eq!(
             l,
             TracepointLayout {
-                            skaddr: 8,
+                skaddr: 8,
                 oldstate: 16,
                 newstate: 20,
                 sport: 24,
@@ -202,7 +203,10 @@ print fmt: \"family=%s protocol=%s ...\"
     #[test]
     fn wrong_size_is_rejected() {
         let bad = FORMAT_6_18.replace("sport;\toffset:24;\tsize:2", "sport;\toffset:24;\tsize:4");
-        assert!(parse_layout(&bad).unwrap_err().to_string().contains("sport"));
+        assert!(parse_layout(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("sport"));
     }
 
     #[test]

@@ -48,8 +48,7 @@ async fn watch(config: WatchConfig) -> Result<()> {
     })?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
     // for as long as the AsyncFd holds it.
-    let mut events =
-        unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+    let mut events = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let deadline = async {

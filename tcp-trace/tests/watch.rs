@@ -2,12 +2,7 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    process::Command,
-    thread,
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, thread, time::Duration};
 
 use common::{exchange, free_port, loopback, sequence, Ev, Script, Tracer, TRACER};
 
@@ -23,7 +18,10 @@ const SLACK: Duration = Duration::from_millis(250);
 
 fn assert_about(what: &str, got: Option<u64>, want: Duration) {
     let got = got.unwrap_or_else(|| panic!("{what}: duration unknown, expected ~{want:?}"));
-    let (lo, hi) = (want.as_nanos() as u64 - 1_000_000, (want + SLACK).as_nanos() as u64);
+    let (lo, hi) = (
+        want.as_nanos() as u64 - 1_000_000,
+        (want + SLACK).as_nanos() as u64,
+    );
     assert!(
         (lo..=hi).contains(&got),
         "{what}: {:.1} ms, expected {:?} (tolerance -1 ms / +{SLACK:?})",
@@ -37,7 +35,11 @@ fn find<'a>(sockets: &'a [Vec<Ev>], first: &str, what: &str) -> &'a [Ev] {
         .iter()
         .filter(|evs| sequence(evs).first().map(String::as_str) == Some(first))
         .collect();
-    assert_eq!(found.len(), 1, "expected one {what} socket starting with {first}: {sockets:#?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {what} socket starting with {first}: {sockets:#?}"
+    );
     found[0]
 }
 
@@ -49,7 +51,11 @@ fn scripted_exchange(v6: bool) {
     thread::sleep(Duration::from_millis(200));
     let trace = tracer.stop();
     let sockets: Vec<Vec<Ev>> = trace.sockets_on_port(port).into_values().collect();
-    assert_eq!(sockets.len(), 3, "listener, accepted and client sockets: {sockets:#?}");
+    assert_eq!(
+        sockets.len(),
+        3,
+        "listener, accepted and client sockets: {sockets:#?}"
+    );
 
     let family = if v6 { "ipv6" } else { "ipv4" };
     for ev in sockets.iter().flatten() {
@@ -123,9 +129,15 @@ fn scripted_exchange(v6: bool) {
     // The orphaned server socket does not wait out FIN_WAIT2 itself: the kernel
     // hands it to a timewait mini-socket (invisible to the tracepoint) at once,
     // so its FIN_WAIT2 -> CLOSE comes before the client closes, not after.
-    assert!(accepted[4].ts_ns < client[3].ts_ns, "{accepted:#?} {client:#?}");
+    assert!(
+        accepted[4].ts_ns < client[3].ts_ns,
+        "{accepted:#?} {client:#?}"
+    );
     let fin_wait = accepted[3].duration_ns.unwrap() + accepted[4].duration_ns.unwrap();
-    assert!(fin_wait < SCRIPT.linger.as_nanos() as u64 / 2, "{fin_wait} ns");
+    assert!(
+        fin_wait < SCRIPT.linger.as_nanos() as u64 / 2,
+        "{fin_wait} ns"
+    );
     assert!(
         listener[1].duration_ns.unwrap() >= (SCRIPT.hold + SCRIPT.linger).as_nanos() as u64,
         "the listener outlives the connection"
@@ -133,7 +145,11 @@ fn scripted_exchange(v6: bool) {
     // Loopback handshakes complete in well under a second.
     assert!(client[1].duration_ns.unwrap() < 1_000_000_000);
 
-    assert!(trace.summary().contains(" 0 dropped"), "{}", trace.summary());
+    assert!(
+        trace.summary().contains(" 0 dropped"),
+        "{}",
+        trace.summary()
+    );
 }
 
 #[test]
@@ -183,7 +199,11 @@ fn family_filter_keeps_one_family() {
     exchange(SocketAddr::new(loopback(true), port), quick);
     thread::sleep(Duration::from_millis(200));
     let trace = tracer.stop();
-    assert!(trace.events.iter().all(|e| e.family == "ipv6"), "{:#?}", trace.events);
+    assert!(
+        trace.events.iter().all(|e| e.family == "ipv6"),
+        "{:#?}",
+        trace.events
+    );
     assert_eq!(trace.sockets_on_port(port).len(), 3);
 }
 
@@ -192,7 +212,8 @@ fn pid_filter_keeps_one_process() {
     let port = free_port();
     let addr = SocketAddr::new(loopback(false), port);
     // The server waits for `go`, so its pid is known before tracing starts.
-    let mut server = common::Peer::server(addr, Duration::from_millis(50), Duration::from_millis(20));
+    let mut server =
+        common::Peer::server(addr, Duration::from_millis(50), Duration::from_millis(20));
     let tracer = Tracer::start(&["--pid", &server.pid().to_string()]);
     server.go();
     server.expect_line("listening");
@@ -203,11 +224,17 @@ fn pid_filter_keeps_one_process() {
     server.finish();
     thread::sleep(Duration::from_millis(200));
     let trace = tracer.stop();
-    assert!(trace.events.iter().all(|e| e.pid == Some(server_pid)), "{:#?}", trace.events);
+    assert!(
+        trace.events.iter().all(|e| e.pid == Some(server_pid)),
+        "{:#?}",
+        trace.events
+    );
     // The listener and the accepted socket, not the client's.
     let sockets = trace.sockets_on_port(port);
     assert_eq!(sockets.len(), 2, "{sockets:#?}");
-    assert!(sockets.values().all(|evs| evs.iter().all(|e| e.lport == port)));
+    assert!(sockets
+        .values()
+        .all(|evs| evs.iter().all(|e| e.lport == port)));
 }
 
 #[test]
@@ -229,13 +256,26 @@ fn text_output_names_the_owner() {
         },
     );
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].starts_with("TIME") && lines[0].contains("OLDSTATE"), "{text}");
-    let syn_sent = lines.iter().find(|l| l.contains("CLOSE       -> SYN_SENT")).expect(&text);
+    assert!(
+        lines[0].starts_with("TIME") && lines[0].contains("OLDSTATE"),
+        "{text}"
+    );
+    let syn_sent = lines
+        .iter()
+        .find(|l| l.contains("CLOSE       -> SYN_SENT"))
+        .expect(&text);
     assert!(syn_sent.contains(" tt-client ") && syn_sent.contains(&format!("127.0.0.1:{port}")));
-    let fin_wait2 = lines.iter().find(|l| l.contains("FIN_WAIT2   -> CLOSE")).expect(&text);
+    let fin_wait2 = lines
+        .iter()
+        .find(|l| l.contains("FIN_WAIT2   -> CLOSE"))
+        .expect(&text);
     assert!(fin_wait2.contains(" tt-server "), "{fin_wait2}");
 }
 
@@ -243,20 +283,36 @@ fn text_output_names_the_owner() {
 fn missing_privileges_are_named() {
     // As `nobody`, with no capabilities at all.
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .args(["--bounding-set=-all", TRACER, "watch"])
         .output()
         .expect("running setpriv (util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("CAP_BPF") && stderr.contains("CAP_PERFMON"), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one line, no backtrace: {stderr}");
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("CAP_PERFMON"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one line, no backtrace: {stderr}"
+    );
     assert!(!stderr.contains("panicked"));
 }
 
 #[test]
 fn bad_flags_exit_2_with_a_message() {
-    for args in [&["watch", "--port", "0"][..], &["watch", "--lport", "x"], &["nonsense"]] {
+    for args in [
+        &["watch", "--port", "0"][..],
+        &["watch", "--lport", "x"],
+        &["nonsense"],
+    ] {
         let out = Command::new(TRACER).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");

@@ -69,7 +69,12 @@ fn run(task: Task) -> Result<ExitCode> {
             build(&root)?;
             lint(&root)?;
             let tools = setup::setup()?;
-            cargo(&root, &tools, &["test", "--workspace", "--exclude", "tcp-trace-ebpf"], &args)?;
+            cargo(
+                &root,
+                &tools,
+                &["test", "--workspace", "--exclude", "tcp-trace-ebpf"],
+                &args,
+            )?;
         }
         Task::Lint => {
             setup::setup()?;
@@ -88,7 +93,18 @@ fn workspace_root() -> PathBuf {
 
 fn build(root: &Path) -> Result<()> {
     let tools = setup::setup()?;
-    cargo(root, &tools, &["build", "--release", "--workspace", "--exclude", "tcp-trace-ebpf"], &[])
+    cargo(
+        root,
+        &tools,
+        &[
+            "build",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "tcp-trace-ebpf",
+        ],
+        &[],
+    )
 }
 
 fn lint(root: &Path) -> Result<()> {
@@ -97,13 +113,30 @@ fn lint(root: &Path) -> Result<()> {
     cargo(
         root,
         &tools,
-        &["clippy", "--workspace", "--exclude", "tcp-trace-ebpf", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "tcp-trace-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
         &[],
     )?;
     // The BPF crate alone, for its own target: linting it with the workspace
     // would unify features and build its panic handler for the host.
     let status = Command::new("rustup")
-        .args(["run", "nightly", "cargo", "clippy", "--release", "-Z", "build-std=core"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--release",
+            "-Z",
+            "build-std=core",
+        ])
         .args(["--target", "bpfel-unknown-none", "--", "-D", "warnings"])
         .current_dir(root.join("tcp-trace-ebpf"))
         .env("PATH", &tools.path)

@@ -54,7 +54,13 @@ fn ensure_rust_src() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: adding rust-src to the nightly toolchain");
-    output(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    output(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))?;
     Ok(())
 }
 
@@ -113,7 +119,8 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     // its rpath, so the prefix lives in the cache next to it.
     let prefix = cache.join("llvm");
     let prefix_lib = prefix.join("lib");
-    fs::create_dir_all(&prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
     for name in [OsString::from("libLLVM.so"), llvm_name] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);
@@ -121,8 +128,19 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     }
     eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)");
     let status = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .arg("--root")
         .arg(&root)
         .env("LLVM_PREFIX", &prefix)

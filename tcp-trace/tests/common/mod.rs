@@ -103,7 +103,10 @@ impl Tracer {
         let status = wait_timeout(&mut self.child, Duration::from_secs(30));
         let lines = self.stdout.join().expect("stdout reader");
         let stderr: Vec<String> = self.stderr.try_iter().collect();
-        assert!(status.success(), "tcp-trace exited with {status}: {stderr:?}");
+        assert!(
+            status.success(),
+            "tcp-trace exited with {status}: {stderr:?}"
+        );
         let events = lines
             .iter()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
@@ -116,7 +119,11 @@ impl Trace {
     /// Events of sockets with `port` at either end, grouped per socket, in order.
     pub fn sockets_on_port(&self, port: u16) -> BTreeMap<String, Vec<Ev>> {
         let mut by_sk: BTreeMap<String, Vec<Ev>> = BTreeMap::new();
-        for ev in self.events.iter().filter(|e| e.lport == port || e.rport == port) {
+        for ev in self
+            .events
+            .iter()
+            .filter(|e| e.lport == port || e.rport == port)
+        {
             by_sk.entry(ev.sk.clone()).or_default().push(ev.clone());
         }
         by_sk
@@ -156,7 +163,10 @@ pub fn loopback(v6: bool) -> IpAddr {
 /// A port below the ephemeral range (so no client socket takes it by chance)
 /// that is free on both loopback addresses right now.
 pub fn free_port() -> u16 {
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos()
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
         ^ (std::process::id() << 12);
     let mut x = seed | 1;
     loop {
@@ -165,9 +175,9 @@ pub fn free_port() -> u16 {
         x ^= x >> 17;
         x ^= x << 5;
         let port = 20_000 + (x % 10_000) as u16;
-        let free = [false, true].iter().all(|&v6| {
-            TcpListener::bind(SocketAddr::new(loopback(v6), port)).is_ok()
-        });
+        let free = [false, true]
+            .iter()
+            .all(|&v6| TcpListener::bind(SocketAddr::new(loopback(v6), port)).is_ok());
         if free {
             return port;
         }
@@ -179,7 +189,11 @@ fn peer_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps -> target/<profile>
     let bin = dir.join("examples").join("tcp_peer");
-    assert!(bin.exists(), "{} is missing: run the tests with cargo test", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with cargo test",
+        bin.display()
+    );
     bin
 }
 
@@ -217,7 +231,11 @@ impl Peer {
     }
 
     pub fn client(addr: SocketAddr, linger: Duration) -> Peer {
-        Self::spawn(&["client".into(), addr.to_string(), linger.as_millis().to_string()])
+        Self::spawn(&[
+            "client".into(),
+            addr.to_string(),
+            linger.as_millis().to_string(),
+        ])
     }
 
     pub fn pid(&self) -> u32 {
@@ -236,7 +254,11 @@ impl Peer {
 
     pub fn finish(mut self) {
         let status = wait_timeout(&mut self.child, Duration::from_secs(30));
-        assert!(status.success(), "peer {} exited with {status}", self.child.id());
+        assert!(
+            status.success(),
+            "peer {} exited with {status}",
+            self.child.id()
+        );
     }
 }
 
