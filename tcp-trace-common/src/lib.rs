@@ -2,7 +2,7 @@
 //!
 //! Everything here is `#[repr(C)]` plain data: the kernel writes it into the
 //! ring buffer and maps, userspace reads the same bytes back.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod state {
@@ -33,6 +33,9 @@ pub const FLAG_OWNER_KNOWN: u8 = 1 << 0;
 pub const FLAG_DURATION_KNOWN: u8 = 1 << 1;
 /// `Event::flags`: the transition ran in interrupt context (softirq, hardirq or NMI).
 pub const FLAG_IRQ_CONTEXT: u8 = 1 << 2;
+/// `Event::flags`: `bytes_acked`, `bytes_received` and `sk_err` were read from
+/// the socket (only on transitions to CLOSE, when the kernel's BTF gave offsets).
+pub const FLAG_SOCK_FIELDS: u8 = 1 << 3;
 
 /// One TCP state transition, as streamed through the ring buffer.
 #[repr(C)]
@@ -44,6 +47,10 @@ pub struct Event {
     pub skaddr: u64,
     /// Time spent in `old_state`; meaningful only with `FLAG_DURATION_KNOWN`.
     pub duration_ns: u64,
+    /// `tcp_sock.bytes_acked`: payload bytes sent and acknowledged (`FLAG_SOCK_FIELDS`).
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received` (`FLAG_SOCK_FIELDS`).
+    pub bytes_received: u64,
     /// Owner's process id (tgid); meaningful only with `FLAG_OWNER_KNOWN`.
     pub pid: u32,
     pub sport: u16,
@@ -52,7 +59,9 @@ pub struct Event {
     pub old_state: u8,
     pub new_state: u8,
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// `sock.sk_err` (an errno, 0 for none) (`FLAG_SOCK_FIELDS`).
+    pub sk_err: u16,
     /// Owner's command name, NUL padded; meaningful only with `FLAG_OWNER_KNOWN`.
     pub comm: [u8; COMM_LEN],
     /// Source address: IPv4 in the first 4 bytes, or IPv6.
@@ -100,7 +109,9 @@ pub mod counter {
     pub const UNTRACKED: u32 = 1;
     /// Failed socket map updates (owner and duration of later transitions lost).
     pub const MAP_UPDATE_FAILED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Transitions that passed the filters in aggregating mode (none streamed).
+    pub const AGGREGATED: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Offsets of the tracepoint's fields, read from its tracefs format file at load
@@ -121,6 +132,16 @@ pub struct TracepointLayout {
     pub daddr_v6: u32,
 }
 
+/// Offsets of `struct sock`/`tcp_sock` fields in the running kernel, resolved
+/// from its BTF by userspace; zero when unknown (no BTF, or no such field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub sk_err: u32,
+}
+
 /// Filters applied in the kernel; zero means "no filter".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -134,10 +155,84 @@ pub struct Filter {
     pub family: u16,
 }
 
+/// Log-linear histogram of durations in ns, shared by the kernel's in-place
+/// aggregation and userspace so that both report identical figures.
+///
+/// Values below 32 ns have a bucket each; above, every power of two is split
+/// into 32 buckets, so a bucket's midpoint is within 1.6 % of any value in it.
+pub mod hist {
+    pub const SUB_BITS: u32 = 5;
+    pub const SUB: u64 = 1 << SUB_BITS;
+    /// Number of buckets covering all of u64.
+    pub const BUCKETS: u32 = (SUB + (64 - SUB_BITS as u64) * SUB) as u32;
+    /// States are numbered 1..=12; index 0 is unused.
+    pub const STATES: u32 = 13;
+
+    /// floor(log2(v)) for v > 0, without loops or ctlz (BPF has neither).
+    #[inline(always)]
+    pub const fn log2(mut v: u64) -> u32 {
+        let mut r = 0;
+        if v >= 1 << 32 {
+            v >>= 32;
+            r += 32;
+        }
+        if v >= 1 << 16 {
+            v >>= 16;
+            r += 16;
+        }
+        if v >= 1 << 8 {
+            v >>= 8;
+            r += 8;
+        }
+        if v >= 1 << 4 {
+            v >>= 4;
+            r += 4;
+        }
+        if v >= 1 << 2 {
+            v >>= 2;
+            r += 2;
+        }
+        if v >= 1 << 1 {
+            r += 1;
+        }
+        r
+    }
+
+    /// The bucket holding `ns`.
+    #[inline(always)]
+    pub const fn bucket(ns: u64) -> u32 {
+        if ns < SUB {
+            return ns as u32;
+        }
+        let exp = log2(ns);
+        let sub = (ns >> (exp - SUB_BITS)) & (SUB - 1);
+        (SUB + (exp - SUB_BITS) as u64 * SUB + sub) as u32
+    }
+
+    /// The smallest value in bucket `b`, and the bucket's width.
+    pub const fn bounds(b: u32) -> (u64, u64) {
+        let b = b as u64;
+        if b < SUB {
+            return (b, 1);
+        }
+        let exp = (b - SUB) / SUB + SUB_BITS as u64;
+        let sub = (b - SUB) % SUB;
+        let width = 1u64 << (exp - SUB_BITS as u64);
+        ((SUB + sub) * width, width)
+    }
+
+    /// The value reported for bucket `b`: its midpoint.
+    pub const fn midpoint(b: u32) -> u64 {
+        let (low, width) = bounds(b);
+        low + (width - 1) / 2
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are plain `#[repr(C)]` data with explicit padding.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::SockOffsets {}
 }

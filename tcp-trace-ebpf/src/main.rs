@@ -10,7 +10,8 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
     },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -18,8 +19,9 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcp_trace_common::{
-    counter, state, Event, Filter, Listener, Owner, SockState, TracepointLayout, AF_INET,
-    FLAG_DURATION_KNOWN, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, IPPROTO_TCP,
+    counter, hist, state, Event, Filter, Listener, Owner, SockOffsets, SockState,
+    TracepointLayout, AF_INET, FLAG_DURATION_KNOWN, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN,
+    FLAG_SOCK_FIELDS, IPPROTO_TCP,
 };
 
 /// Field offsets of the tracepoint record (from its tracefs format file).
@@ -48,6 +50,19 @@ static FILTER: Filter = Filter {
     family: 0,
 };
 
+/// Offsets of `tcp_sock`/`sock` fields from the running kernel's BTF; zero
+/// when unknown. Read only at transitions to CLOSE.
+#[no_mangle]
+static SOCK_OFFSETS: SockOffsets = SockOffsets {
+    bytes_acked: 0,
+    bytes_received: 0,
+    sk_err: 0,
+};
+
+/// Nonzero: aggregate durations into `HISTOGRAMS` in place and stream nothing.
+#[no_mangle]
+static AGGREGATE: u8 = 0;
+
 /// Wake the reader only once this many bytes are queued; it also drains the
 /// ring buffer on a short timer, so quiet periods still flow.
 #[no_mangle]
@@ -73,6 +88,15 @@ static LISTENERS: LruHashMap<u16, Listener> = LruHashMap::with_max_entries(8192,
 /// Learnt from transitions only syscalls make; userspace primes every CPU.
 #[map]
 static TASK_REGS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU, per old state: a log-linear histogram of time spent in it
+/// (index = state * hist::BUCKETS + bucket). Sized to 1 unless aggregating.
+#[map]
+static HISTOGRAMS: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::STATES * hist::BUCKETS, 0);
+
+/// Per CPU, per old state: the longest time spent in it.
+#[map]
+static MAX_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::STATES, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -231,8 +255,27 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
     if filter.pid != 0 && (owner.known == 0 || owner.pid != filter.pid) {
         return Ok(());
     }
+    if global(&AGGREGATE) != 0 {
+        count(counter::AGGREGATED);
+        if flags & FLAG_DURATION_KNOWN != 0 {
+            aggregate(old_state, duration_ns);
+        }
+        return Ok(());
+    }
     if owner.known != 0 {
         flags |= FLAG_OWNER_KNOWN;
+    }
+    let (mut bytes_acked, mut bytes_received, mut sk_err) = (0, 0, 0);
+    let offsets = global(&SOCK_OFFSETS);
+    if new_state == state::CLOSE && offsets.bytes_acked != 0 {
+        let sk = skaddr as *const u8;
+        unsafe {
+            bytes_acked = bpf_probe_read_kernel(sk.add(offsets.bytes_acked as usize) as *const u64)?;
+            bytes_received =
+                bpf_probe_read_kernel(sk.add(offsets.bytes_received as usize) as *const u64)?;
+            sk_err = bpf_probe_read_kernel(sk.add(offsets.sk_err as usize) as *const i32)? as u16;
+        }
+        flags |= FLAG_SOCK_FIELDS;
     }
 
     let mut saddr = [0u8; 16];
@@ -256,6 +299,8 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         ts_ns: now,
         skaddr,
         duration_ns,
+        bytes_acked,
+        bytes_received,
         pid: owner.pid,
         sport,
         dport,
@@ -263,7 +308,8 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         old_state,
         new_state,
         flags,
-        _pad: [0; 3],
+        _pad: 0,
+        sk_err,
         comm: owner.comm,
         saddr,
         daddr,
@@ -276,6 +322,20 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
     };
     entry.submit(wake as u64);
     Ok(())
+}
+
+#[inline(always)]
+fn aggregate(old_state: u8, duration_ns: u64) {
+    let index = old_state as u32 * hist::BUCKETS + hist::bucket(duration_ns);
+    if let Some(slot) = HISTOGRAMS.get_ptr_mut(index) {
+        unsafe { *slot += 1 };
+    }
+    if let Some(max) = MAX_NS.get_ptr_mut(old_state as u32) {
+        let max = unsafe { &mut *max };
+        if duration_ns > *max {
+            *max = duration_ns;
+        }
+    }
 }
 
 #[cfg(not(test))]

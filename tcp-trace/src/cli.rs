@@ -1,8 +1,8 @@
 //! Command-line flags, turned into plain configs for the commands.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tcp_trace_common::{Filter, AF_INET, AF_INET6};
 
 #[derive(Parser, Debug)]
@@ -20,6 +20,10 @@ pub struct Cli {
 pub enum Command {
     /// Print every TCP state transition: owner, endpoints, and time spent in the old state.
     Watch(WatchArgs),
+    /// Time spent in each state: count, p50, p90, p99, max and a histogram.
+    Stats(StatsArgs),
+    /// One line per connection when it closes: lifetime, states, bytes, how it closed.
+    Life(LifeArgs),
 }
 
 /// Filters shared by every tracing command; applied in the kernel.
@@ -101,6 +105,108 @@ impl WatchArgs {
     }
 }
 
+/// How `stats` groups its figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GroupBy {
+    /// The owning process (pid and comm).
+    Process,
+    /// The local port.
+    Lport,
+    /// The remote port.
+    Rport,
+    /// The remote address.
+    Raddr,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// Group the figures (per-event mode; without it the kernel aggregates).
+    #[arg(long, value_enum)]
+    pub by: Option<GroupBy>,
+    /// With --by: keep the N busiest groups, fold the rest into "other".
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub top: u32,
+    /// Print a report every S seconds as well as at exit.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub interval: Option<Duration>,
+    /// Stop by itself after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+    /// The report as one JSON object (one per line with --interval).
+    #[arg(long)]
+    pub json: bool,
+    /// Read a recording (`watch --json` output) instead of the kernel.
+    #[arg(long, value_name = "FILE", conflicts_with = "duration")]
+    pub from: Option<PathBuf>,
+}
+
+pub struct StatsConfig {
+    pub filter: Filter,
+    pub max_sockets: u32,
+    pub by: Option<GroupBy>,
+    pub top: usize,
+    pub interval: Option<Duration>,
+    pub duration: Option<Duration>,
+    pub json: bool,
+    pub from: Option<PathBuf>,
+}
+
+impl StatsArgs {
+    pub fn into_config(self) -> StatsConfig {
+        StatsConfig {
+            filter: self.filter.to_filter(),
+            max_sockets: self.kernel.max_sockets,
+            by: self.by,
+            top: self.top as usize,
+            interval: self.interval,
+            duration: self.duration,
+            json: self.json,
+            from: self.from,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct LifeArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// One JSON object per connection.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop by itself after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+    /// Read a recording (`watch --json` output) instead of the kernel.
+    #[arg(long, value_name = "FILE", conflicts_with = "duration")]
+    pub from: Option<PathBuf>,
+}
+
+pub struct LifeConfig {
+    pub filter: Filter,
+    pub max_sockets: u32,
+    pub json: bool,
+    pub duration: Option<Duration>,
+    pub from: Option<PathBuf>,
+}
+
+impl LifeArgs {
+    pub fn into_config(self) -> LifeConfig {
+        LifeConfig {
+            filter: self.filter.to_filter(),
+            max_sockets: self.kernel.max_sockets,
+            json: self.json,
+            duration: self.duration,
+            from: self.from,
+        }
+    }
+}
+
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
@@ -123,7 +229,10 @@ mod tests {
     fn filters_reach_the_kernel_config() {
         let Command::Watch(w) = parse(&["watch", "--port", "8080", "-6", "--pid", "42"])
             .unwrap()
-            .command;
+            .command
+        else {
+            panic!("parsed as another command");
+        };
         let f = w.into_config().filter;
         assert_eq!((f.port, f.family, f.pid, f.lport), (8080, AF_INET6, 42, 0));
     }
@@ -137,6 +246,11 @@ mod tests {
             &["watch", "-4", "-6"],
             &["watch", "--duration", "-1"],
             &["watch", "--bogus"],
+            &["stats", "--by", "color"],
+            &["stats", "--top", "0"],
+            &["stats", "--interval", "0"],
+            &["stats", "--from", "x", "--duration", "1"],
+            &["life", "--json=3"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

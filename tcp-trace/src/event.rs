@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{bail, Result};
 use tcp_trace_common::{
     Event, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_DURATION_KNOWN, FLAG_OWNER_KNOWN,
+    FLAG_SOCK_FIELDS,
 };
 
 /// A TCP state, named as the kernel names it without the `TCP_` prefix.
@@ -30,9 +31,24 @@ impl TcpState {
         }
     }
 
-    fn is_valid(self) -> bool {
+    pub fn is_valid(self) -> bool {
         (1..=12).contains(&self.0)
     }
+
+    pub fn from_name(name: &str) -> Option<TcpState> {
+        (1..=12).map(TcpState).find(|s| s.name() == name)
+    }
+}
+
+/// Fields read from the socket itself at its transition to CLOSE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockFields {
+    /// `tcp_sock.bytes_acked`: payload bytes sent and acknowledged by the peer.
+    pub bytes_sent: u64,
+    /// `tcp_sock.bytes_received`.
+    pub bytes_received: u64,
+    /// `sock.sk_err`: the errno the connection ended with, 0 for none.
+    pub error: u16,
 }
 
 /// The process that owns a socket.
@@ -57,6 +73,8 @@ pub struct Transition {
     pub new_state: TcpState,
     /// Time spent in `old_state`; `None` when we never saw the socket enter it.
     pub duration_ns: Option<u64>,
+    /// At transitions to CLOSE, when the kernel's BTF gave the offsets.
+    pub sock: Option<SockFields>,
 }
 
 impl Transition {
@@ -105,6 +123,11 @@ pub fn from_event(ev: &Event) -> Result<Transition> {
         old_state,
         new_state,
         duration_ns: (ev.flags & FLAG_DURATION_KNOWN != 0).then_some(ev.duration_ns),
+        sock: (ev.flags & FLAG_SOCK_FIELDS != 0).then_some(SockFields {
+            bytes_sent: ev.bytes_acked,
+            bytes_received: ev.bytes_received,
+            error: ev.sk_err,
+        }),
     })
 }
 
@@ -133,6 +156,8 @@ pub mod tests {
             ts_ns: 1_000,
             skaddr: 0xffff_8880_1234_5678,
             duration_ns: 317_000,
+            bytes_acked: 0,
+            bytes_received: 0,
             pid: 4242,
             sport: 45_678,
             dport: 80,
@@ -140,7 +165,8 @@ pub mod tests {
             old_state: 2,
             new_state: 1,
             flags: FLAG_OWNER_KNOWN | FLAG_DURATION_KNOWN | FLAG_IRQ_CONTEXT,
-            _pad: [0; 3],
+            _pad: 0,
+            sk_err: 0,
             comm,
             saddr,
             daddr,
@@ -203,6 +229,19 @@ pub mod tests {
     }
 
     #[test]
+    fn socket_fields_come_with_their_flag() {
+        let mut ev = sample_event();
+        ev.new_state = 7;
+        ev.bytes_acked = 10;
+        ev.bytes_received = 20;
+        ev.sk_err = 104;
+        assert_eq!(decode(&bytes_of(&ev)).unwrap().sock, None);
+        ev.flags |= FLAG_SOCK_FIELDS;
+        let sock = decode(&bytes_of(&ev)).unwrap().sock.unwrap();
+        assert_eq!((sock.bytes_sent, sock.bytes_received, sock.error), (10, 20, 104));
+    }
+
+    #[test]
     fn full_length_comm_has_no_nul() {
         let mut ev = sample_event();
         ev.comm = *b"0123456789abcdef";
@@ -244,5 +283,7 @@ pub mod tests {
             ]
         );
         assert_eq!(TcpState(0).name(), "UNKNOWN");
+        assert_eq!(TcpState::from_name("CLOSE_WAIT"), Some(TcpState(8)));
+        assert_eq!(TcpState::from_name("close_wait"), None);
     }
 }

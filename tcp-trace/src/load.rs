@@ -7,9 +7,15 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use caps::{CapSet, Capability};
-use tcp_trace_common::{counter, Filter};
+use tcp_trace_common::{counter, hist, Filter, SockOffsets};
 
-use crate::{calibrate, tracepoint};
+use crate::{
+    btf::Btf,
+    calibrate,
+    event::TcpState,
+    hist::{Histogram, StateHistograms},
+    tracepoint,
+};
 
 /// Size of the event ring buffer in bytes (a power of two, as the kernel requires).
 pub const RING_BYTES: u32 = 8 << 20;
@@ -21,12 +27,15 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/t
 pub struct Settings {
     pub filter: Filter,
     pub max_sockets: u32,
+    /// Aggregate durations into histograms in the kernel; stream nothing.
+    pub aggregate: bool,
 }
 
 /// The attached program; dropping it detaches the program.
 pub struct Tracer {
     _ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
+    histograms: Option<(PerCpuArray<MapData, u64>, PerCpuArray<MapData, u64>)>,
 }
 
 /// Counters kept by the kernel program, summed over CPUs.
@@ -35,6 +44,7 @@ pub struct KernelCounters {
     pub ringbuf_full: u64,
     pub untracked: u64,
     pub map_update_failed: u64,
+    pub aggregated: u64,
 }
 
 impl Tracer {
@@ -48,14 +58,24 @@ impl Tracer {
         let tracefs = tracepoint::tracefs_root()?;
         let layout = tracepoint::read_layout(&tracefs)?;
 
+        let offsets = sock_offsets();
+        let (ring_bytes, histogram_slots) = if settings.aggregate {
+            (4096, hist::STATES * hist::BUCKETS)
+        } else {
+            (RING_BYTES, 1)
+        };
+
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
             .override_global("FILTER", &settings.filter, true)
+            .override_global("SOCK_OFFSETS", &offsets, true)
+            .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
             // Wake the reader when an eighth of the ring is queued; it drains on
-            // a timer otherwise (see watch.rs).
+            // a timer otherwise (see stream.rs).
             .override_global("WAKEUP_BYTES", &u64::from(RING_BYTES / 8), true)
             .map_max_entries("SOCKETS", settings.max_sockets)
-            .map_max_entries("EVENTS", RING_BYTES)
+            .map_max_entries("EVENTS", ring_bytes)
+            .map_max_entries("HISTOGRAMS", histogram_slots)
             .load(PROGRAM)
             .context("loading the BPF program into the kernel")?;
 
@@ -89,12 +109,17 @@ impl Tracer {
         // The calibration's own sockets (and anything else before this point)
         // precede the start of tracing: discard them.
         while events.next().is_some() {}
-        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("no COUNTERS map")?)
-            .context("COUNTERS is not a per-CPU array")?;
+        let counters = per_cpu_array(&mut ebpf, "COUNTERS")?;
+        let histograms = if settings.aggregate {
+            Some((per_cpu_array(&mut ebpf, "HISTOGRAMS")?, per_cpu_array(&mut ebpf, "MAX_NS")?))
+        } else {
+            None
+        };
         Ok((
             Self {
                 _ebpf: ebpf,
                 counters,
+                histograms,
             },
             events,
         ))
@@ -112,7 +137,66 @@ impl Tracer {
             ringbuf_full: sum(counter::RINGBUF_FULL)?,
             untracked: sum(counter::UNTRACKED)?,
             map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
+            aggregated: sum(counter::AGGREGATED)?,
         })
+    }
+
+    /// The kernel's histograms (aggregating mode), summed over CPUs.
+    pub fn histograms(&self) -> Result<StateHistograms> {
+        let (buckets, maxima) = self
+            .histograms
+            .as_ref()
+            .context("the program was not loaded to aggregate")?;
+        let mut all = StateHistograms::default();
+        for state in 1..hist::STATES {
+            let mut h = Histogram::default();
+            for b in 0..hist::BUCKETS {
+                let n: u64 = buckets
+                    .get(&(state * hist::BUCKETS + b), 0)
+                    .context("reading the kernel's histograms")?
+                    .iter()
+                    .sum();
+                if n > 0 {
+                    h.add_bucket(b, n);
+                }
+            }
+            if h.count() > 0 {
+                let max = maxima.get(&state, 0).context("reading the kernel's maxima")?;
+                h.observe_max(max.iter().copied().max().unwrap_or(0));
+                all.state_mut(TcpState(state as u8)).merge(&h);
+            }
+        }
+        Ok(all)
+    }
+}
+
+fn per_cpu_array(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the BPF object has no map {name}"))?;
+    PerCpuArray::try_from(map).with_context(|| format!("{name} is not a per-CPU array"))
+}
+
+/// Where the socket fields read at CLOSE live in this kernel; zeros (and the
+/// fields reported as unknown) when its BTF does not say.
+fn sock_offsets() -> SockOffsets {
+    let Ok(btf) = Btf::from_sys_fs() else {
+        return SockOffsets::default();
+    };
+    let field = |ty: &str, name: &str, size: u32| {
+        btf.member(ty, name).filter(|&(_, s)| s == size).map(|(offset, _)| offset)
+    };
+    match (
+        field("tcp_sock", "bytes_acked", 8),
+        field("tcp_sock", "bytes_received", 8),
+        field("sock", "sk_err", 4),
+    ) {
+        (Some(bytes_acked), Some(bytes_received), Some(sk_err)) => SockOffsets {
+            bytes_acked,
+            bytes_received,
+            sk_err,
+        },
+        _ => SockOffsets::default(),
     }
 }
 

@@ -1,10 +1,16 @@
 //! tcp-trace: every TCP state transition on this host, timed and attributed.
 
+mod btf;
 mod calibrate;
 mod cli;
 mod event;
+mod hist;
+mod life;
 mod load;
+mod record;
 mod render;
+mod stats;
+mod stream;
 mod tracepoint;
 mod watch;
 
@@ -16,6 +22,8 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
         cli::Command::Watch(args) => watch::run(args.into_config()),
+        cli::Command::Stats(args) => stats::run(args.into_config()),
+        cli::Command::Life(args) => life::run(args.into_config()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

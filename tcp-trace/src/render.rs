@@ -6,9 +6,7 @@ use std::{
     net::IpAddr,
 };
 
-use serde::Serialize;
-
-use crate::event::Transition;
+use crate::{event::Transition, record};
 
 /// Formats a duration in the largest unit that keeps it readable:
 /// `850ns`, `317us`, `42.1ms`, `5.10s`, `2m05s`, `1h02m`.
@@ -131,47 +129,10 @@ impl Format {
 
     pub fn write(&mut self, out: &mut impl Write, t: &Transition) -> io::Result<()> {
         match self {
-            Format::Json => write_json(out, t),
+            Format::Json => record::write(out, t),
             Format::Text(cols) => cols.write(out, t),
         }
     }
-}
-
-/// The JSON object of one transition: the documented, stable field names.
-#[derive(Serialize)]
-struct JsonTransition<'a> {
-    ts_ns: u64,
-    sk: String,
-    pid: Option<u32>,
-    comm: Option<std::borrow::Cow<'a, str>>,
-    family: &'static str,
-    laddr: IpAddr,
-    lport: u16,
-    raddr: IpAddr,
-    rport: u16,
-    old_state: &'static str,
-    new_state: &'static str,
-    duration_ns: Option<u64>,
-}
-
-pub fn write_json(out: &mut impl Write, t: &Transition) -> io::Result<()> {
-    let owner = t.owner.as_ref();
-    let record = JsonTransition {
-        ts_ns: t.ts_ns,
-        sk: format!("{:#x}", t.sk),
-        pid: owner.map(|o| o.pid),
-        comm: owner.map(|o| String::from_utf8_lossy(&o.comm)),
-        family: if t.is_ipv4() { "ipv4" } else { "ipv6" },
-        laddr: t.laddr,
-        lport: t.lport,
-        raddr: t.raddr,
-        rport: t.rport,
-        old_state: t.old_state.name(),
-        new_state: t.new_state.name(),
-        duration_ns: t.duration_ns,
-    };
-    serde_json::to_writer(&mut *out, &record)?;
-    out.write_all(b"\n")
 }
 
 /// Aligned columns. Endpoint columns start wide enough for IPv4 and widen
@@ -270,33 +231,6 @@ mod tests {
             endpoint("::ffff:10.0.0.1".parse().unwrap(), 1),
             "[::ffff:10.0.0.1]:1"
         );
-    }
-
-    #[test]
-    fn json_has_the_documented_shape() {
-        let t = from_event(&sample_event()).unwrap();
-        let mut out = Vec::new();
-        write_json(&mut out, &t).unwrap();
-        assert_eq!(out.last(), Some(&b'\n'));
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        let want = serde_json::json!({
-            "ts_ns": 1000, "sk": "0xffff888012345678", "pid": 4242, "comm": "curl",
-            "family": "ipv4", "laddr": "127.0.0.1", "lport": 45678,
-            "raddr": "10.1.2.3", "rport": 80,
-            "old_state": "SYN_SENT", "new_state": "ESTABLISHED", "duration_ns": 317000
-        });
-        assert_eq!(v, want);
-    }
-
-    #[test]
-    fn json_unknowns_are_null() {
-        let mut ev = sample_event();
-        ev.flags = 0;
-        let t = from_event(&ev).unwrap();
-        let mut out = Vec::new();
-        write_json(&mut out, &t).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert!(v["pid"].is_null() && v["comm"].is_null() && v["duration_ns"].is_null());
     }
 
     #[test]

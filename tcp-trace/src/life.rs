@@ -1,0 +1,402 @@
+//! `tcp-trace life`: one line per connection when it closes.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    io::{self, BufWriter, StdoutLock, Write},
+};
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::{
+    cli::LifeConfig,
+    event::{Owner, SockFields, TcpState, Transition},
+    load::Settings,
+    record::errno_name,
+    render::{endpoint, human_duration, printable_comm, Clock},
+    stream::{self, Consumer, Timing, Totals},
+};
+
+const ECONNRESET: u16 = 104;
+const EPIPE: u16 = 32;
+const ETIMEDOUT: u16 = 110;
+const ECONNREFUSED: u16 = 111;
+
+/// A connection being followed from its first seen transition.
+#[derive(Debug, Clone)]
+struct Conn {
+    owner: Option<Owner>,
+    /// Whether we saw it born (`CLOSE -> SYN_SENT`, or `LISTEN -> SYN_RECV`).
+    born: bool,
+    first_ts: u64,
+    /// States it left, with the time spent in each (None: unknown).
+    states: Vec<(TcpState, Option<u64>)>,
+    /// The state it is in now, entered at `entered_ts`.
+    current: TcpState,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// We sent the first FIN.
+    Active,
+    /// The peer sent the first FIN.
+    Passive,
+    /// A reset from the peer (sk_err ECONNRESET or EPIPE).
+    Reset,
+    /// Closed by us without a FIN exchange: abort, SO_LINGER 0, close during connect.
+    Aborted,
+    Refused,
+    TimedOut,
+    Unknown,
+}
+
+impl Ending {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ending::Active => "active",
+            Ending::Passive => "passive",
+            Ending::Reset => "reset",
+            Ending::Aborted => "aborted",
+            Ending::Refused => "refused",
+            Ending::TimedOut => "timeout",
+            Ending::Unknown => "unknown",
+        }
+    }
+}
+
+/// Classifies an ending from the states passed through and the socket error.
+pub fn ending(passed: &[TcpState], last_old: TcpState, sock: Option<SockFields>) -> Ending {
+    let err = sock.map(|s| s.error);
+    match err {
+        Some(ECONNREFUSED) => return Ending::Refused,
+        Some(ETIMEDOUT) => return Ending::TimedOut,
+        Some(ECONNRESET | EPIPE) => return Ending::Reset,
+        _ => {}
+    }
+    let through = |name: &str| passed.iter().any(|s| s.name() == name);
+    if through("FIN_WAIT1") {
+        Ending::Active
+    } else if through("CLOSE_WAIT") {
+        Ending::Passive
+    } else if matches!(
+        last_old.name(),
+        "ESTABLISHED" | "SYN_SENT" | "SYN_RECV"
+    ) && err.is_some()
+    {
+        // No FIN either way and no error from the peer: we tore it down.
+        Ending::Aborted
+    } else {
+        Ending::Unknown
+    }
+}
+
+/// A finished connection, ready to print.
+#[derive(Debug, Clone)]
+pub struct Life {
+    pub ts_ns: u64,
+    pub owner: Option<Owner>,
+    pub t: Transition,
+    /// Sum of the state durations; a lower bound when `complete` is false.
+    pub lifetime_ns: u64,
+    pub complete: bool,
+    pub states: Vec<(TcpState, Option<u64>)>,
+    pub ending: Ending,
+}
+
+/// Follows connections; yields a `Life` at each CLOSE.
+#[derive(Default)]
+pub struct Tracker {
+    conns: HashMap<u64, Conn>,
+    capacity: usize,
+    /// Connections not followed because `capacity` was reached.
+    pub overflow: u64,
+}
+
+impl Tracker {
+    pub fn new(capacity: usize) -> Tracker {
+        Tracker {
+            conns: HashMap::new(),
+            capacity,
+            overflow: 0,
+        }
+    }
+
+    pub fn event(&mut self, t: &Transition) -> Option<Life> {
+        // Listeners are not connections.
+        if t.new_state.name() == "LISTEN" || (t.old_state.name() == "LISTEN" && t.new_state.name() == "CLOSE") {
+            return None;
+        }
+        let is_close = t.new_state.name() == "CLOSE";
+        let conn = match self.conns.get_mut(&t.sk) {
+            Some(c) => c,
+            None => {
+                let born = matches!(
+                    (t.old_state.name(), t.new_state.name()),
+                    ("CLOSE", _) | ("LISTEN", "SYN_RECV")
+                );
+                if !is_close && self.conns.len() >= self.capacity {
+                    self.overflow += 1;
+                    return None;
+                }
+                let conn = Conn {
+                    owner: t.owner.clone(),
+                    born,
+                    first_ts: t.ts_ns,
+                    states: Vec::new(),
+                    current: t.old_state,
+                };
+                self.conns.entry(t.sk).or_insert(conn)
+            }
+        };
+        if t.owner.is_some() {
+            conn.owner.clone_from(&t.owner);
+        }
+        // The first event's old state is CLOSE (or the listener's LISTEN) for
+        // a socket we saw born: not part of its life.
+        let before_birth = conn.states.is_empty()
+            && conn.born
+            && matches!(t.old_state.name(), "CLOSE" | "LISTEN");
+        if !before_birth {
+            conn.states.push((t.old_state, t.duration_ns));
+        }
+        conn.current = t.new_state;
+        if !is_close {
+            return None;
+        }
+        let conn = self.conns.remove(&t.sk)?;
+        let known = conn.states.iter().all(|(_, d)| d.is_some());
+        let lifetime_ns = conn.states.iter().filter_map(|(_, d)| *d).sum();
+        let passed: Vec<TcpState> = conn.states.iter().map(|(s, _)| *s).collect();
+        Some(Life {
+            ts_ns: t.ts_ns,
+            owner: conn.owner,
+            t: t.clone(),
+            lifetime_ns,
+            complete: conn.born && known,
+            ending: ending(&passed, t.old_state, t.sock),
+            states: conn.states,
+        })
+        .filter(|_| conn.first_ts <= t.ts_ns)
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n < 1024 => format!("{n}B"),
+        n if n < 1024 * 1024 => format!("{:.1}KiB", n as f64 / 1024.0),
+        n if n < 1024 * 1024 * 1024 => format!("{:.1}MiB", n as f64 / 1048576.0),
+        n => format!("{:.1}GiB", n as f64 / 1073741824.0),
+    }
+}
+
+pub fn text_line(life: &Life, clock: &Clock) -> String {
+    let (pid, comm) = match &life.owner {
+        Some(o) => (o.pid.to_string(), printable_comm(&o.comm)),
+        None => ("-".into(), "-".into()),
+    };
+    let lifetime = format!(
+        "{}{}",
+        if life.complete { "" } else { ">=" },
+        human_duration(life.lifetime_ns)
+    );
+    let (sent, recv) = match life.t.sock {
+        Some(s) => (bytes(s.bytes_sent), bytes(s.bytes_received)),
+        None => ("-".into(), "-".into()),
+    };
+    let mut states = String::new();
+    for (i, (state, d)) in life.states.iter().enumerate() {
+        let sep = if i == 0 { "" } else { " > " };
+        let d = d.map_or("?".into(), human_duration);
+        let _ = write!(states, "{sep}{} {d}", state.name());
+    }
+    format!(
+        "{:<12} {pid:>7} {comm:<16} {:<21} {:<21} {lifetime:>9} {:<8} {sent:>8} {recv:>8}  {states}",
+        clock.local_time(life.ts_ns),
+        endpoint(life.t.laddr, life.t.lport),
+        endpoint(life.t.raddr, life.t.rport),
+        life.ending.name(),
+    )
+}
+
+pub const HEADER: &str = "TIME             PID COMM             LOCAL                 REMOTE                 LIFETIME CLOSE        SENT     RECV  STATES";
+
+pub fn json_line(life: &Life) -> serde_json::Value {
+    let states: Vec<_> = life
+        .states
+        .iter()
+        .map(|(s, d)| json!({"state": s.name(), "duration_ns": d}))
+        .collect();
+    json!({
+        "ts_ns": life.ts_ns,
+        "sk": format!("{:#x}", life.t.sk),
+        "pid": life.owner.as_ref().map(|o| o.pid),
+        "comm": life.owner.as_ref().map(|o| String::from_utf8_lossy(&o.comm)),
+        "family": if life.t.is_ipv4() { "ipv4" } else { "ipv6" },
+        "laddr": life.t.laddr,
+        "lport": life.t.lport,
+        "raddr": life.t.raddr,
+        "rport": life.t.rport,
+        "lifetime_ns": life.lifetime_ns,
+        "lifetime_complete": life.complete,
+        "states": states,
+        "close": life.ending.name(),
+        "error": life.t.sock.filter(|s| s.error != 0).map(|s| errno_name(s.error)),
+        "bytes_sent": life.t.sock.map(|s| s.bytes_sent),
+        "bytes_received": life.t.sock.map(|s| s.bytes_received),
+    })
+}
+
+struct LifeCommand {
+    tracker: Tracker,
+    json: bool,
+    clock: Clock,
+    out: BufWriter<StdoutLock<'static>>,
+}
+
+impl Consumer for LifeCommand {
+    fn start(&mut self) -> io::Result<()> {
+        if !self.json {
+            writeln!(self.out, "{HEADER}")?;
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, t: &Transition) -> io::Result<()> {
+        let Some(life) = self.tracker.event(t) else { return Ok(()) };
+        if self.json {
+            serde_json::to_writer(&mut self.out, &json_line(&life))?;
+            writeln!(self.out)
+        } else {
+            writeln!(self.out, "{}", text_line(&life, &self.clock))
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    fn finish(&mut self, _totals: &Totals) -> io::Result<()> {
+        if self.tracker.overflow > 0 {
+            eprintln!(
+                "tcp-trace: {} connections not followed (more than {} open at once)",
+                self.tracker.overflow, self.tracker.capacity
+            );
+        }
+        self.out.flush()
+    }
+}
+
+pub fn run(config: LifeConfig) -> Result<()> {
+    let mut command = LifeCommand {
+        tracker: Tracker::new(config.max_sockets as usize),
+        json: config.json,
+        clock: Clock::now(),
+        out: BufWriter::with_capacity(1 << 16, io::stdout().lock()),
+    };
+    if let Some(path) = &config.from {
+        return stream::replay(path, &config.filter, None, &mut command);
+    }
+    let settings = Settings {
+        filter: config.filter,
+        max_sockets: config.max_sockets,
+        aggregate: false,
+    };
+    let timing = Timing {
+        duration: config.duration,
+        interval: None,
+    };
+    stream::block_on(stream::live(&settings, timing, &mut command))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{from_event, tests::sample_event};
+
+    fn ev(sk: u64, ts: u64, old: &str, new: &str, d: Option<u64>) -> Transition {
+        let mut t = from_event(&sample_event()).unwrap();
+        t.sk = sk;
+        t.ts_ns = ts;
+        t.old_state = TcpState::from_name(old).unwrap();
+        t.new_state = TcpState::from_name(new).unwrap();
+        t.duration_ns = d;
+        t
+    }
+
+    #[test]
+    fn a_client_life_sums_its_states() {
+        let mut tr = Tracker::new(100);
+        let seq = [
+            ev(1, 100, "CLOSE", "SYN_SENT", None),
+            ev(1, 300, "SYN_SENT", "ESTABLISHED", Some(200)),
+            ev(1, 5_300, "ESTABLISHED", "CLOSE_WAIT", Some(5_000)),
+            ev(1, 5_400, "CLOSE_WAIT", "LAST_ACK", Some(100)),
+        ];
+        for t in &seq {
+            assert!(tr.event(t).is_none());
+        }
+        let mut close = ev(1, 5_450, "LAST_ACK", "CLOSE", Some(50));
+        close.sock = Some(SockFields {
+            bytes_sent: 10,
+            bytes_received: 2048,
+            error: 0,
+        });
+        let life = tr.event(&close).unwrap();
+        assert_eq!(life.lifetime_ns, 5_350);
+        assert_eq!(life.lifetime_ns, close.ts_ns - seq[0].ts_ns);
+        assert!(life.complete);
+        assert_eq!(life.ending, Ending::Passive);
+        let line = text_line(&life, &Clock::with_offset(0));
+        assert!(line.contains("SYN_SENT 200ns > ESTABLISHED 5.0us > CLOSE_WAIT 100ns > LAST_ACK 50ns"), "{line}");
+        assert!(line.contains(" passive ") && line.contains(" 10B ") && line.contains("2.0KiB"), "{line}");
+        assert_eq!(tr.conns.len(), 0);
+    }
+
+    #[test]
+    fn a_socket_seen_mid_life_is_a_lower_bound() {
+        let mut tr = Tracker::new(100);
+        tr.event(&ev(2, 10, "ESTABLISHED", "FIN_WAIT1", None));
+        tr.event(&ev(2, 20, "FIN_WAIT1", "FIN_WAIT2", Some(10)));
+        let life = tr.event(&ev(2, 25, "FIN_WAIT2", "CLOSE", Some(5))).unwrap();
+        assert!(!life.complete);
+        assert_eq!(life.ending, Ending::Active);
+        assert!(text_line(&life, &Clock::with_offset(0)).contains(">=15ns"));
+        assert_eq!(json_line(&life)["states"][0]["duration_ns"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn listeners_are_not_connections() {
+        let mut tr = Tracker::new(100);
+        assert!(tr.event(&ev(3, 1, "CLOSE", "LISTEN", None)).is_none());
+        assert!(tr.event(&ev(3, 2, "LISTEN", "CLOSE", Some(1))).is_none());
+        assert!(tr.conns.is_empty());
+    }
+
+    #[test]
+    fn endings() {
+        let s = |names: &[&str]| names.iter().map(|n| TcpState::from_name(n).unwrap()).collect::<Vec<_>>();
+        let err = |e| Some(SockFields { bytes_sent: 0, bytes_received: 0, error: e });
+        let est = TcpState::from_name("ESTABLISHED").unwrap();
+        let syn = TcpState::from_name("SYN_SENT").unwrap();
+        assert_eq!(ending(&s(&["SYN_SENT"]), syn, err(111)), Ending::Refused);
+        assert_eq!(ending(&s(&["SYN_SENT"]), syn, err(110)), Ending::TimedOut);
+        assert_eq!(ending(&s(&["SYN_SENT"]), syn, err(0)), Ending::Aborted);
+        assert_eq!(ending(&s(&["ESTABLISHED"]), est, err(104)), Ending::Reset);
+        assert_eq!(ending(&s(&["ESTABLISHED"]), est, err(0)), Ending::Aborted);
+        assert_eq!(ending(&s(&["ESTABLISHED"]), est, None), Ending::Unknown);
+        let fw2 = TcpState::from_name("FIN_WAIT2").unwrap();
+        assert_eq!(ending(&s(&["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]), fw2, err(0)), Ending::Active);
+        assert_eq!(ending(&s(&["ESTABLISHED", "FIN_WAIT1"]), fw2, err(104)), Ending::Reset);
+    }
+
+    #[test]
+    fn bounded_memory() {
+        let mut tr = Tracker::new(2);
+        for sk in 0..5 {
+            tr.event(&ev(sk, 1, "CLOSE", "SYN_SENT", None));
+        }
+        assert_eq!((tr.conns.len(), tr.overflow), (2, 3));
+    }
+}

@@ -1,0 +1,243 @@
+//! The recording format: one JSON object per transition, as `watch --json`
+//! prints it and `--from FILE` reads it back.
+
+use std::{
+    borrow::Cow,
+    io::{self, BufRead, Write},
+    net::IpAddr,
+};
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Owner, SockFields, TcpState, Transition};
+
+/// errno values a TCP connection ends with, by name.
+const ERRNO_NAMES: &[(u16, &str)] = &[
+    (32, "EPIPE"),
+    (71, "EPROTO"),
+    (101, "ENETUNREACH"),
+    (103, "ECONNABORTED"),
+    (104, "ECONNRESET"),
+    (110, "ETIMEDOUT"),
+    (111, "ECONNREFUSED"),
+    (112, "EHOSTDOWN"),
+    (113, "EHOSTUNREACH"),
+];
+
+pub fn errno_name(errno: u16) -> Cow<'static, str> {
+    match ERRNO_NAMES.iter().find(|(n, _)| *n == errno) {
+        Some((_, name)) => Cow::Borrowed(name),
+        None => Cow::Owned(format!("E{errno}")),
+    }
+}
+
+fn errno_from_name(name: &str) -> Option<u16> {
+    ERRNO_NAMES
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map(|(e, _)| *e)
+        .or_else(|| name.strip_prefix('E')?.parse().ok())
+}
+
+/// One line of the recording. Field names are documented in README.md.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record<'a> {
+    ts_ns: u64,
+    sk: Cow<'a, str>,
+    pid: Option<u32>,
+    comm: Option<Cow<'a, str>>,
+    family: Cow<'a, str>,
+    laddr: IpAddr,
+    lport: u16,
+    raddr: IpAddr,
+    rport: u16,
+    old_state: Cow<'a, str>,
+    new_state: Cow<'a, str>,
+    duration_ns: Option<u64>,
+    bytes_sent: Option<u64>,
+    bytes_received: Option<u64>,
+    error: Option<Cow<'a, str>>,
+}
+
+pub fn write(out: &mut impl Write, t: &Transition) -> io::Result<()> {
+    let owner = t.owner.as_ref();
+    let record = Record {
+        ts_ns: t.ts_ns,
+        sk: Cow::Owned(format!("{:#x}", t.sk)),
+        pid: owner.map(|o| o.pid),
+        comm: owner.map(|o| String::from_utf8_lossy(&o.comm)),
+        family: Cow::Borrowed(if t.is_ipv4() { "ipv4" } else { "ipv6" }),
+        laddr: t.laddr,
+        lport: t.lport,
+        raddr: t.raddr,
+        rport: t.rport,
+        old_state: Cow::Borrowed(t.old_state.name()),
+        new_state: Cow::Borrowed(t.new_state.name()),
+        duration_ns: t.duration_ns,
+        bytes_sent: t.sock.map(|s| s.bytes_sent),
+        bytes_received: t.sock.map(|s| s.bytes_received),
+        error: t.sock.filter(|s| s.error != 0).map(|s| errno_name(s.error)),
+    };
+    serde_json::to_writer(&mut *out, &record)?;
+    out.write_all(b"\n")
+}
+
+fn parse_line(line: &str) -> Result<Transition> {
+    let r: Record = serde_json::from_str(line)?;
+    let state = |name: &str| {
+        TcpState::from_name(name).ok_or_else(|| anyhow!("unknown TCP state `{name}`"))
+    };
+    let sk = r
+        .sk
+        .strip_prefix("0x")
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| anyhow!("`sk` is not a hex socket id: `{}`", r.sk))?;
+    let ipv4 = match &*r.family {
+        "ipv4" => true,
+        "ipv6" => false,
+        other => bail!("unknown family `{other}`"),
+    };
+    ensure!(
+        r.laddr.is_ipv4() == ipv4 && r.raddr.is_ipv4() == ipv4,
+        "addresses do not match family `{}`",
+        r.family
+    );
+    let owner = match (r.pid, r.comm) {
+        (Some(pid), Some(comm)) => Some(Owner {
+            pid,
+            comm: comm.into_owned().into_bytes(),
+        }),
+        (None, None) => None,
+        _ => bail!("`pid` and `comm` must both be set or both be null"),
+    };
+    let sock = match (r.bytes_sent, r.bytes_received) {
+        (Some(bytes_sent), Some(bytes_received)) => Some(SockFields {
+            bytes_sent,
+            bytes_received,
+            error: match r.error.as_deref() {
+                None => 0,
+                Some(name) => errno_from_name(name)
+                    .ok_or_else(|| anyhow!("unknown error `{name}`"))?,
+            },
+        }),
+        (None, None) => None,
+        _ => bail!("`bytes_sent` and `bytes_received` must both be set or both be null"),
+    };
+    Ok(Transition {
+        ts_ns: r.ts_ns,
+        sk,
+        owner,
+        laddr: r.laddr,
+        lport: r.lport,
+        raddr: r.raddr,
+        rport: r.rport,
+        old_state: state(&r.old_state)?,
+        new_state: state(&r.new_state)?,
+        duration_ns: r.duration_ns,
+        sock,
+    })
+}
+
+/// Reads a recording, calling `each` per transition. Any bad line (corrupt,
+/// truncated, not a transition) is an error naming its line number.
+pub fn read(input: impl BufRead, name: &str, mut each: impl FnMut(Transition) -> Result<()>) -> Result<u64> {
+    let mut count = 0;
+    for (i, line) in input.lines().enumerate() {
+        let line = line.with_context(|| format!("{name}: reading line {}", i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let t = parse_line(&line).with_context(|| format!("{name}:{}: not a tcp-trace record", i + 1))?;
+        each(t)?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{from_event, tests::sample_event};
+
+    fn to_line(t: &Transition) -> String {
+        let mut out = Vec::new();
+        write(&mut out, t).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn json_has_the_documented_shape() {
+        let t = from_event(&sample_event()).unwrap();
+        let line = to_line(&t);
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let want = serde_json::json!({
+            "ts_ns": 1000, "sk": "0xffff888012345678", "pid": 4242, "comm": "curl",
+            "family": "ipv4", "laddr": "127.0.0.1", "lport": 45678,
+            "raddr": "10.1.2.3", "rport": 80,
+            "old_state": "SYN_SENT", "new_state": "ESTABLISHED", "duration_ns": 317000,
+            "bytes_sent": null, "bytes_received": null, "error": null
+        });
+        assert_eq!(v, want);
+    }
+
+    #[test]
+    fn unknowns_are_null() {
+        let mut ev = sample_event();
+        ev.flags = 0;
+        let v: serde_json::Value = serde_json::from_str(&to_line(&from_event(&ev).unwrap())).unwrap();
+        assert!(v["pid"].is_null() && v["comm"].is_null() && v["duration_ns"].is_null());
+    }
+
+    #[test]
+    fn round_trips() {
+        let mut ev = sample_event();
+        ev.family = tcp_trace_common::AF_INET6;
+        ev.saddr = "::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        ev.daddr = "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        ev.new_state = 7;
+        ev.bytes_acked = 1234;
+        ev.bytes_received = 99;
+        ev.sk_err = 104;
+        ev.flags |= tcp_trace_common::FLAG_SOCK_FIELDS;
+        let t = from_event(&ev).unwrap();
+        let line = to_line(&t);
+        assert!(line.contains(r#""error":"ECONNRESET""#), "{line}");
+        let mut back = Vec::new();
+        read(line.as_bytes(), "rec", |t| {
+            back.push(t);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(back, [t]);
+    }
+
+    #[test]
+    fn corrupt_lines_are_named() {
+        let good = to_line(&from_event(&sample_event()).unwrap());
+        let cases = [
+            format!("{good}{}", &good[..good.len() / 2]),       // truncated last line
+            format!("{good}{}", good.replace("SYN_SENT", "SYN_SEND")),
+            format!("{good}{}", good.replace("\"ipv4\"", "\"ipv6\"")),
+            format!("{good}not json\n"),
+            format!("{good}{}", good.replace("\"sk\":\"0x", "\"sk\":\"zz")),
+            format!("{good}{}", good.replace("\"comm\":\"curl\"", "\"comm\":null")),
+            format!("{good}{{\"ts_ns\":1}}\n"),
+        ];
+        for input in cases {
+            let err = read(input.as_bytes(), "rec.json", |_| Ok(())).unwrap_err();
+            assert!(format!("{err:#}").starts_with("rec.json:2:"), "{err:#}");
+        }
+    }
+
+    #[test]
+    fn hostile_comm_survives_as_text() {
+        let mut ev = sample_event();
+        ev.comm = *b"\x1b[31m\xff\n\"x\0\0\0\0\0\0\0";
+        let line = to_line(&from_event(&ev).unwrap());
+        assert_eq!(line.matches('\n').count(), 1, "one line: {line}");
+        read(line.as_bytes(), "rec", |_| Ok(())).unwrap();
+    }
+}
