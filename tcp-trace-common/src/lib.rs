@@ -36,6 +36,9 @@ pub const FLAG_IRQ_CONTEXT: u8 = 1 << 2;
 /// `Event::flags`: `bytes_acked`, `bytes_received` and `sk_err` were read from
 /// the socket (only on transitions to CLOSE, when the kernel's BTF gave offsets).
 pub const FLAG_SOCK_FIELDS: u8 = 1 << 3;
+/// `Event::flags`: the program saw this socket open actively (connect), so
+/// `bytes_acked` counts its SYN.
+pub const FLAG_ACTIVE_OPEN: u8 = 1 << 4;
 
 /// One TCP state transition, as streamed through the ring buffer.
 #[repr(C)]
@@ -59,7 +62,9 @@ pub struct Event {
     pub old_state: u8,
     pub new_state: u8,
     pub flags: u8,
-    pub _pad: u8,
+    /// Low byte of `sock.sk_flags` (`FLAG_SOCK_FIELDS`): bit `SOCK_DONE` is set
+    /// once the peer's FIN arrived.
+    pub sock_flags: u8,
     /// `sock.sk_err` (an errno, 0 for none) (`FLAG_SOCK_FIELDS`).
     pub sk_err: u16,
     /// Owner's command name, NUL padded; meaningful only with `FLAG_OWNER_KNOWN`.
@@ -89,6 +94,9 @@ pub struct SockState {
     /// When the socket entered its current state.
     pub entered_ns: u64,
     pub owner: Owner,
+    /// 1 when the program saw the socket connect (CLOSE -> SYN_SENT).
+    pub active_open: u32,
+    pub _pad: u32,
 }
 
 /// What the kernel program keeps per listening port, to charge accepted
@@ -140,6 +148,7 @@ pub struct SockOffsets {
     pub bytes_acked: u32,
     pub bytes_received: u32,
     pub sk_err: u32,
+    pub sk_flags: u32,
 }
 
 /// Filters applied in the kernel; zero means "no filter".

@@ -19,8 +19,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcp_trace_common::{
-    counter, hist, state, Event, Filter, Listener, Owner, SockOffsets, SockState,
-    TracepointLayout, AF_INET, FLAG_DURATION_KNOWN, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN,
+    counter, hist, state, Event, Filter, Listener, Owner, SockOffsets, SockState, TracepointLayout,
+    AF_INET, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN,
     FLAG_SOCK_FIELDS, IPPROTO_TCP,
 };
 
@@ -57,6 +57,7 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
     bytes_acked: 0,
     bytes_received: 0,
     sk_err: 0,
+    sk_flags: 0,
 };
 
 /// Nonzero: aggregate durations into `HISTOGRAMS` in place and stream nothing.
@@ -92,7 +93,8 @@ static TASK_REGS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Per CPU, per old state: a log-linear histogram of time spent in it
 /// (index = state * hist::BUCKETS + bucket). Sized to 1 unless aggregating.
 #[map]
-static HISTOGRAMS: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::STATES * hist::BUCKETS, 0);
+static HISTOGRAMS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(hist::STATES * hist::BUCKETS, 0);
 
 /// Per CPU, per old state: the longest time spent in it.
 #[map]
@@ -188,9 +190,11 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
 
     let mut flags = if in_irq { FLAG_IRQ_CONTEXT } else { 0 };
     let mut duration_ns = 0;
+    let mut active_open = 0;
     let owner = match SOCKETS.get_ptr_mut(skaddr) {
         Some(sock) => {
             let sock = unsafe { &mut *sock };
+            active_open = sock.active_open;
             duration_ns = now.wrapping_sub(sock.entered_ns);
             flags |= FLAG_DURATION_KNOWN;
             sock.entered_ns = now;
@@ -215,10 +219,15 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
             if old_state != state::CLOSE && old_state != state::LISTEN {
                 count(counter::UNTRACKED);
             }
+            if old_state == state::CLOSE && new_state == state::SYN_SENT {
+                active_open = 1;
+            }
             if new_state != state::CLOSE {
                 let sock = SockState {
                     entered_ns: now,
                     owner,
+                    active_open,
+                    _pad: 0,
                 };
                 if SOCKETS.insert(skaddr, sock, 0).is_err() {
                     count(counter::MAP_UPDATE_FAILED);
@@ -265,15 +274,21 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
     if owner.known != 0 {
         flags |= FLAG_OWNER_KNOWN;
     }
-    let (mut bytes_acked, mut bytes_received, mut sk_err) = (0, 0, 0);
+    if active_open != 0 {
+        flags |= FLAG_ACTIVE_OPEN;
+    }
+    let (mut bytes_acked, mut bytes_received, mut sk_err, mut sock_flags) = (0, 0, 0, 0);
     let offsets = global(&SOCK_OFFSETS);
     if new_state == state::CLOSE && offsets.bytes_acked != 0 {
         let sk = skaddr as *const u8;
         unsafe {
-            bytes_acked = bpf_probe_read_kernel(sk.add(offsets.bytes_acked as usize) as *const u64)?;
+            bytes_acked =
+                bpf_probe_read_kernel(sk.add(offsets.bytes_acked as usize) as *const u64)?;
             bytes_received =
                 bpf_probe_read_kernel(sk.add(offsets.bytes_received as usize) as *const u64)?;
             sk_err = bpf_probe_read_kernel(sk.add(offsets.sk_err as usize) as *const i32)? as u16;
+            // Low byte of the unsigned long, on little-endian targets.
+            sock_flags = bpf_probe_read_kernel(sk.add(offsets.sk_flags as usize))?;
         }
         flags |= FLAG_SOCK_FIELDS;
     }
@@ -308,7 +323,7 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         old_state,
         new_state,
         flags,
-        _pad: 0,
+        sock_flags,
         sk_err,
         comm: owner.comm,
         saddr,

@@ -1,10 +1,15 @@
 //! A TCP peer whose timing the integration tests control.
 //!
-//! `tcp_peer server ADDR HOLD_MS LINGER_MS`: after `go` on stdin, listens on
-//! ADDR (printing `listening`), accepts one connection, holds it HOLD_MS, closes
-//! it, waits LINGER_MS + 200 ms, closes the listener.
-//! `tcp_peer client ADDR LINGER_MS`: after `go`, connects to ADDR, reads until
-//! EOF, lingers LINGER_MS, closes.
+//! `tcp_peer server ADDR HOLD_MS LINGER_MS [COUNT [IN_BYTES OUT_BYTES]]`:
+//! after `go` on stdin, listens on ADDR (printing `listening`), accepts COUNT
+//! connections (default 1); on each it reads IN_BYTES, writes OUT_BYTES, holds
+//! the connection HOLD_MS and closes it. Once all are closed it waits
+//! LINGER_MS + 200 ms and closes the listener.
+//!
+//! `tcp_peer client ADDR LINGER_MS [COUNT [OUT_BYTES IN_BYTES]]`: after `go`,
+//! opens COUNT connections at once; each writes OUT_BYTES, reads until EOF
+//! (checking it got IN_BYTES), lingers LINGER_MS and closes.
+//!
 //! Each names itself (`tt-server`, `tt-client`) so tests can check the comm.
 
 use std::{
@@ -13,17 +18,34 @@ use std::{
     io::{self, BufRead, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     process::ExitCode,
-    thread::sleep,
+    thread::{self, sleep},
     time::Duration,
 };
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["server", addr, hold, linger] => server(parse(addr), millis(hold), millis(linger)),
-        ["client", addr, linger] => client(parse(addr), millis(linger)),
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let num = |i: usize, default: u64| {
+        args.get(i)
+            .map_or(default, |s| s.parse().expect("a number"))
+    };
+    let ms = |i: usize| Duration::from_millis(num(i, 0));
+    let result = match args.first() {
+        Some(&"server") if args.len() >= 4 => server(
+            parse(args[1]),
+            ms(2),
+            ms(3),
+            num(4, 1),
+            (num(5, 0) as usize, num(6, 0) as usize),
+        ),
+        Some(&"client") if args.len() >= 3 => client(
+            parse(args[1]),
+            ms(2),
+            num(3, 1),
+            (num(4, 0) as usize, num(5, 0) as usize),
+        ),
         _ => {
-            eprintln!("usage: tcp_peer server ADDR HOLD_MS LINGER_MS | client ADDR LINGER_MS");
+            eprintln!("usage: tcp_peer server ADDR HOLD_MS LINGER_MS [COUNT [IN OUT]] | client ADDR LINGER_MS [COUNT [OUT IN]]");
             return ExitCode::from(2);
         }
     };
@@ -38,10 +60,6 @@ fn main() -> ExitCode {
 
 fn parse(addr: &str) -> SocketAddr {
     addr.parse().expect("a socket address")
-}
-
-fn millis(ms: &str) -> Duration {
-    Duration::from_millis(ms.parse().expect("milliseconds"))
 }
 
 fn name_self(name: &str) {
@@ -59,27 +77,70 @@ fn wait_for_go() -> io::Result<()> {
     Ok(())
 }
 
-fn server(addr: SocketAddr, hold: Duration, linger: Duration) -> io::Result<()> {
+fn join_all(handles: Vec<thread::JoinHandle<io::Result<()>>>) -> io::Result<()> {
+    for h in handles {
+        h.join()
+            .map_err(|_| io::Error::other("a connection thread panicked"))??;
+    }
+    Ok(())
+}
+
+fn server(
+    addr: SocketAddr,
+    hold: Duration,
+    linger: Duration,
+    count: u64,
+    (incoming, outgoing): (usize, usize),
+) -> io::Result<()> {
     name_self("tt-server");
     wait_for_go()?;
     let listener = TcpListener::bind(addr)?;
     println!("listening");
     io::stdout().flush()?;
-    let (conn, _) = listener.accept()?;
-    sleep(hold);
-    drop(conn);
+    let mut handles = Vec::new();
+    for _ in 0..count {
+        let (mut conn, _) = listener.accept()?;
+        handles.push(thread::spawn(move || {
+            let mut buf = vec![0; incoming];
+            conn.read_exact(&mut buf)?;
+            conn.write_all(&vec![b's'; outgoing])?;
+            sleep(hold);
+            drop(conn);
+            Ok(())
+        }));
+    }
+    join_all(handles)?;
     sleep(linger + Duration::from_millis(200));
     drop(listener);
     Ok(())
 }
 
-fn client(addr: SocketAddr, linger: Duration) -> io::Result<()> {
+fn client(
+    addr: SocketAddr,
+    linger: Duration,
+    count: u64,
+    (outgoing, incoming): (usize, usize),
+) -> io::Result<()> {
     name_self("tt-client");
     wait_for_go()?;
-    let mut conn = TcpStream::connect(addr)?;
-    let mut sink = Vec::new();
-    conn.read_to_end(&mut sink)?;
-    sleep(linger);
-    drop(conn);
-    Ok(())
+    let handles = (0..count)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut conn = TcpStream::connect(addr)?;
+                conn.write_all(&vec![b'c'; outgoing])?;
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got)?;
+                if got.len() != incoming {
+                    return Err(io::Error::other(format!(
+                        "got {} bytes, expected {incoming}",
+                        got.len()
+                    )));
+                }
+                sleep(linger);
+                drop(conn);
+                Ok(())
+            })
+        })
+        .collect();
+    join_all(handles)
 }

@@ -95,7 +95,11 @@ impl Btf {
                             name_off: u32_at(type_data, m)?,
                             type_id: u32_at(type_data, m + 4)?,
                             // With kind_flag the top 8 bits hold a bitfield size.
-                            bit_offset: if kind_flag { raw_offset & 0xff_ffff } else { raw_offset },
+                            bit_offset: if kind_flag {
+                                raw_offset & 0xff_ffff
+                            } else {
+                                raw_offset
+                            },
                         });
                     }
                     vlen * 12
@@ -176,19 +180,39 @@ pub mod tests {
         let strings = b"\0u64\0int\0tcp_sock\0pad\0x\0sk_err\0bytes_acked\0".to_vec();
         let off = |s: &str| {
             let needle = format!("\0{s}\0");
-            strings.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() as u32 + 1
+            strings
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .unwrap() as u32
+                + 1
         };
         let mut types = Vec::new();
         let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend(w.to_le_bytes()));
         push(&[off("u64"), KIND_INT << 24, 8, 64]); // 1
         push(&[off("int"), KIND_INT << 24, 4, 32]); // 2
-        push(&[0, KIND_UNION << 24 | 2, 4, off("x"), 2, 0, off("sk_err"), 2, 0]); // 3
+        push(&[
+            0,
+            KIND_UNION << 24 | 2,
+            4,
+            off("x"),
+            2,
+            0,
+            off("sk_err"),
+            2,
+            0,
+        ]); // 3
         push(&[off("tcp_sock"), KIND_STRUCT << 24 | 3, 16]); // 4
         push(&[off("pad"), 2, 0, 0, 3, 32, off("bytes_acked"), 1, 64]);
         let mut blob = Vec::new();
         blob.extend(MAGIC.to_le_bytes());
         blob.extend([1, 0]);
-        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             blob.extend(w.to_le_bytes());
         }
         blob.extend(&types);
@@ -223,6 +247,8 @@ pub mod tests {
         let (_, acked) = btf.member("tcp_sock", "bytes_acked").unwrap();
         let (_, received) = btf.member("tcp_sock", "bytes_received").unwrap();
         let (_, err) = btf.member("sock", "sk_err").unwrap();
-        assert_eq!((acked, received, err), (8, 8, 4));
+        let (_, flags) = btf.member("sock_common", "skc_flags").unwrap();
+        assert!(btf.member("sock", "__sk_common").is_some());
+        assert_eq!((acked, received, err, flags), (8, 8, 4, 8));
     }
 }

@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use tcp_trace_common::{
-    Event, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_DURATION_KNOWN, FLAG_OWNER_KNOWN,
-    FLAG_SOCK_FIELDS,
+    state, Event, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN,
+    FLAG_OWNER_KNOWN, FLAG_SOCK_FIELDS,
 };
 
 /// A TCP state, named as the kernel names it without the `TCP_` prefix.
@@ -43,9 +43,9 @@ impl TcpState {
 /// Fields read from the socket itself at its transition to CLOSE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockFields {
-    /// `tcp_sock.bytes_acked`: payload bytes sent and acknowledged by the peer.
+    /// Payload bytes sent and acknowledged by the peer.
     pub bytes_sent: u64,
-    /// `tcp_sock.bytes_received`.
+    /// Payload bytes received.
     pub bytes_received: u64,
     /// `sock.sk_err`: the errno the connection ended with, 0 for none.
     pub error: u16,
@@ -123,12 +123,32 @@ pub fn from_event(ev: &Event) -> Result<Transition> {
         old_state,
         new_state,
         duration_ns: (ev.flags & FLAG_DURATION_KNOWN != 0).then_some(ev.duration_ns),
-        sock: (ev.flags & FLAG_SOCK_FIELDS != 0).then_some(SockFields {
-            bytes_sent: ev.bytes_acked,
-            bytes_received: ev.bytes_received,
-            error: ev.sk_err,
-        }),
+        sock: (ev.flags & FLAG_SOCK_FIELDS != 0).then(|| payload(ev)),
     })
+}
+
+/// `SOCK_DONE` in `enum sock_flags` (stable since Linux 2.6): set by
+/// `tcp_fin()` when the peer's FIN arrives.
+const SOCK_DONE: u8 = 1 << 1;
+
+/// Payload byte counts from the kernel's sequence-space counters:
+/// `bytes_acked` counts an active opener's SYN and an acknowledged FIN as one
+/// byte each, `bytes_received` a received FIN.
+fn payload(ev: &Event) -> SockFields {
+    let syn_acked = ev.flags & FLAG_ACTIVE_OPEN != 0 && ev.old_state != state::SYN_SENT;
+    let our_fin_acked = ev.sk_err == 0
+        && matches!(
+            ev.old_state,
+            state::FIN_WAIT2 | state::CLOSING | state::LAST_ACK
+        );
+    let peer_fin = ev.sock_flags & SOCK_DONE != 0;
+    SockFields {
+        bytes_sent: ev
+            .bytes_acked
+            .saturating_sub(u64::from(syn_acked) + u64::from(our_fin_acked)),
+        bytes_received: ev.bytes_received.saturating_sub(u64::from(peer_fin)),
+        error: ev.sk_err,
+    }
 }
 
 fn ipv4(bytes: &[u8; 16]) -> IpAddr {
@@ -165,7 +185,7 @@ pub mod tests {
             old_state: 2,
             new_state: 1,
             flags: FLAG_OWNER_KNOWN | FLAG_DURATION_KNOWN | FLAG_IRQ_CONTEXT,
-            _pad: 0,
+            sock_flags: 0,
             sk_err: 0,
             comm,
             saddr,
@@ -238,7 +258,42 @@ pub mod tests {
         assert_eq!(decode(&bytes_of(&ev)).unwrap().sock, None);
         ev.flags |= FLAG_SOCK_FIELDS;
         let sock = decode(&bytes_of(&ev)).unwrap().sock.unwrap();
-        assert_eq!((sock.bytes_sent, sock.bytes_received, sock.error), (10, 20, 104));
+        assert_eq!(
+            (sock.bytes_sent, sock.bytes_received, sock.error),
+            (10, 20, 104)
+        );
+    }
+
+    #[test]
+    fn syn_and_fins_are_not_payload() {
+        let mut ev = sample_event();
+        ev.flags |= FLAG_SOCK_FIELDS | FLAG_ACTIVE_OPEN;
+        ev.new_state = state::CLOSE;
+        ev.bytes_acked = 102;
+        ev.bytes_received = 51;
+        // A client's passive close: SYN and FIN acked, the peer's FIN received.
+        ev.old_state = state::LAST_ACK;
+        ev.sock_flags = SOCK_DONE;
+        let s = decode(&bytes_of(&ev)).unwrap().sock.unwrap();
+        assert_eq!((s.bytes_sent, s.bytes_received), (100, 50));
+        // An accepted socket handed to timewait before the peer's FIN.
+        ev.flags &= !FLAG_ACTIVE_OPEN;
+        ev.old_state = state::FIN_WAIT2;
+        ev.sock_flags = 0;
+        let s = decode(&bytes_of(&ev)).unwrap().sock.unwrap();
+        assert_eq!((s.bytes_sent, s.bytes_received), (101, 51));
+        // Reset while established: no FIN of ours was acknowledged.
+        ev.old_state = state::ESTABLISHED;
+        ev.sk_err = 104;
+        let s = decode(&bytes_of(&ev)).unwrap().sock.unwrap();
+        assert_eq!((s.bytes_sent, s.bytes_received), (102, 51));
+        // A connect that never completed acknowledged nothing.
+        ev.flags |= FLAG_ACTIVE_OPEN;
+        ev.old_state = state::SYN_SENT;
+        ev.bytes_acked = 0;
+        ev.bytes_received = 0;
+        let s = decode(&bytes_of(&ev)).unwrap().sock.unwrap();
+        assert_eq!((s.bytes_sent, s.bytes_received), (0, 0));
     }
 
     #[test]

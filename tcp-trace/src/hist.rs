@@ -84,10 +84,14 @@ impl Histogram {
 
     /// Non-empty buckets as (low, high-exclusive, count), for drawing.
     pub fn ranges(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
-        self.buckets.iter().enumerate().filter(|(_, &n)| n > 0).map(|(b, &n)| {
-            let (low, width) = hist::bounds(b as u32);
-            (low, low.saturating_add(width), n)
-        })
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(b, &n)| {
+                let (low, width) = hist::bounds(b as u32);
+                (low, low.saturating_add(width), n)
+            })
     }
 }
 
@@ -121,7 +125,10 @@ impl StateHistograms {
 
     /// States in kernel order, with at least one value.
     pub fn iter(&self) -> impl Iterator<Item = (TcpState, &Histogram)> {
-        self.states.iter().filter(|(_, h)| h.count > 0).map(|(s, h)| (*s, h))
+        self.states
+            .iter()
+            .filter(|(_, h)| h.count > 0)
+            .map(|(s, h)| (*s, h))
     }
 
     pub fn total(&self) -> u64 {
@@ -157,7 +164,11 @@ mod tests {
         for q in [0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999, 1.0] {
             let (want, got) = (exact(&values, q), h.quantile(q).unwrap());
             let err = (got as f64 - want as f64).abs() / want as f64;
-            assert!(err <= 0.02, "q={q}: got {got}, exact {want}, error {:.2}%", err * 100.0);
+            assert!(
+                err <= 0.02,
+                "q={q}: got {got}, exact {want}, error {:.2}%",
+                err * 100.0
+            );
         }
         assert_eq!(h.max(), *values.last().unwrap());
     }
@@ -171,7 +182,10 @@ mod tests {
                 let err = (mid as f64 - probe as f64).abs() / probe as f64;
                 assert!(err < 0.0157, "{probe}: midpoint {mid}");
                 let (low, width) = hist::bounds(hist::bucket(probe));
-                assert!(low <= probe && probe - low < width, "{probe} not in [{low}, +{width})");
+                assert!(
+                    low <= probe && probe - low < width,
+                    "{probe} not in [{low}, +{width})"
+                );
             }
             v = v * 3 / 2 + 1;
         }
@@ -188,7 +202,11 @@ mod tests {
         assert_eq!(h.quantile(0.5), Some(17));
         let mut h = Histogram::default();
         h.record(1_000_000_000);
-        assert_eq!(h.quantile(0.5), Some(1_000_000_000), "one value: it is the max");
+        assert_eq!(
+            h.quantile(0.5),
+            Some(1_000_000_000),
+            "one value: it is the max"
+        );
         h.record(2_000_000_000);
         let p50 = h.quantile(0.5).unwrap();
         assert!(p50.abs_diff(1_000_000_000) < 16_000_000, "{p50}");
@@ -198,7 +216,11 @@ mod tests {
 
     #[test]
     fn merging_equals_recording_together() {
-        let (mut a, mut b, mut both) = (Histogram::default(), Histogram::default(), Histogram::default());
+        let (mut a, mut b, mut both) = (
+            Histogram::default(),
+            Histogram::default(),
+            Histogram::default(),
+        );
         for v in [5, 500, 5_000_000] {
             a.record(v);
             both.record(v);

@@ -80,11 +80,7 @@ pub fn ending(passed: &[TcpState], last_old: TcpState, sock: Option<SockFields>)
         Ending::Active
     } else if through("CLOSE_WAIT") {
         Ending::Passive
-    } else if matches!(
-        last_old.name(),
-        "ESTABLISHED" | "SYN_SENT" | "SYN_RECV"
-    ) && err.is_some()
-    {
+    } else if matches!(last_old.name(), "ESTABLISHED" | "SYN_SENT" | "SYN_RECV") && err.is_some() {
         // No FIN either way and no error from the peer: we tore it down.
         Ending::Aborted
     } else {
@@ -125,7 +121,9 @@ impl Tracker {
 
     pub fn event(&mut self, t: &Transition) -> Option<Life> {
         // Listeners are not connections.
-        if t.new_state.name() == "LISTEN" || (t.old_state.name() == "LISTEN" && t.new_state.name() == "CLOSE") {
+        if t.new_state.name() == "LISTEN"
+            || (t.old_state.name() == "LISTEN" && t.new_state.name() == "CLOSE")
+        {
             return None;
         }
         let is_close = t.new_state.name() == "CLOSE";
@@ -155,11 +153,17 @@ impl Tracker {
         }
         // The first event's old state is CLOSE (or the listener's LISTEN) for
         // a socket we saw born: not part of its life.
-        let before_birth = conn.states.is_empty()
-            && conn.born
-            && matches!(t.old_state.name(), "CLOSE" | "LISTEN");
+        let before_birth =
+            conn.states.is_empty() && conn.born && matches!(t.old_state.name(), "CLOSE" | "LISTEN");
         if !before_birth {
-            conn.states.push((t.old_state, t.duration_ns));
+            // A repeated state (FIN_WAIT1 -> FIN_WAIT1 after shutdown then
+            // close) is one stay, not two.
+            match conn.states.last_mut() {
+                Some((last, d)) if *last == t.old_state => {
+                    *d = d.zip(t.duration_ns).map(|(a, b)| a + b)
+                }
+                _ => conn.states.push((t.old_state, t.duration_ns)),
+            }
         }
         conn.current = t.new_state;
         if !is_close {
@@ -264,7 +268,9 @@ impl Consumer for LifeCommand {
     }
 
     fn event(&mut self, t: &Transition) -> io::Result<()> {
-        let Some(life) = self.tracker.event(t) else { return Ok(()) };
+        let Some(life) = self.tracker.event(t) else {
+            return Ok(());
+        };
         if self.json {
             serde_json::to_writer(&mut self.out, &json_line(&life))?;
             writeln!(self.out)
@@ -349,9 +355,44 @@ mod tests {
         assert!(life.complete);
         assert_eq!(life.ending, Ending::Passive);
         let line = text_line(&life, &Clock::with_offset(0));
-        assert!(line.contains("SYN_SENT 200ns > ESTABLISHED 5.0us > CLOSE_WAIT 100ns > LAST_ACK 50ns"), "{line}");
-        assert!(line.contains(" passive ") && line.contains(" 10B ") && line.contains("2.0KiB"), "{line}");
+        assert!(
+            line.contains("SYN_SENT 200ns > ESTABLISHED 5.0us > CLOSE_WAIT 100ns > LAST_ACK 50ns"),
+            "{line}"
+        );
+        assert!(
+            line.contains(" passive ") && line.contains(" 10B ") && line.contains("2.0KiB"),
+            "{line}"
+        );
         assert_eq!(tr.conns.len(), 0);
+    }
+
+    #[test]
+    fn repeated_states_merge() {
+        let mut tr = Tracker::new(100);
+        tr.event(&ev(4, 0, "LISTEN", "SYN_RECV", None));
+        tr.event(&ev(4, 5, "SYN_RECV", "ESTABLISHED", Some(5)));
+        tr.event(&ev(4, 105, "ESTABLISHED", "FIN_WAIT1", Some(100)));
+        tr.event(&ev(4, 115, "FIN_WAIT1", "FIN_WAIT1", Some(10)));
+        tr.event(&ev(4, 135, "FIN_WAIT1", "FIN_WAIT2", Some(20)));
+        let life = tr
+            .event(&ev(4, 136, "FIN_WAIT2", "CLOSE", Some(1)))
+            .unwrap();
+        let names: Vec<_> = life
+            .states
+            .iter()
+            .map(|(s, d)| (s.name(), d.unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("SYN_RECV", 5),
+                ("ESTABLISHED", 100),
+                ("FIN_WAIT1", 30),
+                ("FIN_WAIT2", 1)
+            ]
+        );
+        assert!(life.complete);
+        assert_eq!(life.lifetime_ns, 136);
     }
 
     #[test]
@@ -363,7 +404,10 @@ mod tests {
         assert!(!life.complete);
         assert_eq!(life.ending, Ending::Active);
         assert!(text_line(&life, &Clock::with_offset(0)).contains(">=15ns"));
-        assert_eq!(json_line(&life)["states"][0]["duration_ns"], serde_json::Value::Null);
+        assert_eq!(
+            json_line(&life)["states"][0]["duration_ns"],
+            serde_json::Value::Null
+        );
     }
 
     #[test]
@@ -376,8 +420,19 @@ mod tests {
 
     #[test]
     fn endings() {
-        let s = |names: &[&str]| names.iter().map(|n| TcpState::from_name(n).unwrap()).collect::<Vec<_>>();
-        let err = |e| Some(SockFields { bytes_sent: 0, bytes_received: 0, error: e });
+        let s = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| TcpState::from_name(n).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let err = |e| {
+            Some(SockFields {
+                bytes_sent: 0,
+                bytes_received: 0,
+                error: e,
+            })
+        };
         let est = TcpState::from_name("ESTABLISHED").unwrap();
         let syn = TcpState::from_name("SYN_SENT").unwrap();
         assert_eq!(ending(&s(&["SYN_SENT"]), syn, err(111)), Ending::Refused);
@@ -387,8 +442,14 @@ mod tests {
         assert_eq!(ending(&s(&["ESTABLISHED"]), est, err(0)), Ending::Aborted);
         assert_eq!(ending(&s(&["ESTABLISHED"]), est, None), Ending::Unknown);
         let fw2 = TcpState::from_name("FIN_WAIT2").unwrap();
-        assert_eq!(ending(&s(&["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]), fw2, err(0)), Ending::Active);
-        assert_eq!(ending(&s(&["ESTABLISHED", "FIN_WAIT1"]), fw2, err(104)), Ending::Reset);
+        assert_eq!(
+            ending(&s(&["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]), fw2, err(0)),
+            Ending::Active
+        );
+        assert_eq!(
+            ending(&s(&["ESTABLISHED", "FIN_WAIT1"]), fw2, err(104)),
+            Ending::Reset
+        );
     }
 
     #[test]

@@ -111,7 +111,10 @@ impl Tracer {
         while events.next().is_some() {}
         let counters = per_cpu_array(&mut ebpf, "COUNTERS")?;
         let histograms = if settings.aggregate {
-            Some((per_cpu_array(&mut ebpf, "HISTOGRAMS")?, per_cpu_array(&mut ebpf, "MAX_NS")?))
+            Some((
+                per_cpu_array(&mut ebpf, "HISTOGRAMS")?,
+                per_cpu_array(&mut ebpf, "MAX_NS")?,
+            ))
         } else {
             None
         };
@@ -161,7 +164,9 @@ impl Tracer {
                 }
             }
             if h.count() > 0 {
-                let max = maxima.get(&state, 0).context("reading the kernel's maxima")?;
+                let max = maxima
+                    .get(&state, 0)
+                    .context("reading the kernel's maxima")?;
                 h.observe_max(max.iter().copied().max().unwrap_or(0));
                 all.state_mut(TcpState(state as u8)).merge(&h);
             }
@@ -184,17 +189,24 @@ fn sock_offsets() -> SockOffsets {
         return SockOffsets::default();
     };
     let field = |ty: &str, name: &str, size: u32| {
-        btf.member(ty, name).filter(|&(_, s)| s == size).map(|(offset, _)| offset)
+        btf.member(ty, name)
+            .filter(|&(_, s)| s == size)
+            .map(|(offset, _)| offset)
     };
     match (
         field("tcp_sock", "bytes_acked", 8),
         field("tcp_sock", "bytes_received", 8),
         field("sock", "sk_err", 4),
+        // `sk_flags` is a macro for `__sk_common.skc_flags`.
+        btf.member("sock", "__sk_common")
+            .zip(field("sock_common", "skc_flags", 8))
+            .map(|((common, _), flags)| common + flags),
     ) {
-        (Some(bytes_acked), Some(bytes_received), Some(sk_err)) => SockOffsets {
+        (Some(bytes_acked), Some(bytes_received), Some(sk_err), Some(sk_flags)) => SockOffsets {
             bytes_acked,
             bytes_received,
             sk_err,
+            sk_flags,
         },
         _ => SockOffsets::default(),
     }

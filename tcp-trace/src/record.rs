@@ -86,14 +86,12 @@ pub fn write(out: &mut impl Write, t: &Transition) -> io::Result<()> {
 
 fn parse_line(line: &str) -> Result<Transition> {
     let r: Record = serde_json::from_str(line)?;
-    let state = |name: &str| {
-        TcpState::from_name(name).ok_or_else(|| anyhow!("unknown TCP state `{name}`"))
-    };
-    let sk = r
-        .sk
-        .strip_prefix("0x")
-        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        .ok_or_else(|| anyhow!("`sk` is not a hex socket id: `{}`", r.sk))?;
+    let state =
+        |name: &str| TcpState::from_name(name).ok_or_else(|| anyhow!("unknown TCP state `{name}`"));
+    let sk =
+        r.sk.strip_prefix("0x")
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .ok_or_else(|| anyhow!("`sk` is not a hex socket id: `{}`", r.sk))?;
     let ipv4 = match &*r.family {
         "ipv4" => true,
         "ipv6" => false,
@@ -118,8 +116,9 @@ fn parse_line(line: &str) -> Result<Transition> {
             bytes_received,
             error: match r.error.as_deref() {
                 None => 0,
-                Some(name) => errno_from_name(name)
-                    .ok_or_else(|| anyhow!("unknown error `{name}`"))?,
+                Some(name) => {
+                    errno_from_name(name).ok_or_else(|| anyhow!("unknown error `{name}`"))?
+                }
             },
         }),
         (None, None) => None,
@@ -142,14 +141,19 @@ fn parse_line(line: &str) -> Result<Transition> {
 
 /// Reads a recording, calling `each` per transition. Any bad line (corrupt,
 /// truncated, not a transition) is an error naming its line number.
-pub fn read(input: impl BufRead, name: &str, mut each: impl FnMut(Transition) -> Result<()>) -> Result<u64> {
+pub fn read(
+    input: impl BufRead,
+    name: &str,
+    mut each: impl FnMut(Transition) -> Result<()>,
+) -> Result<u64> {
     let mut count = 0;
     for (i, line) in input.lines().enumerate() {
         let line = line.with_context(|| format!("{name}: reading line {}", i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
-        let t = parse_line(&line).with_context(|| format!("{name}:{}: not a tcp-trace record", i + 1))?;
+        let t = parse_line(&line)
+            .with_context(|| format!("{name}:{}: not a tcp-trace record", i + 1))?;
         each(t)?;
         count += 1;
     }
@@ -187,7 +191,8 @@ mod tests {
     fn unknowns_are_null() {
         let mut ev = sample_event();
         ev.flags = 0;
-        let v: serde_json::Value = serde_json::from_str(&to_line(&from_event(&ev).unwrap())).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&to_line(&from_event(&ev).unwrap())).unwrap();
         assert!(v["pid"].is_null() && v["comm"].is_null() && v["duration_ns"].is_null());
     }
 
@@ -196,7 +201,10 @@ mod tests {
         let mut ev = sample_event();
         ev.family = tcp_trace_common::AF_INET6;
         ev.saddr = "::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
-        ev.daddr = "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        ev.daddr = "2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
         ev.new_state = 7;
         ev.bytes_acked = 1234;
         ev.bytes_received = 99;
@@ -218,12 +226,15 @@ mod tests {
     fn corrupt_lines_are_named() {
         let good = to_line(&from_event(&sample_event()).unwrap());
         let cases = [
-            format!("{good}{}", &good[..good.len() / 2]),       // truncated last line
+            format!("{good}{}", &good[..good.len() / 2]), // truncated last line
             format!("{good}{}", good.replace("SYN_SENT", "SYN_SEND")),
             format!("{good}{}", good.replace("\"ipv4\"", "\"ipv6\"")),
             format!("{good}not json\n"),
             format!("{good}{}", good.replace("\"sk\":\"0x", "\"sk\":\"zz")),
-            format!("{good}{}", good.replace("\"comm\":\"curl\"", "\"comm\":null")),
+            format!(
+                "{good}{}",
+                good.replace("\"comm\":\"curl\"", "\"comm\":null")
+            ),
             format!("{good}{{\"ts_ns\":1}}\n"),
         ];
         for input in cases {

@@ -180,8 +180,11 @@ impl Stats {
         for (_, h) in groups.iter().skip(top) {
             other.merge(h);
         }
-        let mut out: Vec<(String, StateHistograms)> =
-            groups.into_iter().take(top).map(|(k, h)| (k.clone(), h.clone())).collect();
+        let mut out: Vec<(String, StateHistograms)> = groups
+            .into_iter()
+            .take(top)
+            .map(|(k, h)| (k.clone(), h.clone()))
+            .collect();
         if other.total() > 0 {
             out.push((OTHER.to_string(), other));
         }
@@ -232,7 +235,14 @@ impl Report {
             serde_json::to_writer(&mut self.out, &v)?;
             writeln!(self.out)?;
         } else {
-            let text = render_text(stats, totals, self.by.map(|_| self.top), &self.clock, now_ns, last);
+            let text = render_text(
+                stats,
+                totals,
+                self.by.map(|_| self.top),
+                &self.clock,
+                now_ns,
+                last,
+            );
             self.out.write_all(text.as_bytes())?;
         }
         self.out.flush()
@@ -335,7 +345,9 @@ fn bars(s: &mut String, h: &Histogram) {
     let peak = counts.iter().copied().max().unwrap_or(1).max(1);
     for i in first..=last {
         let low = human_duration(bounds[i]);
-        let high = bounds.get(i + 1).map_or("inf".to_string(), |&b| human_duration(b));
+        let high = bounds
+            .get(i + 1)
+            .map_or("inf".to_string(), |&b| human_duration(b));
         let filled = (counts[i] * WIDTH).div_ceil(peak) as usize;
         let _ = writeln!(
             s,
@@ -387,9 +399,15 @@ mod tests {
                 s.record(&transition(1, Some(1_000), 1, rport));
             }
         }
-        let ranked: Vec<(String, u64)> =
-            s.ranked(2).into_iter().map(|(k, h)| (k, h.total())).collect();
-        assert_eq!(ranked, [("80".into(), 5), ("443".into(), 3), ("other".into(), 3)]);
+        let ranked: Vec<(String, u64)> = s
+            .ranked(2)
+            .into_iter()
+            .map(|(k, h)| (k, h.total()))
+            .collect();
+        assert_eq!(
+            ranked,
+            [("80".into(), 5), ("443".into(), 3), ("other".into(), 3)]
+        );
     }
 
     #[test]
@@ -400,7 +418,10 @@ mod tests {
         }
         assert_eq!(s.groups.len(), 64);
         assert_eq!(s.other.total(), 1000 - 64);
-        assert_eq!(s.ranked(1).iter().map(|(_, h)| h.total()).sum::<u64>(), 1000);
+        assert_eq!(
+            s.ranked(1).iter().map(|(_, h)| h.total()).sum::<u64>(),
+            1000
+        );
     }
 
     #[test]
@@ -419,13 +440,29 @@ mod tests {
         for us in [3, 3, 3, 40, 700] {
             s.record(&transition(1, Some(us * 1000), 1, 80));
         }
-        let text = render_text(&s, &Totals::default(), None, &Clock::with_offset(0), 0, true);
-        assert!(text.contains("final report: 5 transitions seen, 5 timed, 0 dropped"), "{text}");
-        let row = text.lines().find(|l| l.starts_with("ESTABLISHED ")).unwrap();
+        let text = render_text(
+            &s,
+            &Totals::default(),
+            None,
+            &Clock::with_offset(0),
+            0,
+            true,
+        );
+        assert!(
+            text.contains("final report: 5 transitions seen, 5 timed, 0 dropped"),
+            "{text}"
+        );
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("ESTABLISHED "))
+            .unwrap();
         assert!(row.contains(" 5 ") && row.ends_with("700us"), "{row}");
         let bars: Vec<&str> = text.lines().filter(|l| l.contains('|')).collect();
         // 2us..5us (3), then 5us..1ms empty ranges between, last 500us..1ms (1).
-        assert!(bars[0].contains("2.0us .. 5.0us") && bars[0].ends_with("| 3"), "{text}");
+        assert!(
+            bars[0].contains("2.0us .. 5.0us") && bars[0].ends_with("| 3"),
+            "{text}"
+        );
         assert!(bars.last().unwrap().contains("500us .. 1.00ms"), "{text}");
         assert!(bars.iter().any(|b| b.ends_with("| 0")));
     }

@@ -199,7 +199,11 @@ pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consu
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, consumer: &mut impl Consumer, totals: &mut Totals) -> io::Result<()> {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    consumer: &mut impl Consumer,
+    totals: &mut Totals,
+) -> io::Result<()> {
     let mut any = false;
     while let Some(record) = ring.next() {
         any = true;

@@ -54,8 +54,14 @@ impl Tracer {
     /// Starts the tracer and waits until it says it is tracing. Fails loudly
     /// (never skips) when the program cannot be loaded.
     pub fn start(args: &[&str]) -> Tracer {
+        let mut full = vec!["watch", "--json"];
+        full.extend_from_slice(args);
+        Self::command(&full)
+    }
+
+    /// Starts any tracing command (`stats ...`, `life ...`).
+    pub fn command(args: &[&str]) -> Tracer {
         let mut child = Command::new(TRACER)
-            .args(["watch", "--json"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -96,17 +102,24 @@ impl Tracer {
         }
     }
 
-    /// Stops the tracer with SIGTERM, as an operator or systemd would.
-    pub fn stop(mut self) -> Trace {
+    /// Stops the tracer with SIGTERM, as an operator or systemd would, and
+    /// returns its stdout and stderr lines.
+    pub fn stop_raw(mut self) -> (Vec<String>, Vec<String>) {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = wait_timeout(&mut self.child, Duration::from_secs(30));
+        let status = wait_timeout(&mut self.child, Duration::from_secs(60));
         let lines = self.stdout.join().expect("stdout reader");
         let stderr: Vec<String> = self.stderr.try_iter().collect();
         assert!(
             status.success(),
             "tcp-trace exited with {status}: {stderr:?}"
         );
+        (lines, stderr)
+    }
+
+    /// Stops `watch --json` and parses its events.
+    pub fn stop(self) -> Trace {
+        let (lines, stderr) = self.stop_raw();
         let events = lines
             .iter()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
@@ -238,6 +251,45 @@ impl Peer {
         ])
     }
 
+    /// A server for `count` connections, each reading `incoming` bytes and
+    /// writing `outgoing` before its hold.
+    pub fn server_n(
+        addr: SocketAddr,
+        script: Script,
+        count: usize,
+        incoming: usize,
+        outgoing: usize,
+    ) -> Peer {
+        Self::spawn(&[
+            "server".into(),
+            addr.to_string(),
+            script.hold.as_millis().to_string(),
+            script.linger.as_millis().to_string(),
+            count.to_string(),
+            incoming.to_string(),
+            outgoing.to_string(),
+        ])
+    }
+
+    /// `count` concurrent client connections, each writing `outgoing` bytes
+    /// and expecting `incoming`.
+    pub fn client_n(
+        addr: SocketAddr,
+        script: Script,
+        count: usize,
+        outgoing: usize,
+        incoming: usize,
+    ) -> Peer {
+        Self::spawn(&[
+            "client".into(),
+            addr.to_string(),
+            script.linger.as_millis().to_string(),
+            count.to_string(),
+            outgoing.to_string(),
+            incoming.to_string(),
+        ])
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -277,6 +329,25 @@ pub fn exchange(addr: SocketAddr, script: Script) -> (u32, u32) {
     server.go();
     server.expect_line("listening");
     let mut client = Peer::client(addr, script.linger);
+    client.go();
+    let pids = (server.pid(), client.pid());
+    client.finish();
+    server.finish();
+    pids
+}
+
+/// Runs `count` concurrent exchanges with payloads; returns (server, client) pids.
+pub fn exchanges(
+    addr: SocketAddr,
+    script: Script,
+    count: usize,
+    up: usize,
+    down: usize,
+) -> (u32, u32) {
+    let mut server = Peer::server_n(addr, script, count, up, down);
+    server.go();
+    server.expect_line("listening");
+    let mut client = Peer::client_n(addr, script, count, up, down);
     client.go();
     let pids = (server.pid(), client.pid());
     client.finish();
