@@ -160,7 +160,9 @@ impl Btf {
                     return Some(found);
                 }
             } else if self.name(m.name_off) == member {
-                if bits % 8 != 0 || !matches!(target.kind, KIND_INT | KIND_STRUCT | KIND_UNION) {
+                if !bits.is_multiple_of(8)
+                    || !matches!(target.kind, KIND_INT | KIND_STRUCT | KIND_UNION)
+                {
                     return None;
                 }
                 return Some((bits / 8, target.size_or_type));
