@@ -109,6 +109,13 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The benchmark's floor: an empty program on the same tracepoint, so
+/// `cargo xtask bench` can measure the cost of being attached at all.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn bench_floor(_ctx: TracePointContext) -> u32 {
+    0
+}
+
 #[inline(always)]
 fn global<T: Copy>(value: &'static T) -> T {
     // Volatile: these are patched at load time, the compiler must not fold them.

@@ -24,6 +24,9 @@ pub enum Command {
     Stats(StatsArgs),
     /// One line per connection when it closes: lifetime, states, bytes, how it closed.
     Life(LifeArgs),
+    /// Attach an empty program to the tracepoint (the benchmark's floor).
+    #[command(hide = true)]
+    BenchFloor,
 }
 
 /// Filters shared by every tracing command; applied in the kernel.

@@ -212,6 +212,30 @@ fn sock_offsets() -> SockOffsets {
     }
 }
 
+/// Attaches the empty `bench_floor` program (for `cargo xtask bench`) and
+/// keeps it attached until stopped.
+pub async fn floor(duration: Option<std::time::Duration>) -> Result<()> {
+    check_privileges()?;
+    raise_memlock_limit();
+    tracepoint::tracefs_root()?;
+    // The maps are created with the object but unused here: keep them small.
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries("HISTOGRAMS", 1)
+        .map_max_entries("SOCKETS", 1)
+        .map_max_entries("EVENTS", 4096)
+        .load(PROGRAM)
+        .context("loading the BPF object")?;
+    let program: &mut TracePoint = ebpf
+        .program_mut("bench_floor")
+        .context("the BPF object has no program bench_floor")?
+        .try_into()?;
+    program.load().context("loading bench_floor")?;
+    program.attach(tracepoint::CATEGORY, tracepoint::NAME)?;
+    crate::stream::announce();
+    crate::stream::Stop::new(duration)?.wait().await;
+    Ok(())
+}
+
 /// Fails with a message naming the missing capabilities, before the kernel
 /// answers with a bare EPERM.
 fn check_privileges() -> Result<()> {

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         cli::Command::Watch(args) => watch::run(args.into_config()),
         cli::Command::Stats(args) => stats::run(args.into_config()),
         cli::Command::Life(args) => life::run(args.into_config()),
+        cli::Command::BenchFloor => stream::block_on(load::floor(None)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

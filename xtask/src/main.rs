@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask setup|build|run|test|lint`.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -38,6 +39,8 @@ enum Task {
     },
     /// rustfmt and clippy, userspace and kernel crates (the latter on its own).
     Lint,
+    /// Build, then measure each tracing mode's overhead; writes docs/BENCHMARKS.md.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,14 @@ fn run(task: Task) -> Result<ExitCode> {
                 &tools,
                 &["test", "--workspace", "--exclude", "tcp-trace-ebpf"],
                 &args,
+            )?;
+        }
+        Task::Bench => {
+            build(&root)?;
+            bench::bench(
+                &root,
+                &root.join("target/release/tcp-trace"),
+                &root.join("target/release/churn"),
             )?;
         }
         Task::Lint => {
