@@ -151,6 +151,23 @@ pub struct SockOffsets {
     pub sk_flags: u32,
 }
 
+/// The record layout of `sock:inet_sock_set_state` since it gained `protocol`
+/// (Linux 4.16 through at least 6.18). When tracefs reports exactly this, the
+/// program reads the record directly instead of through helper calls.
+pub const KNOWN_LAYOUT: TracepointLayout = TracepointLayout {
+    skaddr: 8,
+    oldstate: 16,
+    newstate: 20,
+    sport: 24,
+    dport: 26,
+    family: 28,
+    protocol: 30,
+    saddr: 32,
+    daddr: 36,
+    saddr_v6: 40,
+    daddr_v6: 56,
+};
+
 /// Filters applied in the kernel; zero means "no filter".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -21,24 +21,17 @@ use aya_ebpf::{
 use tcp_trace_common::{
     counter, hist, state, Event, Filter, Listener, Owner, SockOffsets, SockState, TracepointLayout,
     AF_INET, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN,
-    FLAG_SOCK_FIELDS, IPPROTO_TCP,
+    FLAG_SOCK_FIELDS, IPPROTO_TCP, KNOWN_LAYOUT,
 };
 
 /// Field offsets of the tracepoint record (from its tracefs format file).
 #[no_mangle]
-static LAYOUT: TracepointLayout = TracepointLayout {
-    skaddr: 8,
-    oldstate: 16,
-    newstate: 20,
-    sport: 24,
-    dport: 26,
-    family: 28,
-    protocol: 30,
-    saddr: 32,
-    daddr: 36,
-    saddr_v6: 40,
-    daddr_v6: 56,
-};
+static LAYOUT: TracepointLayout = KNOWN_LAYOUT;
+
+/// Nonzero when `LAYOUT` is `KNOWN_LAYOUT`: read the record with direct loads
+/// at constant offsets (the verifier allows those) instead of helper calls.
+#[no_mangle]
+static DIRECT: u8 = 0;
 
 /// The user's filters; zero fields match everything.
 #[no_mangle]
@@ -70,7 +63,7 @@ static AGGREGATE: u8 = 0;
 static WAKEUP_BYTES: u64 = 0;
 
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 /// Live sockets by kernel address. LRU, so sockets we never see close cannot
 /// exhaust it; userspace may resize it at load time.
@@ -174,25 +167,117 @@ fn in_task_context(ctx: &TracePointContext, old_state: u8, new_state: u8) -> Res
     Ok(regs == *task_regs)
 }
 
+/// The fields of one tracepoint record the program uses.
+struct Record {
+    skaddr: u64,
+    old_state: u8,
+    new_state: u8,
+    sport: u16,
+    dport: u16,
+    family: u16,
+    protocol: u16,
+}
+
+#[inline(always)]
+unsafe fn load<T>(base: *const u8, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) }
+}
+
+#[inline(always)]
+fn read_record(
+    ctx: &TracePointContext,
+    direct: bool,
+    layout: &TracepointLayout,
+) -> Result<Record, i32> {
+    if direct {
+        let base = ctx.as_ptr() as *const u8;
+        let l = KNOWN_LAYOUT;
+        // SAFETY: constant offsets inside the record, checked by the verifier.
+        return Ok(unsafe {
+            Record {
+                skaddr: load(base, l.skaddr),
+                old_state: load::<i32>(base, l.oldstate) as u8,
+                new_state: load::<i32>(base, l.newstate) as u8,
+                sport: load(base, l.sport),
+                dport: load(base, l.dport),
+                family: load(base, l.family),
+                protocol: load(base, l.protocol),
+            }
+        });
+    }
+    Ok(Record {
+        skaddr: field(ctx, layout.skaddr)?,
+        old_state: field::<i32>(ctx, layout.oldstate)? as u8,
+        new_state: field::<i32>(ctx, layout.newstate)? as u8,
+        sport: field(ctx, layout.sport)?,
+        dport: field(ctx, layout.dport)?,
+        family: field(ctx, layout.family)?,
+        protocol: field(ctx, layout.protocol)?,
+    })
+}
+
+/// Source and destination addresses (IPv4 in the first 4 bytes).
+#[inline(always)]
+fn read_addresses(
+    ctx: &TracePointContext,
+    direct: bool,
+    layout: &TracepointLayout,
+    ipv4: bool,
+) -> Result<([u8; 16], [u8; 16]), i32> {
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    let base = ctx.as_ptr() as *const u8;
+    if direct {
+        let l = KNOWN_LAYOUT;
+        // SAFETY: constant, aligned offsets inside the record.
+        unsafe {
+            if ipv4 {
+                saddr[..4].copy_from_slice(&load::<u32>(base, l.saddr).to_ne_bytes());
+                daddr[..4].copy_from_slice(&load::<u32>(base, l.daddr).to_ne_bytes());
+            } else {
+                saddr[..8].copy_from_slice(&load::<u64>(base, l.saddr_v6).to_ne_bytes());
+                saddr[8..].copy_from_slice(&load::<u64>(base, l.saddr_v6 + 8).to_ne_bytes());
+                daddr[..8].copy_from_slice(&load::<u64>(base, l.daddr_v6).to_ne_bytes());
+                daddr[8..].copy_from_slice(&load::<u64>(base, l.daddr_v6 + 8).to_ne_bytes());
+            }
+        }
+        return Ok((saddr, daddr));
+    }
+    unsafe {
+        if ipv4 {
+            bpf_probe_read_kernel_buf(base.add(layout.saddr as usize), &mut saddr[..4])?;
+            bpf_probe_read_kernel_buf(base.add(layout.daddr as usize), &mut daddr[..4])?;
+        } else {
+            bpf_probe_read_kernel_buf(base.add(layout.saddr_v6 as usize), &mut saddr)?;
+            bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), &mut daddr)?;
+        }
+    }
+    Ok((saddr, daddr))
+}
+
 fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = global(&LAYOUT);
+    let direct = global(&DIRECT) != 0;
     let filter = global(&FILTER);
 
+    let Record {
+        skaddr,
+        old_state,
+        new_state,
+        sport,
+        dport,
+        family,
+        protocol,
+    } = read_record(ctx, direct, &layout)?;
     // TCP only: SCTP and MPTCP's own socket use the same tracepoint.
-    if field::<u16>(ctx, layout.protocol)? != IPPROTO_TCP {
+    if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let family: u16 = field(ctx, layout.family)?;
     if filter.family != 0 && family != filter.family {
         return Ok(());
     }
 
     let now = unsafe { bpf_ktime_get_ns() };
-    let skaddr: u64 = field(ctx, layout.skaddr)?;
-    let old_state = field::<i32>(ctx, layout.oldstate)? as u8;
-    let new_state = field::<i32>(ctx, layout.newstate)? as u8;
-    let sport: u16 = field(ctx, layout.sport)?;
-    let dport: u16 = field(ctx, layout.dport)?;
     let in_irq = !in_task_context(ctx, old_state, new_state)?;
 
     let mut flags = if in_irq { FLAG_IRQ_CONTEXT } else { 0 };
@@ -300,18 +385,7 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         flags |= FLAG_SOCK_FIELDS;
     }
 
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    let base = ctx.as_ptr() as *const u8;
-    unsafe {
-        if family == AF_INET {
-            bpf_probe_read_kernel_buf(base.add(layout.saddr as usize), &mut saddr[..4])?;
-            bpf_probe_read_kernel_buf(base.add(layout.daddr as usize), &mut daddr[..4])?;
-        } else {
-            bpf_probe_read_kernel_buf(base.add(layout.saddr_v6 as usize), &mut saddr)?;
-            bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), &mut daddr)?;
-        }
-    }
+    let (saddr, daddr) = read_addresses(ctx, direct, &layout, family == AF_INET)?;
 
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::RINGBUF_FULL);

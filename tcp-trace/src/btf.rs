@@ -27,20 +27,28 @@ struct Member {
     bit_offset: u32,
 }
 
-#[derive(Debug, Clone)]
+/// One type's header; members are decoded on demand.
+#[derive(Debug, Clone, Copy)]
 struct Type {
     name_off: u32,
     kind: u32,
+    kind_flag: bool,
+    vlen: usize,
     /// `size` for INT/STRUCT/UNION/ENUM, the referenced type id for modifiers.
     size_or_type: u32,
-    members: Vec<Member>,
+    /// Where its members start in the type section.
+    members_at: usize,
 }
 
-/// The parsed types of one BTF blob.
+/// One BTF blob, indexed by type id but otherwise left undecoded, so that
+/// reading the kernel's ~150,000 types costs little more than the file.
 pub struct Btf {
-    /// Index = type id; id 0 is `void`.
-    types: Vec<Type>,
-    strings: Vec<u8>,
+    data: Vec<u8>,
+    /// Where the type and string sections lie in `data`.
+    types: std::ops::Range<usize>,
+    strings: std::ops::Range<usize>,
+    /// Offset of each type in the type section; index = type id - 1.
+    index: Vec<u32>,
 }
 
 fn u32_at(data: &[u8], at: usize) -> Result<u32> {
@@ -53,84 +61,100 @@ impl Btf {
         let data = fs::read(VMLINUX).with_context(|| {
             format!("reading {VMLINUX} (the kernel needs CONFIG_DEBUG_INFO_BTF)")
         })?;
-        Btf::parse(&data).with_context(|| format!("parsing {VMLINUX}"))
+        Btf::parse(data).with_context(|| format!("parsing {VMLINUX}"))
     }
 
-    pub fn parse(data: &[u8]) -> Result<Btf> {
+    pub fn parse(data: Vec<u8>) -> Result<Btf> {
         ensure!(data.len() >= 24, "too short for a BTF header");
         let magic = u16::from_le_bytes([data[0], data[1]]);
         ensure!(magic == MAGIC, "not little-endian BTF (magic {magic:#x})");
-        let hdr_len = u32_at(data, 4)? as usize;
-        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
-        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let hdr_len = u32_at(&data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(&data, 8)? as usize, u32_at(&data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(&data, 16)? as usize, u32_at(&data, 20)? as usize);
         let section = |off: usize, len: usize| {
-            data.get(hdr_len + off..hdr_len + off + len)
-                .context("BTF section out of bounds")
+            let range = hdr_len + off..hdr_len + off + len;
+            ensure!(range.end <= data.len(), "BTF section out of bounds");
+            Ok(range)
         };
-        let type_data = section(type_off, type_len)?;
-        let strings = section(str_off, str_len)?.to_vec();
+        let (types_range, strings) = (section(type_off, type_len)?, section(str_off, str_len)?);
+        let types = &data[types_range.clone()];
 
-        let mut types = vec![Type {
-            name_off: 0,
-            kind: 0,
-            size_or_type: 0,
-            members: Vec::new(),
-        }];
+        let mut index = Vec::new();
         let mut at = 0;
-        while at < type_data.len() {
-            let name_off = u32_at(type_data, at)?;
-            let info = u32_at(type_data, at + 4)?;
-            let size_or_type = u32_at(type_data, at + 8)?;
-            at += 12;
+        while at < types.len() {
+            index.push(at as u32);
+            let info = u32_at(&types, at + 4)?;
             let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let mut members = Vec::new();
-            let extra = match kind {
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let raw_offset = u32_at(type_data, m + 8)?;
-                        members.push(Member {
-                            name_off: u32_at(type_data, m)?,
-                            type_id: u32_at(type_data, m + 4)?,
-                            // With kind_flag the top 8 bits hold a bitfield size.
-                            bit_offset: if kind_flag {
-                                raw_offset & 0xff_ffff
-                            } else {
-                                raw_offset
-                            },
-                        });
-                    }
-                    vlen * 12
-                }
+            let extra = match (info >> 24) & 0x1f {
+                KIND_STRUCT | KIND_UNION => vlen * 12,
                 KIND_INT | 14 | 17 => 4, // INT, VAR, DECL_TAG
                 3 => 12,                 // ARRAY
                 6 | 13 => vlen * 8,      // ENUM, FUNC_PROTO
                 15 | 19 => vlen * 12,    // DATASEC, ENUM64
                 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
                 | KIND_TYPE_TAG => 0,
-                other => bail!("unknown BTF kind {other} at type {}", types.len()),
+                other => bail!("unknown BTF kind {other} at type {}", index.len()),
             };
-            at += extra;
-            types.push(Type {
-                name_off,
-                kind,
-                size_or_type,
-                members,
-            });
+            at += 12 + extra;
+            ensure!(
+                at <= types.len(),
+                "type {} runs past the type section",
+                index.len()
+            );
         }
-        Ok(Btf { types, strings })
+        Ok(Btf {
+            types: types_range,
+            strings,
+            index,
+            data,
+        })
+    }
+
+    fn types(&self) -> &[u8] {
+        &self.data[self.types.clone()]
+    }
+
+    fn ty(&self, id: u32) -> Option<Type> {
+        let at = *self.index.get((id as usize).checked_sub(1)?)? as usize;
+        let types = self.types();
+        let info = u32_at(types, at + 4).ok()?;
+        Some(Type {
+            name_off: u32_at(types, at).ok()?,
+            kind: (info >> 24) & 0x1f,
+            kind_flag: info >> 31 == 1,
+            vlen: (info & 0xffff) as usize,
+            size_or_type: u32_at(types, at + 8).ok()?,
+            members_at: at + 12,
+        })
+    }
+
+    fn members(&self, ty: Type) -> impl Iterator<Item = Member> + '_ {
+        (0..ty.vlen).filter_map(move |i| {
+            let m = ty.members_at + i * 12;
+            let types = self.types();
+            let raw_offset = u32_at(types, m + 8).ok()?;
+            Some(Member {
+                name_off: u32_at(types, m).ok()?,
+                type_id: u32_at(types, m + 4).ok()?,
+                // With kind_flag the top 8 bits hold a bitfield size.
+                bit_offset: if ty.kind_flag {
+                    raw_offset & 0xff_ffff
+                } else {
+                    raw_offset
+                },
+            })
+        })
     }
 
     fn name(&self, off: u32) -> &[u8] {
-        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let strings = &self.data[self.strings.clone()];
+        let rest = strings.get(off as usize..).unwrap_or_default();
         &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
     }
 
-    fn strip_modifiers(&self, mut id: u32) -> Option<&Type> {
+    fn strip_modifiers(&self, mut id: u32) -> Option<Type> {
         for _ in 0..32 {
-            let ty = self.types.get(id as usize)?;
+            let ty = self.ty(id)?;
             match ty.kind {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     id = ty.size_or_type
@@ -144,15 +168,14 @@ impl Btf {
     /// Byte offset and size of `member` in `struct name`, looking through
     /// anonymous struct and union members.
     pub fn member(&self, name: &str, member: &str) -> Option<(u32, u32)> {
-        let ty = self
-            .types
-            .iter()
+        let ty = (1..=self.index.len() as u32)
+            .filter_map(|id| self.ty(id))
             .find(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == name.as_bytes())?;
         self.find_member(ty, member.as_bytes(), 0)
     }
 
-    fn find_member(&self, ty: &Type, member: &[u8], base_bits: u32) -> Option<(u32, u32)> {
-        for m in &ty.members {
+    fn find_member(&self, ty: Type, member: &[u8], base_bits: u32) -> Option<(u32, u32)> {
+        for m in self.members(ty) {
             let bits = base_bits + m.bit_offset;
             let target = self.strip_modifiers(m.type_id)?;
             if m.name_off == 0 && matches!(target.kind, KIND_STRUCT | KIND_UNION) {
@@ -224,7 +247,7 @@ pub mod tests {
 
     #[test]
     fn finds_direct_and_anonymous_members() {
-        let btf = Btf::parse(&sample()).unwrap();
+        let btf = Btf::parse(sample()).unwrap();
         assert_eq!(btf.member("tcp_sock", "bytes_acked"), Some((8, 8)));
         assert_eq!(btf.member("tcp_sock", "sk_err"), Some((4, 4)));
         assert_eq!(btf.member("tcp_sock", "nope"), None);
@@ -234,11 +257,11 @@ pub mod tests {
     #[test]
     fn corrupt_btf_is_an_error() {
         let good = sample();
-        assert!(Btf::parse(&good[..10]).is_err());
-        assert!(Btf::parse(&good[..good.len() - 20]).is_err());
+        assert!(Btf::parse(good[..10].to_vec()).is_err());
+        assert!(Btf::parse(good[..good.len() - 20].to_vec()).is_err());
         let mut bad = good.clone();
         bad[0] = 0;
-        assert!(Btf::parse(&bad).is_err());
+        assert!(Btf::parse(bad).is_err());
     }
 
     #[test]

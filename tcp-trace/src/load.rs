@@ -7,7 +7,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use caps::{CapSet, Capability};
-use tcp_trace_common::{counter, hist, Filter, SockOffsets};
+use tcp_trace_common::{counter, hist, Filter, SockOffsets, KNOWN_LAYOUT};
 
 use crate::{
     btf::Btf,
@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// Size of the event ring buffer in bytes (a power of two, as the kernel requires).
-pub const RING_BYTES: u32 = 8 << 20;
+pub const RING_BYTES: u32 = 4 << 20;
 
 /// The kernel program, built by build.rs through aya-build.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp-trace"));
@@ -65,8 +65,12 @@ impl Tracer {
             (RING_BYTES, 1)
         };
 
+        // No kernel BTF for aya: Rust BPF objects carry no CO-RE relocations,
+        // and parsing vmlinux BTF would cost the agent ~10 MiB of memory.
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .override_global("LAYOUT", &layout, true)
+            .override_global("DIRECT", &u8::from(direct_reads(&layout)), true)
             .override_global("FILTER", &settings.filter, true)
             .override_global("SOCK_OFFSETS", &offsets, true)
             .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
@@ -212,6 +216,13 @@ fn sock_offsets() -> SockOffsets {
     }
 }
 
+/// Whether the program may read the record at the compiled-in offsets.
+/// `TCP_TRACE_PROBE_READ=1` forces the helper-call path other kernels take,
+/// so that it is tested here too.
+fn direct_reads(layout: &tcp_trace_common::TracepointLayout) -> bool {
+    *layout == KNOWN_LAYOUT && std::env::var_os("TCP_TRACE_PROBE_READ").is_none_or(|v| v != "1")
+}
+
 /// Attaches the empty `bench_floor` program (for `cargo xtask bench`) and
 /// keeps it attached until stopped.
 pub async fn floor(duration: Option<std::time::Duration>) -> Result<()> {
@@ -220,6 +231,7 @@ pub async fn floor(duration: Option<std::time::Duration>) -> Result<()> {
     tracepoint::tracefs_root()?;
     // The maps are created with the object but unused here: keep them small.
     let mut ebpf = EbpfLoader::new()
+        .btf(None)
         .map_max_entries("HISTOGRAMS", 1)
         .map_max_entries("SOCKETS", 1)
         .map_max_entries("EVENTS", 4096)

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::event::{Owner, SockFields, TcpState, Transition};
 
@@ -40,8 +40,9 @@ fn errno_from_name(name: &str) -> Option<u16> {
         .or_else(|| name.strip_prefix('E')?.parse().ok())
 }
 
-/// One line of the recording. Field names are documented in README.md.
-#[derive(Serialize, Deserialize)]
+/// One line of the recording, as read back. Field names are documented in
+/// README.md; `format_line` writes the same shape.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record<'a> {
     ts_ns: u64,
@@ -61,27 +62,82 @@ struct Record<'a> {
     error: Option<Cow<'a, str>>,
 }
 
+/// Writes one transition as a JSON line. Hand-formatted into a reused buffer:
+/// this runs once per event, and serde's allocations showed in the benchmark.
 pub fn write(out: &mut impl Write, t: &Transition) -> io::Result<()> {
-    let owner = t.owner.as_ref();
-    let record = Record {
-        ts_ns: t.ts_ns,
-        sk: Cow::Owned(format!("{:#x}", t.sk)),
-        pid: owner.map(|o| o.pid),
-        comm: owner.map(|o| String::from_utf8_lossy(&o.comm)),
-        family: Cow::Borrowed(if t.is_ipv4() { "ipv4" } else { "ipv6" }),
-        laddr: t.laddr,
-        lport: t.lport,
-        raddr: t.raddr,
-        rport: t.rport,
-        old_state: Cow::Borrowed(t.old_state.name()),
-        new_state: Cow::Borrowed(t.new_state.name()),
-        duration_ns: t.duration_ns,
-        bytes_sent: t.sock.map(|s| s.bytes_sent),
-        bytes_received: t.sock.map(|s| s.bytes_received),
-        error: t.sock.filter(|s| s.error != 0).map(|s| errno_name(s.error)),
-    };
-    serde_json::to_writer(&mut *out, &record)?;
-    out.write_all(b"\n")
+    thread_local! {
+        static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    LINE.with_borrow_mut(|line| {
+        line.clear();
+        format_line(line, t);
+        out.write_all(line.as_bytes())
+    })
+}
+
+fn format_line(line: &mut String, t: &Transition) {
+    use std::fmt::Write as _;
+    let _ = write!(line, r#"{{"ts_ns":{},"sk":"{:#x}","pid":"#, t.ts_ns, t.sk);
+    match &t.owner {
+        Some(o) => {
+            let _ = write!(line, r#"{},"comm":"#, o.pid);
+            json_string(line, &String::from_utf8_lossy(&o.comm));
+        }
+        None => line.push_str(r#"null,"comm":null"#),
+    }
+    let family = if t.is_ipv4() { "ipv4" } else { "ipv6" };
+    let _ = write!(
+        line,
+        r#","family":"{family}","laddr":"{}","lport":{},"raddr":"{}","rport":{},"old_state":"{}","new_state":"{}","duration_ns":"#,
+        t.laddr,
+        t.lport,
+        t.raddr,
+        t.rport,
+        t.old_state.name(),
+        t.new_state.name()
+    );
+    optional(line, t.duration_ns);
+    line.push_str(r#","bytes_sent":"#);
+    optional(line, t.sock.map(|s| s.bytes_sent));
+    line.push_str(r#","bytes_received":"#);
+    optional(line, t.sock.map(|s| s.bytes_received));
+    line.push_str(r#","error":"#);
+    match t.sock.filter(|s| s.error != 0) {
+        Some(s) => {
+            line.push('"');
+            line.push_str(&errno_name(s.error));
+            line.push('"');
+        }
+        None => line.push_str("null"),
+    }
+    line.push_str("}\n");
+}
+
+fn optional(line: &mut String, value: Option<u64>) {
+    use std::fmt::Write as _;
+    match value {
+        Some(v) => {
+            let _ = write!(line, "{v}");
+        }
+        None => line.push_str("null"),
+    }
+}
+
+/// A JSON string literal: quotes, backslashes and control characters escaped.
+fn json_string(line: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    line.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(line, "\\u{:04x}", c as u32);
+            }
+            c => line.push(c),
+        }
+    }
+    line.push('"');
 }
 
 fn parse_line(line: &str) -> Result<Transition> {
@@ -240,6 +296,22 @@ mod tests {
         for input in cases {
             let err = read(input.as_bytes(), "rec.json", |_| Ok(())).unwrap_err();
             assert!(format!("{err:#}").starts_with("rec.json:2:"), "{err:#}");
+        }
+    }
+
+    #[test]
+    fn hand_written_json_escapes_like_serde() {
+        for comm in [
+            "curl",
+            "a\"b",
+            "back\\slash",
+            "\u{1b}[31m\n\t",
+            "größe\u{7f}",
+        ] {
+            let mut line = String::new();
+            json_string(&mut line, comm);
+            let back: String = serde_json::from_str(&line).unwrap();
+            assert_eq!(back, comm, "{line}");
         }
     }
 

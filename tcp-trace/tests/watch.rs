@@ -43,9 +43,9 @@ fn find<'a>(sockets: &'a [Vec<Ev>], first: &str, what: &str) -> &'a [Ev] {
     found[0]
 }
 
-fn scripted_exchange(v6: bool) {
+fn scripted_exchange(v6: bool, env: &[(&str, &str)]) {
     let port = free_port();
-    let tracer = Tracer::start(&["--port", &port.to_string()]);
+    let tracer = Tracer::command_env(&["watch", "--json", "--port", &port.to_string()], env);
     let (server_pid, client_pid) = exchange(SocketAddr::new(loopback(v6), port), SCRIPT);
     // Let the softirq tail of the exchange reach the ring buffer.
     thread::sleep(Duration::from_millis(200));
@@ -154,12 +154,20 @@ fn scripted_exchange(v6: bool) {
 
 #[test]
 fn ipv4_exchange_sequences_owners_and_durations() {
-    scripted_exchange(false);
+    scripted_exchange(false, &[]);
 }
 
 #[test]
 fn ipv6_exchange_sequences_owners_and_durations() {
-    scripted_exchange(true);
+    scripted_exchange(true, &[]);
+}
+
+/// Kernels whose tracepoint layout differs read the record through helper
+/// calls at offsets from tracefs: the same exchange through that path.
+#[test]
+fn exchange_through_the_probe_read_path() {
+    scripted_exchange(false, &[("TCP_TRACE_PROBE_READ", "1")]);
+    scripted_exchange(true, &[("TCP_TRACE_PROBE_READ", "1")]);
 }
 
 #[test]

@@ -40,7 +40,11 @@ enum Task {
     /// rustfmt and clippy, userspace and kernel crates (the latter on its own).
     Lint,
     /// Build, then measure each tracing mode's overhead; writes docs/BENCHMARKS.md.
-    Bench,
+    Bench {
+        /// Flat-out load only, 3 pairs, no memory run; prints, writes nothing.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,9 +83,10 @@ fn run(task: Task) -> Result<ExitCode> {
                 &args,
             )?;
         }
-        Task::Bench => {
+        Task::Bench { quick } => {
             build(&root)?;
             bench::bench(
+                quick,
                 &root,
                 &root.join("target/release/tcp-trace"),
                 &root.join("target/release/churn"),

@@ -61,8 +61,13 @@ impl Tracer {
 
     /// Starts any tracing command (`stats ...`, `life ...`).
     pub fn command(args: &[&str]) -> Tracer {
+        Self::command_env(args, &[])
+    }
+
+    pub fn command_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
         let mut child = Command::new(TRACER)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -83,9 +83,12 @@ fn run(duration: Duration, rate: u64, port: u16) -> std::io::Result<()> {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
-            let std::net::SocketAddr::V4(server) = server else { unreachable!() };
+            let std::net::SocketAddr::V4(server) = server else {
+                unreachable!()
+            };
             thread::spawn(move || {
-                let interval = (rate > 0).then(|| Duration::from_secs_f64(CLIENTS as f64 / rate as f64));
+                let interval =
+                    (rate > 0).then(|| Duration::from_secs_f64(CLIENTS as f64 / rate as f64));
                 let mut next = Instant::now();
                 let mut n: u32 = i as u32;
                 let mut buf = [0u8; 8];
@@ -144,16 +147,22 @@ fn hold(count: usize) -> std::io::Result<()> {
         )));
     }
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let std::net::SocketAddr::V4(server) = listener.local_addr()? else { unreachable!() };
+    let std::net::SocketAddr::V4(server) = listener.local_addr()? else {
+        unreachable!()
+    };
     let acceptor = thread::spawn(move || {
-        (0..count).map_while(|_| listener.accept().ok().map(|(c, _)| c)).collect::<Vec<_>>()
+        (0..count)
+            .map_while(|_| listener.accept().ok().map(|(c, _)| c))
+            .collect::<Vec<_>>()
     });
     let mut clients = Vec::with_capacity(count);
     for n in 0..count as u32 {
         let source = Ipv4Addr::new(127, 2, (n >> 8) as u8, (n as u8).max(1));
         clients.push(connect(source, server)?);
     }
-    let accepted = acceptor.join().map_err(|_| std::io::Error::other("acceptor panicked"))?;
+    let accepted = acceptor
+        .join()
+        .map_err(|_| std::io::Error::other("acceptor panicked"))?;
     println!("held {}", clients.len().min(accepted.len()));
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
@@ -186,11 +195,21 @@ fn connect(source: Ipv4Addr, server: SocketAddrV4) -> std::io::Result<TcpStream>
             mem::size_of::<libc::c_int>() as u32,
         );
         let addr = sockaddr(SocketAddrV4::new(source, 0));
-        if libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), mem::size_of_val(&addr) as u32) != 0 {
+        if libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            mem::size_of_val(&addr) as u32,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         let addr = sockaddr(server);
-        if libc::connect(fd, (&addr as *const libc::sockaddr_in).cast(), mem::size_of_val(&addr) as u32) != 0 {
+        if libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            mem::size_of_val(&addr) as u32,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         Ok(stream)
