@@ -24,6 +24,8 @@ pub enum Command {
     Stats(StatsArgs),
     /// One line per connection when it closes: lifetime, states, bytes, how it closed.
     Life(LifeArgs),
+    /// Which processes leave sockets in TIME_WAIT, how many linger, for how long.
+    Timewait(TimewaitArgs),
     /// Attach an empty program to the tracepoint (the benchmark's floor).
     #[command(hide = true)]
     BenchFloor,
@@ -206,6 +208,43 @@ impl LifeArgs {
             json: self.json,
             duration: self.duration,
             from: self.from,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TimewaitArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// Refresh the table every S seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
+    pub interval: Duration,
+    /// Stop by itself after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+    /// Reports as JSON, one object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub struct TimewaitConfig {
+    pub filter: Filter,
+    pub max_sockets: u32,
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub json: bool,
+}
+
+impl TimewaitArgs {
+    pub fn into_config(self) -> TimewaitConfig {
+        TimewaitConfig {
+            filter: self.filter.to_filter(),
+            max_sockets: self.kernel.max_sockets,
+            interval: self.interval,
+            duration: self.duration,
+            json: self.json,
         }
     }
 }

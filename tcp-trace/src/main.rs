@@ -3,6 +3,7 @@
 mod btf;
 mod calibrate;
 mod cli;
+mod diag;
 mod event;
 mod hist;
 mod life;
@@ -11,6 +12,7 @@ mod record;
 mod render;
 mod stats;
 mod stream;
+mod timewait;
 mod tracepoint;
 mod watch;
 
@@ -24,6 +26,7 @@ fn main() -> ExitCode {
         cli::Command::Watch(args) => watch::run(args.into_config()),
         cli::Command::Stats(args) => stats::run(args.into_config()),
         cli::Command::Life(args) => life::run(args.into_config()),
+        cli::Command::Timewait(args) => timewait::run(args.into_config()),
         cli::Command::BenchFloor => stream::block_on(load::floor(None)),
     };
     match result {
