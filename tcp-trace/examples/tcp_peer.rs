@@ -38,6 +38,13 @@ fn main() -> ExitCode {
             num(4, 1),
             (num(5, 0) as usize, num(6, 0) as usize),
         ),
+        Some(&"waiting-server") if args.len() == 2 => waiting_server(parse(args[1])),
+        Some(&"closer") if args.len() >= 4 => closer(
+            parse(args[1]),
+            num(2, 1),
+            args[3],
+            args.get(4) == Some(&"reset"),
+        ),
         Some(&"client") if args.len() >= 3 => client(
             parse(args[1]),
             ms(2),
@@ -45,7 +52,11 @@ fn main() -> ExitCode {
             (num(4, 0) as usize, num(5, 0) as usize),
         ),
         _ => {
-            eprintln!("usage: tcp_peer server ADDR HOLD_MS LINGER_MS [COUNT [IN OUT]] | client ADDR LINGER_MS [COUNT [OUT IN]]");
+            eprintln!(
+                "usage: tcp_peer server ADDR HOLD_MS LINGER_MS [COUNT [IN OUT]] | \
+                 client ADDR LINGER_MS [COUNT [OUT IN]] | waiting-server ADDR | \
+                 closer ADDR COUNT NAME [reset]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -112,6 +123,63 @@ fn server(
     join_all(handles)?;
     sleep(linger + Duration::from_millis(200));
     drop(listener);
+    Ok(())
+}
+
+/// Writes one byte on each connection and closes it after the client does;
+/// stops when stdin closes.
+fn waiting_server(addr: SocketAddr) -> io::Result<()> {
+    name_self("tt-server");
+    wait_for_go()?;
+    let listener = TcpListener::bind(addr)?;
+    println!("listening");
+    io::stdout().flush()?;
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            thread::spawn(move || {
+                let _ = conn.write_all(b"x");
+                let mut sink = Vec::new();
+                let _ = conn.read_to_end(&mut sink);
+            });
+        }
+    });
+    // Until the test closes our stdin.
+    let mut rest = String::new();
+    let _ = io::stdin().read_line(&mut rest);
+    Ok(())
+}
+
+/// COUNT connections in turn, each closed by us first once the server's byte
+/// arrived (with SO_LINGER {on, 0}, a reset, when `reset`).
+fn closer(addr: SocketAddr, count: u64, name: &str, reset: bool) -> io::Result<()> {
+    name_self(name);
+    wait_for_go()?;
+    for _ in 0..count {
+        let mut conn = TcpStream::connect(addr)?;
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte)?;
+        if reset {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid linger struct on a socket we own.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&conn),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as u32,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        drop(conn);
+    }
     Ok(())
 }
 

@@ -78,7 +78,12 @@ fn read_sysctls() -> Sysctls {
             .map(|v| v.split_whitespace().collect::<Vec<_>>().join("-"))
             .unwrap_or_else(|_| "?".into())
     };
-    let names = ["tcp_fin_timeout", "tcp_tw_reuse", "tcp_max_tw_buckets", "ip_local_port_range"];
+    let names = [
+        "tcp_fin_timeout",
+        "tcp_tw_reuse",
+        "tcp_max_tw_buckets",
+        "ip_local_port_range",
+    ];
     let values: Vec<(&'static str, String)> = names.iter().map(|&n| (n, read(n))).collect();
     let port_range = values[3]
         .1
@@ -162,10 +167,15 @@ impl Tracker {
 
     /// The kernel's timewait table at `now_ns`.
     fn poll(&mut self, listed: &[TimewaitSocket], now_ns: u64) {
-        let listed: Vec<&TimewaitSocket> = listed.iter().filter(|s| self.wanted(&s.endpoints)).collect();
+        let listed: Vec<&TimewaitSocket> = listed
+            .iter()
+            .filter(|s| self.wanted(&s.endpoints))
+            .collect();
+        // Listed sockets have no owner: under --pid only candidates count.
+        let by_pid = self.filter.pid != 0;
         if !self.polled {
             self.polled = true;
-            for s in &listed {
+            for s in listed.iter().filter(|_| !by_pid) {
                 if !self.candidates.contains_key(&s.endpoints) {
                     self.before_start.insert(s.endpoints);
                 }
@@ -185,7 +195,8 @@ impl Tracker {
                         entered: false,
                     },
                 );
-            } else if !self.lingering.contains_key(&e) && !self.before_start.contains(&e) {
+            } else if !by_pid && !self.lingering.contains_key(&e) && !self.before_start.contains(&e)
+            {
                 self.unattributed.insert(e);
             }
             if s.time_wait {
@@ -202,12 +213,19 @@ impl Tracker {
         }
 
         // Gone from the table: the stay is over (exit between two polls).
-        let gone: Vec<Endpoints> = self.lingering.keys().filter(|e| !present.contains(e)).copied().collect();
+        let gone: Vec<Endpoints> = self
+            .lingering
+            .keys()
+            .filter(|e| !present.contains(e))
+            .copied()
+            .collect();
         for e in gone {
             let l = self.lingering.remove(&e).expect("listed key");
             if l.entered {
                 let exit_ns = now_ns.saturating_sub(POLL.as_nanos() as u64 / 2);
-                self.row(&l.owner).stay.record(exit_ns.saturating_sub(l.closed_ns));
+                self.row(&l.owner)
+                    .stay
+                    .record(exit_ns.saturating_sub(l.closed_ns));
             }
         }
         self.before_start.retain(|e| present.contains(e));
@@ -275,7 +293,8 @@ impl Tracker {
             .ranked_rows()
             .into_iter()
             .map(|(key, row)| {
-                let mut remotes: Vec<(&(std::net::IpAddr, u16), &u64)> = row.remotes.iter().collect();
+                let mut remotes: Vec<(&(std::net::IpAddr, u16), &u64)> =
+                    row.remotes.iter().collect();
                 remotes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
                 json!({
                     "pid": key.map(|k| k.0),
@@ -324,7 +343,12 @@ impl Tracker {
             "{} {} timewait report: {}",
             clock.local_time(now_ns),
             if last { "final" } else { "interval" },
-            sysctls.values.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+            sysctls
+                .values
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let _ = writeln!(
             s,
@@ -349,20 +373,44 @@ impl Tracker {
                 s,
                 "{pid:>7} {comm:<16} {:>8} {:>7.1} {:>9} {:>8} {:>8} {:>8} {:>8}  {}",
                 row.entered,
-                if elapsed > 0.0 { row.entered as f64 / elapsed } else { 0.0 },
+                if elapsed > 0.0 {
+                    row.entered as f64 / elapsed
+                } else {
+                    0.0
+                },
                 row.lingering,
                 q(0.5),
                 q(0.9),
-                if row.stay.count() > 0 { human_duration(row.stay.max()) } else { "-".into() },
+                if row.stay.count() > 0 {
+                    human_duration(row.stay.max())
+                } else {
+                    "-".into()
+                },
                 row.without_timewait,
                 top.join(", ")
             );
         }
         if !self.before_start.is_empty() {
-            let _ = writeln!(s, "{:>7} {:<16} {:>8} {:>7} {:>9}", "-", "(before start)", "-", "-", self.before_start.len());
+            let _ = writeln!(
+                s,
+                "{:>7} {:<16} {:>8} {:>7} {:>9}",
+                "-",
+                "(before start)",
+                "-",
+                "-",
+                self.before_start.len()
+            );
         }
         if !self.unattributed.is_empty() {
-            let _ = writeln!(s, "{:>7} {:<16} {:>8} {:>7} {:>9}", "-", "(unattributed)", "-", "-", self.unattributed.len());
+            let _ = writeln!(
+                s,
+                "{:>7} {:<16} {:>8} {:>7} {:>9}",
+                "-",
+                "(unattributed)",
+                "-",
+                "-",
+                self.unattributed.len()
+            );
         }
         if let Some(range) = sysctls.port_range {
             for (a, p, n, f) in self.pressure(range) {
@@ -404,10 +452,15 @@ impl TimewaitCommand {
     fn report(&mut self, now_ns: u64, last: bool) -> io::Result<()> {
         let sysctls = read_sysctls();
         if self.json {
-            serde_json::to_writer(&mut self.out, &self.tracker.report_json(now_ns, last, &sysctls))?;
+            serde_json::to_writer(
+                &mut self.out,
+                &self.tracker.report_json(now_ns, last, &sysctls),
+            )?;
             writeln!(self.out)?;
         } else {
-            let text = self.tracker.report_text(now_ns, last, &sysctls, &self.clock);
+            let text = self
+                .tracker
+                .report_text(now_ns, last, &sysctls, &self.clock);
             self.out.write_all(text.as_bytes())?;
         }
         self.out.flush()
@@ -441,7 +494,9 @@ impl Consumer for TimewaitCommand {
 }
 
 pub fn run(config: TimewaitConfig) -> Result<()> {
-    let report_every = (config.interval.as_secs_f64() / POLL.as_secs_f64()).round().max(1.0) as u32;
+    let report_every = (config.interval.as_secs_f64() / POLL.as_secs_f64())
+        .round()
+        .max(1.0) as u32;
     let mut command = TimewaitCommand {
         tracker: Tracker::new(config.filter, monotonic_ns()),
         json: config.json,
@@ -453,8 +508,7 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
     // sock_diag must answer before we trace: fail early and clearly.
     diag::timewait_sockets().context("reading the kernel's timewait sockets")?;
     let settings = Settings {
-        // pid filters apply to owners, which timewait sockets lack: filter in userspace.
-        filter: tcp_trace_common::Filter { pid: 0, ..config.filter },
+        filter: config.filter,
         max_sockets: config.max_sockets,
         aggregate: false,
     };
@@ -541,7 +595,10 @@ mod tests {
         let a = close(40_006, "FIN_WAIT2", 9, 0);
         tr.event(&a);
         tr.poll(&[listed(&a, false)], S);
-        assert_eq!(tr.rows.get(&(9, b"curl".to_vec())).map_or(0, |r| r.entered), 0);
+        assert_eq!(
+            tr.rows.get(&(9, b"curl".to_vec())).map_or(0, |r| r.entered),
+            0
+        );
         tr.poll(&[listed(&a, true)], 2 * S);
         assert_eq!(tr.rows[&(9, b"curl".to_vec())].entered, 1);
     }
@@ -573,6 +630,9 @@ mod tests {
             port_range: Some((40_000, 40_099)),
         };
         let text = tr.report_text(S, false, &sysctls, &Clock::with_offset(0));
-        assert!(text.contains("warning: 60 lingering sockets to 10.1.2.3:80 hold 60 %"), "{text}");
+        assert!(
+            text.contains("warning: 60 lingering sockets to 10.1.2.3:80 hold 60 %"),
+            "{text}"
+        );
     }
 }

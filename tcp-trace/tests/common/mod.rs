@@ -40,7 +40,7 @@ pub struct Ev {
 /// A running `tcp-trace watch --json`.
 pub struct Tracer {
     child: Child,
-    stdout: thread::JoinHandle<Vec<String>>,
+    stdout: mpsc::Receiver<String>,
     stderr: mpsc::Receiver<String>,
 }
 
@@ -73,8 +73,15 @@ impl Tracer {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning tcp-trace");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let stdout = thread::spawn(move || stdout.lines().map_while(Result::ok).collect());
+        let (tx, stdout) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let (tx, stderr) = mpsc::channel();
         let err = BufReader::new(child.stderr.take().unwrap());
         thread::spawn(move || {
@@ -107,13 +114,19 @@ impl Tracer {
         }
     }
 
+    /// The next line the tracer prints on stdout, waiting up to `limit`.
+    pub fn next_line(&self, limit: Duration) -> Option<String> {
+        self.stdout.recv_timeout(limit).ok()
+    }
+
     /// Stops the tracer with SIGTERM, as an operator or systemd would, and
     /// returns its stdout and stderr lines.
     pub fn stop_raw(mut self) -> (Vec<String>, Vec<String>) {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = wait_timeout(&mut self.child, Duration::from_secs(60));
-        let lines = self.stdout.join().expect("stdout reader");
+        // The reader ends at EOF, which follows the exit.
+        let lines: Vec<String> = self.stdout.iter().collect();
         let stderr: Vec<String> = self.stderr.try_iter().collect();
         assert!(
             status.success(),
@@ -218,7 +231,7 @@ fn peer_bin() -> PathBuf {
 /// A peer process that waits for `go` before acting.
 pub struct Peer {
     child: Child,
-    stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
@@ -230,13 +243,34 @@ impl Peer {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawning tcp_peer");
-        let stdin = child.stdin.take().unwrap();
+        let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Peer {
             child,
             stdin,
             stdout,
         }
+    }
+
+    /// A server that writes one byte on each connection, then waits for the
+    /// client to close first; runs until `finish`.
+    pub fn waiting_server(addr: SocketAddr) -> Peer {
+        Self::spawn(&["waiting-server".into(), addr.to_string()])
+    }
+
+    /// `count` connections in turn, each closed by the client first (with a
+    /// reset when `reset`), by a process named `name`.
+    pub fn closer(addr: SocketAddr, count: usize, name: &str, reset: bool) -> Peer {
+        let mut args = vec![
+            "closer".into(),
+            addr.to_string(),
+            count.to_string(),
+            name.into(),
+        ];
+        if reset {
+            args.push("reset".into());
+        }
+        Self::spawn(&args)
     }
 
     pub fn server(addr: SocketAddr, hold: Duration, linger: Duration) -> Peer {
@@ -300,7 +334,7 @@ impl Peer {
     }
 
     pub fn go(&mut self) {
-        writeln!(self.stdin, "go").expect("writing go");
+        writeln!(self.stdin.as_mut().unwrap(), "go").expect("writing go");
     }
 
     pub fn expect_line(&mut self, want: &str) {
@@ -309,7 +343,9 @@ impl Peer {
         assert_eq!(line.trim(), want, "peer {} said something else", self.pid());
     }
 
+    /// Closes its stdin (a waiting server then stops) and waits for success.
     pub fn finish(mut self) {
+        drop(self.stdin.take());
         let status = wait_timeout(&mut self.child, Duration::from_secs(30));
         assert!(
             status.success(),
