@@ -62,7 +62,9 @@ struct ProcessRow {
     /// Closed like a timewait but never listed by the kernel.
     without_timewait: u64,
     stay: Histogram,
-    remotes: HashMap<(std::net::IpAddr, u16), u64>,
+    /// Per remote address, and remote port when it is the service's (our
+    /// local port is ephemeral); a server's clients count per address.
+    remotes: HashMap<(std::net::IpAddr, Option<u16>), u64>,
 }
 
 /// Sysctls that govern TIME_WAIT, as read at report time.
@@ -104,6 +106,20 @@ struct Tracker {
     unknown_owner: ProcessRow,
     started_ns: u64,
     polled: bool,
+    /// The ephemeral port range, to tell a client's end from a server's.
+    ephemeral: (u16, u16),
+}
+
+fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> (std::net::IpAddr, Option<u16>) {
+    let client_end = (ephemeral.0..=ephemeral.1).contains(&e.lport);
+    (e.raddr, client_end.then_some(e.rport))
+}
+
+fn remote_name(addr: std::net::IpAddr, port: Option<u16>) -> String {
+    match port {
+        Some(p) => endpoint(addr, p),
+        None => addr.to_string(),
+    }
 }
 
 impl Tracker {
@@ -118,6 +134,7 @@ impl Tracker {
             unknown_owner: ProcessRow::default(),
             started_ns,
             polled: false,
+            ephemeral: read_sysctls().port_range.unwrap_or((32768, 60999)),
         }
     }
 
@@ -204,9 +221,10 @@ impl Tracker {
                     if !l.entered {
                         l.entered = true;
                         let owner = l.owner.clone();
+                        let remote = remote_key(&e, self.ephemeral);
                         let row = self.row(&owner);
                         row.entered += 1;
-                        *row.remotes.entry((e.raddr, e.rport)).or_default() += 1;
+                        *row.remotes.entry(remote).or_default() += 1;
                     }
                 }
             }
@@ -293,8 +311,7 @@ impl Tracker {
             .ranked_rows()
             .into_iter()
             .map(|(key, row)| {
-                let mut remotes: Vec<(&(std::net::IpAddr, u16), &u64)> =
-                    row.remotes.iter().collect();
+                let mut remotes: Vec<_> = row.remotes.iter().collect();
                 remotes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
                 json!({
                     "pid": key.map(|k| k.0),
@@ -367,7 +384,7 @@ impl Tracker {
             let top: Vec<String> = remotes
                 .iter()
                 .take(TOP_REMOTES)
-                .map(|((a, p), n)| format!("{} ({n})", endpoint(*a, *p)))
+                .map(|((a, p), n)| format!("{} ({n})", remote_name(*a, *p)))
                 .collect();
             let _ = writeln!(
                 s,
