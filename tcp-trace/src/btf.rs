@@ -83,7 +83,7 @@ impl Btf {
         let mut at = 0;
         while at < types.len() {
             index.push(at as u32);
-            let info = u32_at(&types, at + 4)?;
+            let info = u32_at(types, at + 4)?;
             let vlen = (info & 0xffff) as usize;
             let extra = match (info >> 24) & 0x1f {
                 KIND_STRUCT | KIND_UNION => vlen * 12,

@@ -79,21 +79,21 @@ fn dump(socket: &mut Socket, family: u8, found: &mut Vec<TimewaitSocket>) -> Res
                 .context("decoding a sock_diag message")?;
             let length = message.header.length as usize;
             match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    // Full sockets in FIN_WAIT2 carry other timers; timewait
-                    // mini-sockets carry the timewait timer.
-                    if r.header.timer == Some(Timer::TimeWait) {
-                        let id = &r.header.socket_id;
-                        found.push(TimewaitSocket {
-                            endpoints: Endpoints {
-                                laddr: id.source_address,
-                                lport: id.source_port,
-                                raddr: id.destination_address,
-                                rport: id.destination_port,
-                            },
-                            time_wait: r.header.state == TCP_TIME_WAIT,
-                        });
-                    }
+                // Full sockets in FIN_WAIT2 carry other timers; timewait
+                // mini-sockets carry the timewait timer.
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                    if r.header.timer == Some(Timer::TimeWait) =>
+                {
+                    let id = &r.header.socket_id;
+                    found.push(TimewaitSocket {
+                        endpoints: Endpoints {
+                            laddr: id.source_address,
+                            lport: id.source_port,
+                            raddr: id.destination_address,
+                            rport: id.destination_port,
+                        },
+                        time_wait: r.header.state == TCP_TIME_WAIT,
+                    });
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => bail!("the kernel answered {e:?}"),

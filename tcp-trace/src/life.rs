@@ -304,15 +304,8 @@ pub fn run(config: LifeConfig) -> Result<()> {
     if let Some(path) = &config.from {
         return stream::replay(path, &config.filter, None, &mut command);
     }
-    let settings = Settings {
-        filter: config.filter,
-        max_sockets: config.max_sockets,
-        aggregate: false,
-    };
-    let timing = Timing {
-        duration: config.duration,
-        interval: None,
-    };
+    let settings = Settings::streaming(config.filter, config.max_sockets);
+    let timing = Timing::until(config.duration);
     stream::block_on(stream::live(&settings, timing, &mut command))
 }
 

@@ -31,6 +31,17 @@ pub struct Settings {
     pub aggregate: bool,
 }
 
+impl Settings {
+    /// Every transition streamed to userspace.
+    pub fn streaming(filter: Filter, max_sockets: u32) -> Settings {
+        Settings {
+            filter,
+            max_sockets,
+            aggregate: false,
+        }
+    }
+}
+
 /// The attached program; dropping it detaches the program.
 pub struct Tracer {
     _ebpf: Ebpf,

@@ -85,6 +85,16 @@ pub struct Timing {
     pub interval: Option<Duration>,
 }
 
+impl Timing {
+    /// No interval reports; stop at `duration` if given.
+    pub fn until(duration: Option<Duration>) -> Timing {
+        Timing {
+            duration,
+            interval: None,
+        }
+    }
+}
+
 pub fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

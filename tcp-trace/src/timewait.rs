@@ -291,7 +291,7 @@ impl Tracker {
             .into_iter()
             .map(|((a, p), n)| (a, p, n, n as f64 / size))
             .collect();
-        out.sort_by(|a, b| b.2.cmp(&a.2));
+        out.sort_by_key(|r| std::cmp::Reverse(r.2));
         out
     }
 
@@ -497,7 +497,7 @@ impl Consumer for TimewaitCommand {
     fn interval(&mut self, now_ns: u64) -> io::Result<()> {
         self.poll(now_ns)?;
         self.polls += 1;
-        if self.polls % self.report_every == 0 {
+        if self.polls.is_multiple_of(self.report_every) {
             self.report(now_ns, false)?;
         }
         Ok(())
@@ -524,11 +524,7 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
     };
     // sock_diag must answer before we trace: fail early and clearly.
     diag::timewait_sockets().context("reading the kernel's timewait sockets")?;
-    let settings = Settings {
-        filter: config.filter,
-        max_sockets: config.max_sockets,
-        aggregate: false,
-    };
+    let settings = Settings::streaming(config.filter, config.max_sockets);
     let timing = Timing {
         duration: config.duration,
         interval: Some(POLL),

@@ -36,14 +36,7 @@ pub fn run(config: WatchConfig) -> Result<()> {
         format: Format::new(config.json, Clock::now()),
         out: BufWriter::with_capacity(1 << 16, io::stdout().lock()),
     };
-    let settings = Settings {
-        filter: config.filter,
-        max_sockets: config.max_sockets,
-        aggregate: false,
-    };
-    let timing = Timing {
-        duration: config.duration,
-        interval: None,
-    };
+    let settings = Settings::streaming(config.filter, config.max_sockets);
+    let timing = Timing::until(config.duration);
     stream::block_on(stream::live(&settings, timing, &mut watch))
 }
