@@ -252,6 +252,40 @@ pub mod hist {
         let (low, width) = bounds(b);
         low + (width - 1) / 2
     }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn every_value_is_within_the_bound_of_its_bucket_midpoint() {
+            let mut v = 1u64;
+            while v < u64::MAX / 3 {
+                for probe in [v, v + v / 3, v * 2 - 1] {
+                    let mid = super::midpoint(super::bucket(probe));
+                    let err = (mid as f64 - probe as f64).abs() / probe as f64;
+                    assert!(err < 0.0157, "{probe}: midpoint {mid}");
+                    let (low, width) = super::bounds(super::bucket(probe));
+                    assert!(
+                        low <= probe && probe - low < width,
+                        "{probe} not in [{low}, +{width})"
+                    );
+                }
+                v = v * 3 / 2 + 1;
+            }
+            assert_eq!(super::bucket(u64::MAX), super::BUCKETS - 1);
+            assert_eq!(super::bucket(0), 0);
+            assert_eq!(super::bucket(31), 31);
+            assert_eq!(super::bucket(32), 32);
+        }
+
+        #[test]
+        fn log2_matches_leading_zeros() {
+            for shift in 0..64 {
+                for v in [1u64 << shift, (1u64 << shift) | 1, u64::MAX >> (63 - shift)] {
+                    assert_eq!(super::log2(v), 63 - v.leading_zeros(), "{v}");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(feature = "user")]

@@ -6,8 +6,9 @@ mod setup;
 use std::{
     env,
     ffi::OsString,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -76,12 +77,7 @@ fn run(task: Task) -> Result<ExitCode> {
             build(&root)?;
             lint(&root)?;
             let tools = setup::setup()?;
-            cargo(
-                &root,
-                &tools,
-                &["test", "--workspace", "--exclude", "tcp-trace-ebpf"],
-                &args,
-            )?;
+            run_tests(&root, &tools, &args)?;
         }
         Task::Bench { quick } => {
             build(&root)?;
@@ -161,6 +157,49 @@ fn lint(root: &Path) -> Result<()> {
         .context("running clippy on tcp-trace-ebpf")?;
     if !status.success() {
         bail!("clippy on tcp-trace-ebpf failed");
+    }
+    Ok(())
+}
+
+/// Runs every test, echoing cargo's output, and closes with one line that
+/// totals all test binaries (cargo prints one result line per binary).
+fn run_tests(root: &Path, tools: &setup::Tools, extra: &[OsString]) -> Result<()> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(["test", "--workspace", "--exclude", "tcp-trace-ebpf"])
+        .args(extra)
+        .current_dir(root)
+        .env("PATH", &tools.path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = BufReader::new(child.stdout.take().expect("piped"));
+    for line in stdout.lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("all tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed");
     }
     Ok(())
 }
