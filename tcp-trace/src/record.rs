@@ -76,26 +76,36 @@ pub fn write(out: &mut impl Write, t: &Transition) -> io::Result<()> {
 }
 
 fn format_line(line: &mut String, t: &Transition) {
-    use std::fmt::Write as _;
-    let _ = write!(line, r#"{{"ts_ns":{},"sk":"{:#x}","pid":"#, t.ts_ns, t.sk);
+    line.push_str(r#"{"ts_ns":"#);
+    number(line, t.ts_ns);
+    line.push_str(r#","sk":"0x"#);
+    hex(line, t.sk);
+    line.push_str(r#"","pid":"#);
     match &t.owner {
         Some(o) => {
-            let _ = write!(line, r#"{},"comm":"#, o.pid);
+            number(line, u64::from(o.pid));
+            line.push_str(r#","comm":"#);
             json_string(line, &String::from_utf8_lossy(&o.comm));
         }
         None => line.push_str(r#"null,"comm":null"#),
     }
-    let family = if t.is_ipv4() { "ipv4" } else { "ipv6" };
-    let _ = write!(
-        line,
-        r#","family":"{family}","laddr":"{}","lport":{},"raddr":"{}","rport":{},"old_state":"{}","new_state":"{}","duration_ns":"#,
-        t.laddr,
-        t.lport,
-        t.raddr,
-        t.rport,
-        t.old_state.name(),
-        t.new_state.name()
-    );
+    line.push_str(if t.is_ipv4() {
+        r#","family":"ipv4","laddr":""#
+    } else {
+        r#","family":"ipv6","laddr":""#
+    });
+    address(line, t.laddr);
+    line.push_str(r#"","lport":"#);
+    number(line, u64::from(t.lport));
+    line.push_str(r#","raddr":""#);
+    address(line, t.raddr);
+    line.push_str(r#"","rport":"#);
+    number(line, u64::from(t.rport));
+    line.push_str(r#","old_state":""#);
+    line.push_str(t.old_state.name());
+    line.push_str(r#"","new_state":""#);
+    line.push_str(t.new_state.name());
+    line.push_str(r#"","duration_ns":"#);
     optional(line, t.duration_ns);
     line.push_str(r#","bytes_sent":"#);
     optional(line, t.sock.map(|s| s.bytes_sent));
@@ -113,12 +123,38 @@ fn format_line(line: &mut String, t: &Transition) {
     line.push_str("}\n");
 }
 
-fn optional(line: &mut String, value: Option<u64>) {
-    use std::fmt::Write as _;
-    match value {
-        Some(v) => {
-            let _ = write!(line, "{v}");
+fn number(line: &mut String, v: u64) {
+    line.push_str(itoa::Buffer::new().format(v));
+}
+
+fn hex(line: &mut String, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digits = (64 - v.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        line.push(DIGITS[(v >> (i * 4) & 0xf) as usize] as char);
+    }
+}
+
+fn address(line: &mut String, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(a) => {
+            for (i, octet) in a.octets().iter().enumerate() {
+                if i > 0 {
+                    line.push('.');
+                }
+                number(line, u64::from(*octet));
+            }
         }
+        IpAddr::V6(a) => {
+            use std::fmt::Write as _;
+            let _ = write!(line, "{a}");
+        }
+    }
+}
+
+fn optional(line: &mut String, value: Option<u64>) {
+    match value {
+        Some(v) => number(line, v),
         None => line.push_str("null"),
     }
 }

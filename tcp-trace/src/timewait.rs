@@ -13,6 +13,8 @@ use std::{
     fmt::Write as _,
     fs,
     io::{self, BufWriter, StdoutLock, Write},
+    sync::mpsc,
+    thread,
     time::Duration,
 };
 
@@ -449,20 +451,42 @@ impl Tracker {
     }
 }
 
+/// One reading of the kernel's timewait table, and when it was taken.
+type Dump = (u64, std::result::Result<Vec<TimewaitSocket>, String>);
+
 struct TimewaitCommand {
     tracker: Tracker,
     json: bool,
     clock: Clock,
     out: BufWriter<StdoutLock<'static>>,
-    /// Report every this many polls.
+    /// Readings from the dumping thread: a dump of a busy host's table takes
+    /// long enough that the event loop must not wait for it.
+    dumps: Option<mpsc::Receiver<Dump>>,
+    /// Report every this many ticks of `POLL`.
     report_every: u32,
-    polls: u32,
+    ticks: u32,
+}
+
+fn dump_now() -> Dump {
+    let taken = monotonic_ns();
+    (
+        taken,
+        diag::timewait_sockets().map_err(|e| format!("{e:#}")),
+    )
 }
 
 impl TimewaitCommand {
-    fn poll(&mut self, now_ns: u64) -> io::Result<()> {
-        let listed = diag::timewait_sockets().map_err(|e| io::Error::other(format!("{e:#}")))?;
-        self.tracker.poll(&listed, now_ns);
+    fn apply(&mut self, (taken, listed): Dump) -> io::Result<()> {
+        let listed = listed.map_err(io::Error::other)?;
+        self.tracker.poll(&listed, taken);
+        Ok(())
+    }
+
+    /// Applies the readings that arrived; events up to now are already in.
+    fn apply_pending(&mut self) -> io::Result<()> {
+        while let Some(dump) = self.dumps.as_ref().and_then(|d| d.try_recv().ok()) {
+            self.apply(dump)?;
+        }
         Ok(())
     }
 
@@ -486,7 +510,17 @@ impl TimewaitCommand {
 
 impl Consumer for TimewaitCommand {
     fn start(&mut self) -> io::Result<()> {
-        self.poll(monotonic_ns())
+        // The first reading marks what existed before us.
+        self.apply(dump_now())?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || loop {
+            thread::sleep(POLL);
+            if tx.send(dump_now()).is_err() {
+                break;
+            }
+        });
+        self.dumps = Some(rx);
+        Ok(())
     }
 
     fn event(&mut self, t: &Transition) -> io::Result<()> {
@@ -494,19 +528,26 @@ impl Consumer for TimewaitCommand {
         Ok(())
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        self.apply_pending()
+    }
+
     fn interval(&mut self, now_ns: u64) -> io::Result<()> {
-        self.poll(now_ns)?;
-        self.polls += 1;
-        if self.polls.is_multiple_of(self.report_every) {
+        self.apply_pending()?;
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(self.report_every) {
             self.report(now_ns, false)?;
         }
         Ok(())
     }
 
     fn finish(&mut self, _totals: &Totals) -> io::Result<()> {
-        let now = monotonic_ns();
-        self.poll(now)?;
-        self.report(now, true)
+        self.apply_pending()?;
+        self.dumps = None;
+        let dump = dump_now();
+        let taken = dump.0;
+        self.apply(dump)?;
+        self.report(taken, true)
     }
 }
 
@@ -519,8 +560,9 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
         json: config.json,
         clock: Clock::now(),
         out: BufWriter::new(io::stdout().lock()),
+        dumps: None,
         report_every,
-        polls: 0,
+        ticks: 0,
     };
     // sock_diag must answer before we trace: fail early and clearly.
     diag::timewait_sockets().context("reading the kernel's timewait sockets")?;

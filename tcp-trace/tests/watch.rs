@@ -248,14 +248,7 @@ fn pid_filter_keeps_one_process() {
 #[test]
 fn text_output_names_the_owner() {
     let port = free_port();
-    let child = Command::new(TRACER)
-        .args(["watch", "--port", &port.to_string(), "--duration", "3"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // No stderr handshake here: give it time to attach, then drive traffic.
-    thread::sleep(Duration::from_millis(1500));
+    let tracer = Tracer::command(&["watch", "--port", &port.to_string()]);
     exchange(
         SocketAddr::new(loopback(false), port),
         Script {
@@ -263,13 +256,8 @@ fn text_output_names_the_owner() {
             linger: Duration::from_millis(20),
         },
     );
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let text = tracer.stop_raw().0.join("\n");
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         lines[0].starts_with("TIME") && lines[0].contains("OLDSTATE"),
