@@ -179,6 +179,10 @@ pub struct Filter {
     pub rport: u16,
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
+    /// Nonzero: stream only transitions to CLOSE whose old state's bit
+    /// (`1 << state`) is set here (`timewait` needs no others).
+    pub close_from: u16,
+    pub _pad: u16,
 }
 
 /// Log-linear histogram of durations in ns, shared by the kernel's in-place

@@ -41,6 +41,8 @@ static FILTER: Filter = Filter {
     lport: 0,
     rport: 0,
     family: 0,
+    close_from: 0,
+    _pad: 0,
 };
 
 /// Offsets of `tcp_sock`/`sock` fields from the running kernel's BTF; zero
@@ -354,6 +356,11 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     if filter.pid != 0 && (owner.known == 0 || owner.pid != filter.pid) {
+        return Ok(());
+    }
+    if filter.close_from != 0
+        && (new_state != state::CLOSE || filter.close_from & (1 << (old_state & 15)) == 0)
+    {
         return Ok(());
     }
     if global(&AGGREGATE) != 0 {

@@ -66,6 +66,8 @@ impl FilterArgs {
                 (_, true) => AF_INET6,
                 _ => 0,
             },
+            close_from: 0,
+            _pad: 0,
         }
     }
 }

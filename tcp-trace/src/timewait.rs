@@ -21,6 +21,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
+use tcp_trace_common::state;
+
 use crate::{
     cli::TimewaitConfig,
     diag::{self, Endpoints, TimewaitSocket},
@@ -566,7 +568,13 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
     };
     // sock_diag must answer before we trace: fail early and clearly.
     diag::timewait_sockets().context("reading the kernel's timewait sockets")?;
-    let settings = Settings::streaming(config.filter, config.max_sockets);
+    // Only the transitions that can leave a timewait socket reach userspace.
+    let close_from = (1 << state::FIN_WAIT2) | (1 << state::CLOSING);
+    let filter = tcp_trace_common::Filter {
+        close_from,
+        ..config.filter
+    };
+    let settings = Settings::streaming(filter, config.max_sockets);
     let timing = Timing {
         duration: config.duration,
         interval: Some(POLL),
