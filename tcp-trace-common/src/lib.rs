@@ -39,6 +39,9 @@ pub const FLAG_SOCK_FIELDS: u8 = 1 << 3;
 /// `Event::flags`: the program saw this socket open actively (connect), so
 /// `bytes_acked` counts its SYN.
 pub const FLAG_ACTIVE_OPEN: u8 = 1 << 4;
+/// `Event::flags`: `total_retrans` was read (transitions out of SYN_SENT or
+/// SYN_RECV: the SYN, or SYN-ACK, retransmissions of the handshake).
+pub const FLAG_RETRANS: u8 = 1 << 5;
 
 /// One TCP state transition, as streamed through the ring buffer.
 #[repr(C)]
@@ -67,6 +70,9 @@ pub struct Event {
     pub sock_flags: u8,
     /// `sock.sk_err` (an errno, 0 for none) (`FLAG_SOCK_FIELDS`).
     pub sk_err: u16,
+    /// `tcp_sock.total_retrans` (`FLAG_RETRANS`).
+    pub total_retrans: u32,
+    pub _pad: u32,
     /// Owner's command name, NUL padded; meaningful only with `FLAG_OWNER_KNOWN`.
     pub comm: [u8; COMM_LEN],
     /// Source address: IPv4 in the first 4 bytes, or IPv6.
@@ -149,6 +155,8 @@ pub struct SockOffsets {
     pub bytes_received: u32,
     pub sk_err: u32,
     pub sk_flags: u32,
+    /// `tcp_sock.total_retrans`.
+    pub total_retrans: u32,
 }
 
 /// The record layout of `sock:inet_sock_set_state` since it gained `protocol`

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use tcp_trace_common::{
     counter, hist, state, Event, Filter, Listener, Owner, SockOffsets, SockState, TracepointLayout,
     AF_INET, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN,
-    FLAG_SOCK_FIELDS, IPPROTO_TCP, KNOWN_LAYOUT,
+    FLAG_RETRANS, FLAG_SOCK_FIELDS, IPPROTO_TCP, KNOWN_LAYOUT,
 };
 
 /// Field offsets of the tracepoint record (from its tracefs format file).
@@ -53,6 +53,7 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
     bytes_received: 0,
     sk_err: 0,
     sk_flags: 0,
+    total_retrans: 0,
 };
 
 /// Nonzero: aggregate durations into `HISTOGRAMS` in place and stream nothing.
@@ -391,6 +392,14 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         }
         flags |= FLAG_SOCK_FIELDS;
     }
+    let mut total_retrans = 0;
+    if (old_state == state::SYN_SENT || old_state == state::SYN_RECV) && offsets.total_retrans != 0
+    {
+        let sk = skaddr as *const u8;
+        total_retrans =
+            unsafe { bpf_probe_read_kernel(sk.add(offsets.total_retrans as usize) as *const u32)? };
+        flags |= FLAG_RETRANS;
+    }
 
     let (saddr, daddr) = read_addresses(ctx, direct, &layout, family == AF_INET)?;
 
@@ -413,6 +422,8 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         flags,
         sock_flags,
         sk_err,
+        total_retrans,
+        _pad: 0,
         comm: owner.comm,
         saddr,
         daddr,

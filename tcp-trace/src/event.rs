@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{bail, Result};
 use tcp_trace_common::{
     state, Event, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN,
-    FLAG_OWNER_KNOWN, FLAG_SOCK_FIELDS,
+    FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS,
 };
 
 /// A TCP state, named as the kernel names it without the `TCP_` prefix.
@@ -75,6 +75,9 @@ pub struct Transition {
     pub duration_ns: Option<u64>,
     /// At transitions to CLOSE, when the kernel's BTF gave the offsets.
     pub sock: Option<SockFields>,
+    /// At transitions out of SYN_SENT or SYN_RECV: retransmissions so far
+    /// (the handshake's SYN or SYN-ACK retransmissions).
+    pub retransmits: Option<u32>,
 }
 
 impl Transition {
@@ -124,6 +127,7 @@ pub fn from_event(ev: &Event) -> Result<Transition> {
         new_state,
         duration_ns: (ev.flags & FLAG_DURATION_KNOWN != 0).then_some(ev.duration_ns),
         sock: (ev.flags & FLAG_SOCK_FIELDS != 0).then(|| payload(ev)),
+        retransmits: (ev.flags & FLAG_RETRANS != 0).then_some(ev.total_retrans),
     })
 }
 
@@ -187,6 +191,8 @@ pub mod tests {
             flags: FLAG_OWNER_KNOWN | FLAG_DURATION_KNOWN | FLAG_IRQ_CONTEXT,
             sock_flags: 0,
             sk_err: 0,
+            total_retrans: 0,
+            _pad: 0,
             comm,
             saddr,
             daddr,

@@ -208,6 +208,7 @@ fn sock_offsets() -> SockOffsets {
             .filter(|&(_, s)| s == size)
             .map(|(offset, _)| offset)
     };
+    let total_retrans = field("tcp_sock", "total_retrans", 4).unwrap_or(0);
     match (
         field("tcp_sock", "bytes_acked", 8),
         field("tcp_sock", "bytes_received", 8),
@@ -222,8 +223,12 @@ fn sock_offsets() -> SockOffsets {
             bytes_received,
             sk_err,
             sk_flags,
+            total_retrans,
         },
-        _ => SockOffsets::default(),
+        _ => SockOffsets {
+            total_retrans,
+            ..SockOffsets::default()
+        },
     }
 }
 

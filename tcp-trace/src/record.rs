@@ -60,6 +60,7 @@ struct Record<'a> {
     bytes_sent: Option<u64>,
     bytes_received: Option<u64>,
     error: Option<Cow<'a, str>>,
+    retransmits: Option<u32>,
 }
 
 /// Writes one transition as a JSON line. Hand-formatted into a reused buffer:
@@ -120,6 +121,8 @@ fn format_line(line: &mut String, t: &Transition) {
         }
         None => line.push_str("null"),
     }
+    line.push_str(r#","retransmits":"#);
+    optional(line, t.retransmits.map(u64::from));
     line.push_str("}\n");
 }
 
@@ -228,6 +231,7 @@ fn parse_line(line: &str) -> Result<Transition> {
         new_state: state(&r.new_state)?,
         duration_ns: r.duration_ns,
         sock,
+        retransmits: r.retransmits,
     })
 }
 
@@ -274,7 +278,7 @@ mod tests {
             "family": "ipv4", "laddr": "127.0.0.1", "lport": 45678,
             "raddr": "10.1.2.3", "rport": 80,
             "old_state": "SYN_SENT", "new_state": "ESTABLISHED", "duration_ns": 317000,
-            "bytes_sent": null, "bytes_received": null, "error": null
+            "bytes_sent": null, "bytes_received": null, "error": null, "retransmits": null
         });
         assert_eq!(v, want);
     }

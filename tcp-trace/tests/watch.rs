@@ -316,3 +316,63 @@ fn bad_flags_exit_2_with_a_message() {
         assert!(!stderr.contains("panicked"));
     }
 }
+
+/// A dropped SYN and a dropped handshake ACK: the kernel retransmits after
+/// its 1 s initial timeout, and tcp-trace reports the retransmission on the
+/// side that made it.
+#[test]
+fn handshake_retransmissions_are_counted() {
+    let (syn_port, ack_port) = (free_port(), free_port());
+    // A rule with a byte quota just above one packet matches only the first.
+    let _nft = common::NftTable::new(
+        &format!("tcp_trace_test_{syn_port}"),
+        &[
+            format!("tcp dport {syn_port} tcp flags & (syn | ack) == syn quota until 100 bytes drop"),
+            format!(
+                "tcp dport {ack_port} tcp flags & (syn | ack | fin | rst | psh) == ack quota until 60 bytes drop"
+            ),
+        ],
+    );
+    let tracer = Tracer::start(&["-4"]);
+    let quick = Script {
+        hold: Duration::from_millis(20),
+        linger: Duration::from_millis(20),
+    };
+    exchange(SocketAddr::new(loopback(false), syn_port), quick);
+    exchange(SocketAddr::new(loopback(false), ack_port), quick);
+    thread::sleep(Duration::from_millis(200));
+    let trace = tracer.stop();
+    let find = |port: u16, old: &str, local: bool| -> Ev {
+        trace
+            .events
+            .iter()
+            .find(|e| {
+                (if local { e.lport } else { e.rport }) == port
+                    && e.old_state == old
+                    && e.new_state == "ESTABLISHED"
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {old} -> ESTABLISHED on {port}: {:#?}",
+                    trace.sockets_on_port(port)
+                )
+            })
+            .clone()
+    };
+    let second = 1_000_000_000u64;
+    // The client's SYN was dropped: one SYN retransmission after ~1 s.
+    let client = find(syn_port, "SYN_SENT", false);
+    assert_eq!(client.retransmits, Some(1), "{client:?}");
+    let d = client.duration_ns.unwrap();
+    assert!(
+        (second - 1_000_000..second + second / 2).contains(&d),
+        "client handshake {d} ns"
+    );
+    assert_eq!(find(syn_port, "SYN_RECV", true).retransmits, Some(0));
+    // The client's ACK was dropped: it is established at once, the server
+    // retransmits its SYN-ACK once.
+    let client = find(ack_port, "SYN_SENT", false);
+    assert_eq!(client.retransmits, Some(0));
+    assert!(client.duration_ns.unwrap() < second / 10, "{client:?}");
+    assert_eq!(find(ack_port, "SYN_RECV", true).retransmits, Some(1));
+}

@@ -22,6 +22,7 @@ pub struct Tools {
 
 pub fn setup() -> Result<Tools> {
     ensure_rust_src()?;
+    ensure_packages()?;
     let bin = ensure_bpf_linker()?;
     let mut paths = vec![bin];
     paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
@@ -61,6 +62,42 @@ fn ensure_rust_src() -> Result<()> {
         "--toolchain",
         "nightly",
     ]))?;
+    Ok(())
+}
+
+/// Debian packages the tests need, by the command each provides.
+const PACKAGES: &[(&str, &str)] = &[
+    ("nft", "nftables"),
+    ("ss", "iproute2"),
+    ("setpriv", "util-linux"),
+];
+
+fn on_path(command: &str) -> bool {
+    let extra = ["/usr/sbin", "/sbin"].map(PathBuf::from);
+    env::split_paths(&env::var_os("PATH").unwrap_or_default())
+        .chain(extra)
+        .any(|dir| dir.join(command).is_file())
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    output(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update (the tests need root)")?;
+    output(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {}", missing.join(" ")))?;
     Ok(())
 }
 
