@@ -42,6 +42,9 @@ pub const FLAG_ACTIVE_OPEN: u8 = 1 << 4;
 /// `Event::flags`: `total_retrans` was read (transitions out of SYN_SENT or
 /// SYN_RECV: the SYN, or SYN-ACK, retransmissions of the handshake).
 pub const FLAG_RETRANS: u8 = 1 << 5;
+/// `Event::flags`: `handshake_ns` holds the server's handshake time (at
+/// SYN_RECV -> ESTABLISHED): from its first SYN-ACK to the final ACK.
+pub const FLAG_HANDSHAKE: u8 = 1 << 6;
 
 /// One TCP state transition, as streamed through the ring buffer.
 #[repr(C)]
@@ -73,6 +76,8 @@ pub struct Event {
     /// `tcp_sock.total_retrans` (`FLAG_RETRANS`).
     pub total_retrans: u32,
     pub _pad: u32,
+    /// Server handshake time (`FLAG_HANDSHAKE`).
+    pub handshake_ns: u64,
     /// Owner's command name, NUL padded; meaningful only with `FLAG_OWNER_KNOWN`.
     pub comm: [u8; COMM_LEN],
     /// Source address: IPv4 in the first 4 bytes, or IPv6.
@@ -157,6 +162,35 @@ pub struct SockOffsets {
     pub sk_flags: u32,
     /// `tcp_sock.total_retrans`.
     pub total_retrans: u32,
+    /// `tcp_sock.srtt_us`: after a handshake without retransmissions, 8 times
+    /// the time from the SYN-ACK to the final ACK.
+    pub srtt_us: u32,
+    /// `tcp_request_sock.snt_synack`: when the first SYN-ACK left (us).
+    pub snt_synack: u32,
+}
+
+/// Offsets in the `tcp:tcp_retransmit_synack` record (from its format file).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynackLayout {
+    pub req: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub family: u32,
+    pub daddr: u32,
+    pub daddr_v6: u32,
+}
+
+/// A half-open connection on the server, by its endpoints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HalfOpenKey {
+    pub lport: u16,
+    pub rport: u16,
+    pub family: u16,
+    pub _pad: u16,
+    /// Remote address: IPv4 in the first 4 bytes.
+    pub raddr: [u8; 16],
 }
 
 /// The record layout of `sock:inet_sock_set_state` since it gained `protocol`
@@ -307,4 +341,5 @@ mod user {
     unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::SockOffsets {}
+    unsafe impl aya::Pod for super::SynackLayout {}
 }

@@ -19,9 +19,9 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcp_trace_common::{
-    counter, hist, state, Event, Filter, Listener, Owner, SockOffsets, SockState, TracepointLayout,
-    AF_INET, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN,
-    FLAG_RETRANS, FLAG_SOCK_FIELDS, IPPROTO_TCP, KNOWN_LAYOUT,
+    counter, hist, state, Event, Filter, HalfOpenKey, Listener, Owner, SockOffsets, SockState,
+    SynackLayout, TracepointLayout, AF_INET, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN, FLAG_HANDSHAKE,
+    FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS, IPPROTO_TCP, KNOWN_LAYOUT,
 };
 
 /// Field offsets of the tracepoint record (from its tracefs format file).
@@ -54,6 +54,19 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
     sk_err: 0,
     sk_flags: 0,
     total_retrans: 0,
+    srtt_us: 0,
+    snt_synack: 0,
+};
+
+/// Field offsets of `tcp:tcp_retransmit_synack`; `req` 0 when not attached.
+#[no_mangle]
+static SYNACK_LAYOUT: SynackLayout = SynackLayout {
+    req: 0,
+    sport: 0,
+    dport: 0,
+    family: 0,
+    daddr: 0,
+    daddr_v6: 0,
 };
 
 /// Nonzero: aggregate durations into `HISTOGRAMS` in place and stream nothing.
@@ -96,6 +109,11 @@ static HISTOGRAMS: PerCpuArray<u64> =
 #[map]
 static MAX_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::STATES, 0);
 
+/// When each half-open connection whose SYN-ACK was retransmitted sent its
+/// first SYN-ACK (ns, monotonic), for the server's handshake time.
+#[map]
+static FIRST_SYNACK: LruHashMap<HalfOpenKey, u64> = LruHashMap::with_max_entries(16_384, 0);
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
@@ -103,6 +121,47 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_trace(&ctx);
     0
+}
+
+/// A SYN-ACK retransmission: remember when the first SYN-ACK left, which the
+/// request socket knows and the child socket will not.
+#[tracepoint(category = "tcp", name = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+    let _ = try_synack(&ctx);
+    0
+}
+
+fn try_synack(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = global(&SYNACK_LAYOUT);
+    let offsets = global(&SOCK_OFFSETS);
+    if layout.req == 0 || offsets.snt_synack == 0 {
+        return Ok(());
+    }
+    let req: u64 = field(ctx, layout.req)?;
+    let family: u16 = field(ctx, layout.family)?;
+    let mut key = HalfOpenKey {
+        lport: field(ctx, layout.sport)?,
+        rport: field(ctx, layout.dport)?,
+        family,
+        _pad: 0,
+        raddr: [0; 16],
+    };
+    let base = ctx.as_ptr() as *const u8;
+    unsafe {
+        if family == AF_INET {
+            bpf_probe_read_kernel_buf(base.add(layout.daddr as usize), &mut key.raddr[..4])?;
+        } else {
+            bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), &mut key.raddr)?;
+        }
+    }
+    if unsafe { FIRST_SYNACK.get(&key) }.is_some() {
+        return Ok(());
+    }
+    let sent_us: u64 = unsafe {
+        bpf_probe_read_kernel((req as *const u8).add(offsets.snt_synack as usize) as *const u64)?
+    };
+    let _ = FIRST_SYNACK.insert(&key, &(sent_us * 1000), 0);
+    Ok(())
 }
 
 /// The benchmark's floor: an empty program on the same tracepoint, so
@@ -400,8 +459,36 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
             unsafe { bpf_probe_read_kernel(sk.add(offsets.total_retrans as usize) as *const u32)? };
         flags |= FLAG_RETRANS;
     }
-
     let (saddr, daddr) = read_addresses(ctx, direct, &layout, family == AF_INET)?;
+    let mut handshake_ns = 0;
+    if old_state == state::SYN_RECV && new_state == state::ESTABLISHED && flags & FLAG_RETRANS != 0
+    {
+        if total_retrans == 0 && offsets.srtt_us != 0 {
+            // The kernel's first RTT sample: first SYN-ACK to final ACK.
+            let srtt_us: u32 = unsafe {
+                bpf_probe_read_kernel(
+                    (skaddr as *const u8).add(offsets.srtt_us as usize) as *const u32
+                )?
+            };
+            if srtt_us != 0 {
+                handshake_ns = u64::from(srtt_us >> 3) * 1000;
+                flags |= FLAG_HANDSHAKE;
+            }
+        } else if total_retrans != 0 {
+            let key = HalfOpenKey {
+                lport: sport,
+                rport: dport,
+                family,
+                _pad: 0,
+                raddr: daddr,
+            };
+            if let Some(first) = unsafe { FIRST_SYNACK.get(&key) } {
+                handshake_ns = now.saturating_sub(*first);
+                flags |= FLAG_HANDSHAKE;
+            }
+            let _ = FIRST_SYNACK.remove(&key);
+        }
+    }
 
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::RINGBUF_FULL);
@@ -424,6 +511,7 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         sk_err,
         total_retrans,
         _pad: 0,
+        handshake_ns,
         comm: owner.comm,
         saddr,
         daddr,

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{bail, Result};
 use tcp_trace_common::{
     state, Event, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN,
-    FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS,
+    FLAG_HANDSHAKE, FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS,
 };
 
 /// A TCP state, named as the kernel names it without the `TCP_` prefix.
@@ -78,6 +78,9 @@ pub struct Transition {
     /// At transitions out of SYN_SENT or SYN_RECV: retransmissions so far
     /// (the handshake's SYN or SYN-ACK retransmissions).
     pub retransmits: Option<u32>,
+    /// At a server's SYN_RECV -> ESTABLISHED: from its first SYN-ACK to the
+    /// final ACK; `None` where the kernel gave no way to tell.
+    pub handshake_ns: Option<u64>,
 }
 
 impl Transition {
@@ -128,6 +131,7 @@ pub fn from_event(ev: &Event) -> Result<Transition> {
         duration_ns: (ev.flags & FLAG_DURATION_KNOWN != 0).then_some(ev.duration_ns),
         sock: (ev.flags & FLAG_SOCK_FIELDS != 0).then(|| payload(ev)),
         retransmits: (ev.flags & FLAG_RETRANS != 0).then_some(ev.total_retrans),
+        handshake_ns: (ev.flags & FLAG_HANDSHAKE != 0).then_some(ev.handshake_ns),
     })
 }
 
@@ -193,6 +197,7 @@ pub mod tests {
             sk_err: 0,
             total_retrans: 0,
             _pad: 0,
+            handshake_ns: 0,
             comm,
             saddr,
             daddr,

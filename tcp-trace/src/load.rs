@@ -70,6 +70,7 @@ impl Tracer {
         let layout = tracepoint::read_layout(&tracefs)?;
 
         let offsets = sock_offsets();
+        let synack = tracepoint::read_synack_layout(&tracefs);
         let (ring_bytes, histogram_slots) = if settings.aggregate {
             (4096, hist::STATES * hist::BUCKETS)
         } else {
@@ -84,6 +85,7 @@ impl Tracer {
             .override_global("DIRECT", &u8::from(direct_reads(&layout)), true)
             .override_global("FILTER", &settings.filter, true)
             .override_global("SOCK_OFFSETS", &offsets, true)
+            .override_global("SYNACK_LAYOUT", &synack.unwrap_or_default(), true)
             .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
             // Wake the reader when an eighth of the ring is queued; it drains on
             // a timer otherwise (see stream.rs).
@@ -111,6 +113,20 @@ impl Tracer {
                     tracepoint::NAME
                 )
             })?;
+
+        // SYN-ACK retransmissions are rare and time the server's handshake
+        // when they happen; kernels without the tracepoint go without.
+        if synack.is_some() {
+            let program: &mut TracePoint = ebpf
+                .program_mut("tcp_retransmit_synack")
+                .context("the BPF object has no program tcp_retransmit_synack")?
+                .try_into()
+                .context("tcp_retransmit_synack is not a tracepoint program")?;
+            program.load().context("loading tcp_retransmit_synack")?;
+            program
+                .attach("tcp", "tcp_retransmit_synack")
+                .context("attaching to tcp:tcp_retransmit_synack")?;
+        }
 
         let mut events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)
             .context("EVENTS is not a ring buffer")?;
@@ -209,6 +225,8 @@ fn sock_offsets() -> SockOffsets {
             .map(|(offset, _)| offset)
     };
     let total_retrans = field("tcp_sock", "total_retrans", 4).unwrap_or(0);
+    let srtt_us = field("tcp_sock", "srtt_us", 4).unwrap_or(0);
+    let snt_synack = field("tcp_request_sock", "snt_synack", 8).unwrap_or(0);
     match (
         field("tcp_sock", "bytes_acked", 8),
         field("tcp_sock", "bytes_received", 8),
@@ -224,9 +242,13 @@ fn sock_offsets() -> SockOffsets {
             sk_err,
             sk_flags,
             total_retrans,
+            srtt_us,
+            snt_synack,
         },
         _ => SockOffsets {
             total_retrans,
+            srtt_us,
+            snt_synack,
             ..SockOffsets::default()
         },
     }

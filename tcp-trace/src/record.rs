@@ -61,6 +61,7 @@ struct Record<'a> {
     bytes_received: Option<u64>,
     error: Option<Cow<'a, str>>,
     retransmits: Option<u32>,
+    handshake_ns: Option<u64>,
 }
 
 /// Writes one transition as a JSON line. Hand-formatted into a reused buffer:
@@ -123,6 +124,8 @@ fn format_line(line: &mut String, t: &Transition) {
     }
     line.push_str(r#","retransmits":"#);
     optional(line, t.retransmits.map(u64::from));
+    line.push_str(r#","handshake_ns":"#);
+    optional(line, t.handshake_ns);
     line.push_str("}\n");
 }
 
@@ -232,6 +235,7 @@ fn parse_line(line: &str) -> Result<Transition> {
         duration_ns: r.duration_ns,
         sock,
         retransmits: r.retransmits,
+        handshake_ns: r.handshake_ns,
     })
 }
 
@@ -278,7 +282,8 @@ mod tests {
             "family": "ipv4", "laddr": "127.0.0.1", "lport": 45678,
             "raddr": "10.1.2.3", "rport": 80,
             "old_state": "SYN_SENT", "new_state": "ESTABLISHED", "duration_ns": 317000,
-            "bytes_sent": null, "bytes_received": null, "error": null, "retransmits": null
+            "bytes_sent": null, "bytes_received": null, "error": null, "retransmits": null,
+            "handshake_ns": null
         });
         assert_eq!(v, want);
     }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use tcp_trace_common::TracepointLayout;
+use tcp_trace_common::{SynackLayout, TracepointLayout};
 
 pub const CATEGORY: &str = "sock";
 pub const NAME: &str = "inet_sock_set_state";
@@ -105,11 +105,10 @@ fn parse_field(line: &str) -> Option<Field<'_>> {
     })
 }
 
-/// Parses a format file into the offsets the kernel program reads, checking
-/// that every field it needs is there with the size it expects.
-pub fn parse_layout(format: &str) -> Result<TracepointLayout> {
+/// A lookup of a format file's fields by name and expected size.
+fn finder(format: &str) -> impl Fn(&str, u32) -> Result<u32> + '_ {
     let fields: Vec<Field> = format.lines().filter_map(parse_field).collect();
-    let find = |name: &str, size: u32| -> Result<u32> {
+    move |name: &str, size: u32| -> Result<u32> {
         let field = fields
             .iter()
             .find(|f| f.name == name)
@@ -118,7 +117,29 @@ pub fn parse_layout(format: &str) -> Result<TracepointLayout> {
             bail!("field `{name}` has size {}, expected {size}", field.size);
         }
         Ok(field.offset)
-    };
+    }
+}
+
+/// The layout of `tcp:tcp_retransmit_synack`, or `None` when this kernel
+/// has no such tracepoint or a layout we cannot use.
+pub fn read_synack_layout(tracefs: &Path) -> Option<SynackLayout> {
+    let path = tracefs.join("events/tcp/tcp_retransmit_synack/format");
+    let text = fs::read_to_string(path).ok()?;
+    let find = finder(&text);
+    Some(SynackLayout {
+        req: find("req", 8).ok()?,
+        sport: find("sport", 2).ok()?,
+        dport: find("dport", 2).ok()?,
+        family: find("family", 2).ok()?,
+        daddr: find("daddr", 4).ok()?,
+        daddr_v6: find("daddr_v6", 16).ok()?,
+    })
+}
+
+/// Parses a format file into the offsets the kernel program reads, checking
+/// that every field it needs is there with the size it expects.
+pub fn parse_layout(format: &str) -> Result<TracepointLayout> {
+    let find = finder(format);
     Ok(TracepointLayout {
         skaddr: find("skaddr", 8)?,
         oldstate: find("oldstate", 4)?,
