@@ -154,13 +154,13 @@ fn try_synack(ctx: &TracePointContext) -> Result<(), i32> {
             bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), &mut key.raddr)?;
         }
     }
-    if unsafe { FIRST_SYNACK.get(&key) }.is_some() {
+    if unsafe { FIRST_SYNACK.get(key) }.is_some() {
         return Ok(());
     }
     let sent_us: u64 = unsafe {
         bpf_probe_read_kernel((req as *const u8).add(offsets.snt_synack as usize) as *const u64)?
     };
-    let _ = FIRST_SYNACK.insert(&key, &(sent_us * 1000), 0);
+    let _ = FIRST_SYNACK.insert(key, sent_us * 1000, 0);
     Ok(())
 }
 
@@ -482,11 +482,11 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
                 _pad: 0,
                 raddr: daddr,
             };
-            if let Some(first) = unsafe { FIRST_SYNACK.get(&key) } {
+            if let Some(first) = unsafe { FIRST_SYNACK.get(key) } {
                 handshake_ns = now.saturating_sub(*first);
                 flags |= FLAG_HANDSHAKE;
             }
-            let _ = FIRST_SYNACK.remove(&key);
+            let _ = FIRST_SYNACK.remove(key);
         }
     }
 

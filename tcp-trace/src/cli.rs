@@ -24,6 +24,8 @@ pub enum Command {
     Stats(StatsArgs),
     /// One line per connection when it closes: lifetime, states, bytes, how it closed.
     Life(LifeArgs),
+    /// Connect latency on both sides: duration, retransmissions and outcome of each handshake.
+    Handshake(HandshakeArgs),
     /// Which processes leave sockets in TIME_WAIT, how many linger, for how long.
     Timewait(TimewaitArgs),
     /// Attach an empty program to the tracepoint (the benchmark's floor).
@@ -215,6 +217,80 @@ impl LifeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct HandshakeArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+    /// Group the summaries.
+    #[arg(long, value_enum)]
+    pub by: Option<GroupBy>,
+    /// With --by: keep the N busiest groups, fold the rest into "other".
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub top: u32,
+    /// Print only handshakes that took at least this long (e.g. 100ms, 1.5s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub slow: Option<Duration>,
+    /// Print a summary every S seconds as well as at exit.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub interval: Option<Duration>,
+    /// Stop by itself after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+    /// One JSON object per handshake, and per summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub struct HandshakeConfig {
+    pub filter: Filter,
+    pub max_sockets: u32,
+    pub by: Option<GroupBy>,
+    pub top: usize,
+    pub slow: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub duration: Option<Duration>,
+    pub json: bool,
+}
+
+impl HandshakeArgs {
+    pub fn into_config(self) -> HandshakeConfig {
+        HandshakeConfig {
+            filter: self.filter.to_filter(),
+            max_sockets: self.kernel.max_sockets,
+            by: self.by,
+            top: self.top as usize,
+            slow: self.slow,
+            interval: self.interval,
+            duration: self.duration,
+            json: self.json,
+        }
+    }
+}
+
+/// `250ms`, `1.5s`, `40us`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 100ms, 1.5s)"))?;
+    let scale = match unit {
+        "ns" => 1e-9,
+        "us" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ns, us, ms, s, m)")),
+    };
+    if !value.is_finite() || value < 0.0 || value * scale > 1e9 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+#[derive(Args, Debug)]
 pub struct TimewaitArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
@@ -282,6 +358,15 @@ mod tests {
     }
 
     #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("40us"), Ok(Duration::from_micros(40)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
     fn bad_values_are_usage_errors() {
         for args in [
             &["watch", "--port", "0"][..],
@@ -295,6 +380,8 @@ mod tests {
             &["stats", "--interval", "0"],
             &["stats", "--from", "x", "--duration", "1"],
             &["life", "--json=3"],
+            &["handshake", "--slow", "fast"],
+            &["handshake", "--slow", "3parsecs"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -5,6 +5,7 @@ mod calibrate;
 mod cli;
 mod diag;
 mod event;
+mod handshake;
 mod hist;
 mod life;
 mod load;
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         cli::Command::Watch(args) => watch::run(args.into_config()),
         cli::Command::Stats(args) => stats::run(args.into_config()),
         cli::Command::Life(args) => life::run(args.into_config()),
+        cli::Command::Handshake(args) => handshake::run(args.into_config()),
         cli::Command::Timewait(args) => timewait::run(args.into_config()),
         cli::Command::BenchFloor => stream::block_on(load::floor(None)),
     };

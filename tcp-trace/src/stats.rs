@@ -328,7 +328,7 @@ fn one_two_five() -> impl Iterator<Item = u64> {
 
 /// A bar chart over 1-2-5 ranges (each fine bucket counted in the range
 /// holding its lower bound), from the first to the last non-empty range.
-fn bars(s: &mut String, h: &Histogram) {
+pub fn bars(s: &mut String, h: &Histogram) {
     const WIDTH: u64 = 40;
     let bounds: Vec<u64> = one_two_five().collect();
     let mut counts = vec![0u64; bounds.len()];

@@ -329,7 +329,7 @@ fn handshake_retransmissions_are_counted() {
         &[
             format!("tcp dport {syn_port} tcp flags & (syn | ack) == syn quota until 100 bytes drop"),
             format!(
-                "tcp dport {ack_port} tcp flags & (syn | ack | fin | rst | psh) == ack quota until 60 bytes drop"
+                "tcp dport {ack_port} tcp flags & (syn | ack | fin | rst | psh) == ack quota until 80 bytes drop"
             ),
         ],
     );

@@ -1,0 +1,254 @@
+//! `tcp-trace handshake` against handshakes whose loss the test controls with
+//! nftables: one dropped packet costs exactly the kernel's 1 s initial
+//! retransmission timeout.
+
+mod common;
+
+use std::{
+    io, mem,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    thread,
+    time::Duration,
+};
+
+use common::{free_port, loopback, NftTable, Tracer};
+use serde_json::Value;
+
+const SECOND: u64 = 1_000_000_000;
+
+/// A listener that accepts in the background (and keeps what it accepted).
+fn listen(addr: SocketAddr) -> thread::JoinHandle<()> {
+    let listener = TcpListener::bind(addr).unwrap();
+    thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        thread::sleep(Duration::from_millis(200));
+        drop(conn);
+    })
+}
+
+/// A raw TCP socket for `addr`'s family, so options can be set before connect.
+fn socket(addr: SocketAddr) -> OwnedFd {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: creating a socket; the OwnedFd takes ownership.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "{}", io::Error::last_os_error());
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data large enough for either family.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn connect(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: a valid socket and address.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn set_int(fd: &OwnedFd, level: i32, name: i32, value: i32) {
+    // SAFETY: a valid socket and an int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            mem::size_of::<i32>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+}
+
+/// The handshake lines on `port` for `side`.
+fn lines<'a>(all: &'a [Value], port: u16, side: &str) -> Vec<&'a Value> {
+    all.iter()
+        .filter(|v| v["type"] == "handshake" && v["side"] == side)
+        .filter(|v| {
+            if side == "client" {
+                v["rport"] == port
+            } else {
+                v["lport"] == port
+            }
+        })
+        .collect()
+}
+
+fn one<'a>(all: &'a [Value], port: u16, side: &str) -> &'a Value {
+    let found = lines(all, port, side);
+    assert_eq!(found.len(), 1, "one {side} handshake on {port}: {all:#?}");
+    found[0]
+}
+
+fn duration(v: &Value) -> u64 {
+    v["duration_ns"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no duration: {v}"))
+}
+
+fn scenarios(v6: bool) {
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let (syn_drop, ack_drop, refused, timeout, aborted) =
+        (ports[0], ports[1], ports[2], ports[3], ports[4]);
+    let _nft = NftTable::new(
+        &format!("tcp_trace_test_{syn_drop}"),
+        &[
+            format!("tcp dport {syn_drop} tcp flags & (syn | ack) == syn quota until 100 bytes drop"),
+            // An IPv4 ACK is 52 bytes, an IPv6 one 72: 80 covers the first only.
+            format!("tcp dport {ack_drop} tcp flags & (syn | ack | fin | rst | psh) == ack quota until 80 bytes drop"),
+            format!("tcp dport {{ {timeout}, {aborted} }} tcp flags & (syn | ack) == syn drop"),
+        ],
+    );
+    let tracer = Tracer::command(&["handshake", "--json", if v6 { "-6" } else { "-4" }]);
+    let at = |port| SocketAddr::new(loopback(v6), port);
+
+    // The client's first SYN is lost: it retransmits after 1 s.
+    let server = listen(at(syn_drop));
+    TcpStream::connect(at(syn_drop)).unwrap();
+    server.join().unwrap();
+    // The client's handshake-completing ACK is lost: the server retransmits
+    // its SYN-ACK after 1 s; the client was established at once.
+    let server = listen(at(ack_drop));
+    let client = TcpStream::connect(at(ack_drop)).unwrap();
+    server.join().unwrap();
+    drop(client);
+    // Nobody listens: the reset refuses it.
+    let err = TcpStream::connect(at(refused)).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    // All SYNs lost with TCP_SYNCNT 1: the kernel gives up after one retry.
+    let fd = socket(at(timeout));
+    set_int(&fd, libc::IPPROTO_TCP, libc::TCP_SYNCNT, 1);
+    let err = connect(&fd, at(timeout)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT));
+    drop(fd);
+    // All SYNs lost, and the application gives up after 300 ms.
+    let fd = socket(at(aborted));
+    // SAFETY: setting O_NONBLOCK on our socket.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let err = connect(&fd, at(aborted)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS));
+    thread::sleep(Duration::from_millis(300));
+    drop(fd);
+
+    thread::sleep(Duration::from_millis(300));
+    let (out, _) = tracer.stop_raw();
+    let all: Vec<Value> = out
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+
+    let c = one(&all, syn_drop, "client");
+    assert_eq!(
+        (c["outcome"].as_str(), c["retransmits"].as_u64()),
+        (Some("established"), Some(1)),
+        "{c}"
+    );
+    assert!(
+        (SECOND - 1_000_000..SECOND * 3 / 2).contains(&duration(c)),
+        "{c}"
+    );
+    let s = one(&all, syn_drop, "server");
+    assert_eq!(s["retransmits"], 0, "{s}");
+    assert!(
+        duration(s) < SECOND / 20,
+        "only the second SYN reached it: {s}"
+    );
+
+    let c = one(&all, ack_drop, "client");
+    assert_eq!(c["retransmits"], 0);
+    assert!(duration(c) < SECOND / 10, "{c}");
+    let s = one(&all, ack_drop, "server");
+    assert_eq!(
+        (s["outcome"].as_str(), s["retransmits"].as_u64()),
+        (Some("established"), Some(1)),
+        "{s}"
+    );
+    assert!(
+        (SECOND - 10_000_000..SECOND * 3 / 2).contains(&duration(s)),
+        "{s}"
+    );
+
+    let c = one(&all, refused, "client");
+    assert_eq!(
+        (c["outcome"].as_str(), c["retransmits"].as_u64()),
+        (Some("refused"), Some(0)),
+        "{c}"
+    );
+
+    let c = one(&all, timeout, "client");
+    assert_eq!(c["outcome"], "timeout", "{c}");
+    // TCP_SYNCNT 1 bounds the connect by the time one retry would take at
+    // exponential backoff (1 s + 2 s); with linear SYN timeouts (6.x's
+    // tcp_syn_linear_timeouts) the kernel fits a second retry into it.
+    let retries = c["retransmits"].as_u64().unwrap();
+    assert!((1..=2).contains(&retries), "{c}");
+    assert!(
+        (2 * SECOND - 10_000_000..3 * SECOND + SECOND / 2).contains(&duration(c)),
+        "{c}"
+    );
+
+    let c = one(&all, aborted, "client");
+    assert_eq!(c["outcome"], "aborted", "{c}");
+    assert!((300_000_000..600_000_000).contains(&duration(c)), "{c}");
+
+    let summary = all
+        .iter()
+        .rfind(|v| v["type"] == "summary")
+        .expect("a final summary");
+    assert_eq!(summary["final"], true);
+    assert!(summary["sides"]["client"]["count"].as_u64().unwrap() >= 5);
+}
+
+#[test]
+fn ipv4_handshakes_against_known_losses() {
+    scenarios(false);
+}
+
+#[test]
+fn ipv6_handshakes_against_known_losses() {
+    scenarios(true);
+}
