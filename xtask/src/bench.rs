@@ -56,6 +56,11 @@ const CONFIGS: &[Config] = &[
         what: "streaming every transition plus following each connection in a hash map",
     },
     Config {
+        name: "handshake",
+        args: &["handshake", "--slow", "10s"],
+        what: "streaming every transition (the handshake ends are picked in userspace); almost nothing is printed",
+    },
+    Config {
         name: "timewait",
         args: &["timewait", "--interval", "60"],
         what: "streaming every transition plus a sock_diag dump of every timewait socket each second (tens of thousands under this churn)",
