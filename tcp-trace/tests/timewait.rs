@@ -79,7 +79,7 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     b.finish();
 
     let report = wait_for(&tracer, Duration::from_secs(20), |r| {
-        r["lingering_total"] == 70
+        row_lingering(r, "tt-closer-a") == 50 && row_lingering(r, "tt-closer-b") == 20
     });
     let rows = rows(&report);
     let (ra, rb) = (&rows["tt-closer-a"], &rows["tt-closer-b"]);
@@ -104,12 +104,23 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
         "the server closed second: {report:#}"
     );
     assert_eq!(ra["top_remotes"][0]["rport"], port);
-    assert_eq!(ss_time_wait(port), 70, "ss agrees: {report:#}");
-    assert_eq!(report["before_start"]["lingering"], 0);
+    // Timewait sockets an earlier test left with this remote port count as
+    // "before start", for us and for ss alike.
+    let before = report["before_start"]["lingering"].as_u64().unwrap();
+    assert_eq!(
+        report["lingering_total"].as_u64(),
+        Some(70 + before),
+        "{report:#}"
+    );
+    let ss = ss_time_wait(port) as u64;
+    assert!(
+        (70..=70 + before).contains(&ss),
+        "ss counts {ss}: {report:#}"
+    );
 
     // TIME_WAIT lasts 60 s on Linux: wait for the kernel to reap them.
     let reaped = wait_for(&tracer, Duration::from_secs(80), |r| {
-        r["lingering_total"] == 0
+        row_lingering(r, "tt-closer-a") == 0 && row_lingering(r, "tt-closer-b") == 0
     });
     let ra = &rows_of(&reaped)["tt-closer-a"];
     assert_eq!(ra["entered"], 50);
@@ -117,13 +128,21 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     let p50 = ra["time_wait"]["p50_ns"].as_u64().unwrap() as f64 / 1e9;
     // 60 s, measured by 1 s polls (and the histogram's 1.6 %).
     assert!((58.5..=62.5).contains(&p50), "TIME_WAIT p50 {p50:.2} s");
-    assert_eq!(ss_time_wait(port), 0);
+    assert!(ss_time_wait(port) as u64 <= before);
     server.finish();
     tracer.stop_raw();
 }
 
 fn rows_of(report: &Value) -> HashMap<String, Value> {
     rows(report)
+}
+
+/// Lingering sockets charged to the process named `comm` (0 when not listed).
+fn row_lingering(report: &Value, comm: &str) -> u64 {
+    rows(report)
+        .get(comm)
+        .and_then(|p| p["lingering"].as_u64())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -136,7 +155,7 @@ fn a_server_that_closes_first_is_charged() {
     };
     let (server_pid, _) = exchanges(SocketAddr::new(loopback(true), port), quick, 20, 10, 10);
     let report = wait_for(&tracer, Duration::from_secs(20), |r| {
-        r["lingering_total"] == 20
+        row_lingering(r, "tt-server") == 20
     });
     let rows = rows(&report);
     assert_eq!(rows["tt-server"]["pid"].as_u64(), Some(server_pid as u64));
@@ -146,7 +165,9 @@ fn a_server_that_closes_first_is_charged() {
         rows.get("tt-client").is_none_or(|r| r["entered"] == 0),
         "{report:#}"
     );
-    assert_eq!(ss_time_wait(port), 20);
+    let total = report["lingering_total"].as_u64().unwrap();
+    let ss = ss_time_wait(port) as u64;
+    assert!((20..=total).contains(&ss), "ss counts {ss}: {report:#}");
     tracer.stop_raw();
 }
 
@@ -167,9 +188,11 @@ fn resets_are_not_counted() {
     let (lines, _) = tracer.stop_raw();
     let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(last["final"], true);
-    assert_eq!(last["lingering_total"], 0, "{last:#}");
     for row in last["processes"].as_array().unwrap() {
         assert_eq!(row["entered"], 0, "{row:#}");
+        assert_eq!(row["lingering"], 0, "{row:#}");
     }
-    assert_eq!(ss_time_wait(port), 0);
+    let before = last["before_start"]["lingering"].as_u64().unwrap();
+    assert_eq!(last["lingering_total"].as_u64(), Some(before), "{last:#}");
+    assert!(ss_time_wait(port) as u64 <= before);
 }

@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
     sync::mpsc,
@@ -214,12 +214,63 @@ pub fn free_port() -> u16 {
         x ^= x >> 17;
         x ^= x << 5;
         let port = 20_000 + (x % 10_000) as u16;
-        let free = [false, true]
-            .iter()
-            .all(|&v6| TcpListener::bind(SocketAddr::new(loopback(v6), port)).is_ok());
+        let free = [false, true].iter().all(|&v6| unused(loopback(v6), port));
         if free {
             return port;
         }
+    }
+}
+
+/// Whether nothing, not even a timewait socket left by an earlier test, holds
+/// `port` on `ip`: a bind without SO_REUSEADDR (which std's listeners set)
+/// fails on those.
+fn unused(ip: IpAddr, port: u16) -> bool {
+    let family = if ip.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: a socket we close below, bound to a valid address.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let rc = match ip {
+            IpAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: port.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(a).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                libc::bind(
+                    fd,
+                    (&sin as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of_val(&sin) as u32,
+                )
+            }
+            IpAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: port.to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                libc::bind(
+                    fd,
+                    (&sin6 as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of_val(&sin6) as u32,
+                )
+            }
+        };
+        libc::close(fd);
+        rc == 0
     }
 }
 
