@@ -127,18 +127,26 @@ pub enum GroupBy {
     Raddr,
 }
 
+/// `--by` and `--top`, for commands that report per group.
+#[derive(Args, Debug)]
+pub struct GroupArgs {
+    /// Also report per owner or endpoint (for `stats`: per-event mode; without
+    /// it the kernel aggregates).
+    #[arg(long, value_enum)]
+    pub by: Option<GroupBy>,
+    /// With --by: keep the N busiest groups, fold the rest into "other".
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub top: u32,
+}
+
 #[derive(Args, Debug)]
 pub struct StatsArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
-    /// Group the figures (per-event mode; without it the kernel aggregates).
-    #[arg(long, value_enum)]
-    pub by: Option<GroupBy>,
-    /// With --by: keep the N busiest groups, fold the rest into "other".
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub top: u32,
+    #[command(flatten)]
+    pub group: GroupArgs,
     /// Print a report every S seconds as well as at exit.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub interval: Option<Duration>,
@@ -169,8 +177,8 @@ impl StatsArgs {
         StatsConfig {
             filter: self.filter.to_filter(),
             max_sockets: self.kernel.max_sockets,
-            by: self.by,
-            top: self.top as usize,
+            by: self.group.by,
+            top: self.group.top as usize,
             interval: self.interval,
             duration: self.duration,
             json: self.json,
@@ -222,12 +230,8 @@ pub struct HandshakeArgs {
     pub filter: FilterArgs,
     #[command(flatten)]
     pub kernel: KernelArgs,
-    /// Group the summaries.
-    #[arg(long, value_enum)]
-    pub by: Option<GroupBy>,
-    /// With --by: keep the N busiest groups, fold the rest into "other".
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub top: u32,
+    #[command(flatten)]
+    pub group: GroupArgs,
     /// Print only handshakes that took at least this long (e.g. 100ms, 1.5s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub slow: Option<Duration>,
@@ -258,8 +262,8 @@ impl HandshakeArgs {
         HandshakeConfig {
             filter: self.filter.to_filter(),
             max_sockets: self.kernel.max_sockets,
-            by: self.by,
-            top: self.top as usize,
+            by: self.group.by,
+            top: self.group.top as usize,
             slow: self.slow,
             interval: self.interval,
             duration: self.duration,

@@ -26,7 +26,7 @@ use crate::{
     load::Settings,
     record::errno_name,
     render::{endpoint, human_duration, printable_comm, Clock},
-    stats::bars,
+    stats::{bars, group_name},
     stream::{self, monotonic_ns, Consumer, Timing, Totals},
 };
 
@@ -147,15 +147,7 @@ impl Summary {
 }
 
 fn group_key(by: GroupBy, h: &Handshake) -> String {
-    match by {
-        GroupBy::Process => match &h.owner {
-            Some(o) => format!("{} {}", o.pid, printable_comm(&o.comm)),
-            None => "unknown".into(),
-        },
-        GroupBy::Lport => h.lport.to_string(),
-        GroupBy::Rport => h.rport.to_string(),
-        GroupBy::Raddr => h.raddr.to_string(),
-    }
+    group_name(by, h.owner.as_ref(), h.lport, h.rport, h.raddr)
 }
 
 struct HandshakeCommand {

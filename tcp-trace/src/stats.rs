@@ -193,14 +193,25 @@ impl Stats {
 }
 
 fn group_key(by: GroupBy, t: &Transition) -> String {
+    group_name(by, t.owner.as_ref(), t.lport, t.rport, t.raddr)
+}
+
+/// The name of the group a socket belongs to under `--by`.
+pub fn group_name(
+    by: GroupBy,
+    owner: Option<&crate::event::Owner>,
+    lport: u16,
+    rport: u16,
+    raddr: std::net::IpAddr,
+) -> String {
     match by {
-        GroupBy::Process => match &t.owner {
+        GroupBy::Process => match owner {
             Some(o) => format!("{} {}", o.pid, printable_comm(&o.comm)),
             None => "unknown".to_string(),
         },
-        GroupBy::Lport => t.lport.to_string(),
-        GroupBy::Rport => t.rport.to_string(),
-        GroupBy::Raddr => t.raddr.to_string(),
+        GroupBy::Lport => lport.to_string(),
+        GroupBy::Rport => rport.to_string(),
+        GroupBy::Raddr => raddr.to_string(),
     }
 }
 
