@@ -29,11 +29,8 @@ struct Conn {
     owner: Option<Owner>,
     /// Whether we saw it born (`CLOSE -> SYN_SENT`, or `LISTEN -> SYN_RECV`).
     born: bool,
-    first_ts: u64,
     /// States it left, with the time spent in each (None: unknown).
     states: Vec<(TcpState, Option<u64>)>,
-    /// The state it is in now, entered at `entered_ts`.
-    current: TcpState,
 }
 
 /// How a connection ended.
@@ -141,9 +138,7 @@ impl Tracker {
                 let conn = Conn {
                     owner: t.owner.clone(),
                     born,
-                    first_ts: t.ts_ns,
                     states: Vec::new(),
-                    current: t.old_state,
                 };
                 self.conns.entry(t.sk).or_insert(conn)
             }
@@ -165,7 +160,6 @@ impl Tracker {
                 _ => conn.states.push((t.old_state, t.duration_ns)),
             }
         }
-        conn.current = t.new_state;
         if !is_close {
             return None;
         }
@@ -182,7 +176,6 @@ impl Tracker {
             ending: ending(&passed, t.old_state, t.sock),
             states: conn.states,
         })
-        .filter(|_| conn.first_ts <= t.ts_ns)
     }
 }
 
