@@ -25,9 +25,9 @@ use crate::{
     hist::Histogram,
     load::Settings,
     record::errno_name,
-    render::{endpoint, human_duration, printable_comm, Clock},
+    render::{endpoint, human_duration, monotonic_ns, printable_comm, Clock},
     stats::{bars, group_name},
-    stream::{self, monotonic_ns, Consumer, Timing, Totals},
+    stream::{self, Consumer, Timing, Totals},
 };
 
 const ECONNREFUSED: u16 = 111;

@@ -67,8 +67,7 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Self {
-        let offset_ns =
-            clock_ns(libc::CLOCK_REALTIME) as i128 - clock_ns(libc::CLOCK_MONOTONIC) as i128;
+        let offset_ns = clock_ns(libc::CLOCK_REALTIME) as i128 - monotonic_ns() as i128;
         Self { offset_ns }
     }
 
@@ -93,6 +92,11 @@ impl Clock {
             tm.tm_hour, tm.tm_min, tm.tm_sec
         )
     }
+}
+
+/// Now on the clock the kernel stamps events with (`bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {

@@ -14,7 +14,7 @@ use crate::{
     event::Transition,
     hist::{Histogram, StateHistograms},
     load::{Settings, Tracer},
-    render::{human_duration, printable_comm, Clock},
+    render::{human_duration, monotonic_ns, printable_comm, Clock},
     stream::{self, Consumer, Stop, Timing, Totals},
 };
 
@@ -83,7 +83,7 @@ async fn in_kernel(settings: &Settings, timing: Timing, report: &mut Report) -> 
         tokio::select! {
             _ = stream::next_tick(&mut ticks) => {
                 let (stats, totals) = snapshot(&tracer)?;
-                report.write(&stats, &totals, stream::monotonic_ns(), false)?;
+                report.write(&stats, &totals, monotonic_ns(), false)?;
             }
             _ = stop.wait() => break,
         }
@@ -92,7 +92,7 @@ async fn in_kernel(settings: &Settings, timing: Timing, report: &mut Report) -> 
     drop(tracer);
     eprintln!("{}", totals.summary());
     report
-        .write(&stats, &totals, stream::monotonic_ns(), true)
+        .write(&stats, &totals, monotonic_ns(), true)
         .context("writing the report")
 }
 
@@ -120,7 +120,7 @@ impl Consumer for Aggregating<'_> {
         let now = if self.stats.mode == "replay" {
             self.stats.last_ts
         } else {
-            stream::monotonic_ns()
+            monotonic_ns()
         };
         self.report.write(&self.stats, totals, now, true)
     }

@@ -21,7 +21,9 @@ use tcp_trace_common::{Filter, AF_INET, AF_INET6};
 use crate::{
     event::{self, Transition},
     load::{KernelCounters, Settings, Tracer},
-    record, tracepoint,
+    record,
+    render::monotonic_ns,
+    tracepoint,
 };
 
 /// How often the reader drains the ring buffer without being woken. The kernel
@@ -277,14 +279,4 @@ pub fn replay(
     result?;
     consumer.flush().context("writing output")?;
     consumer.finish(&totals).context("writing output")
-}
-
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -29,8 +29,8 @@ use crate::{
     event::{Owner, Transition},
     hist::Histogram,
     load::Settings,
-    render::{endpoint, human_duration, printable_comm, Clock},
-    stream::{self, monotonic_ns, Consumer, Timing, Totals},
+    render::{endpoint, human_duration, monotonic_ns, printable_comm, Clock},
+    stream::{self, Consumer, Timing, Totals},
 };
 
 /// How often the kernel's timewait table is read: the precision of exits.
