@@ -24,14 +24,11 @@ use crate::{
     event::{Owner, Transition},
     hist::Histogram,
     load::Settings,
-    record::errno_name,
+    record::{errno_name, ECONNREFUSED, ETIMEDOUT},
     render::{endpoint, human_duration, monotonic_ns, printable_comm, Clock},
     stats::{bars, group_name},
     stream::{self, Consumer, Timing, Totals},
 };
-
-const ECONNREFUSED: u16 = 111;
-const ETIMEDOUT: u16 = 110;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Side {

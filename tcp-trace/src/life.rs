@@ -13,15 +13,10 @@ use crate::{
     cli::LifeConfig,
     event::{Owner, SockFields, TcpState, Transition},
     load::Settings,
-    record::errno_name,
+    record::{errno_name, ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT},
     render::{endpoint, human_duration, printable_comm, Clock},
     stream::{self, Consumer, Timing, Totals},
 };
-
-const ECONNRESET: u16 = 104;
-const EPIPE: u16 = 32;
-const ETIMEDOUT: u16 = 110;
-const ECONNREFUSED: u16 = 111;
 
 /// A connection being followed from its first seen transition.
 #[derive(Debug, Clone)]

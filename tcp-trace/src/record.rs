@@ -12,17 +12,23 @@ use serde::Deserialize;
 
 use crate::event::{Owner, SockFields, TcpState, Transition};
 
+/// The errno values `sk_err` holds when a TCP connection ends, as `u16`.
+pub const EPIPE: u16 = libc::EPIPE as u16;
+pub const ECONNRESET: u16 = libc::ECONNRESET as u16;
+pub const ETIMEDOUT: u16 = libc::ETIMEDOUT as u16;
+pub const ECONNREFUSED: u16 = libc::ECONNREFUSED as u16;
+
 /// errno values a TCP connection ends with, by name.
 const ERRNO_NAMES: &[(u16, &str)] = &[
-    (32, "EPIPE"),
-    (71, "EPROTO"),
-    (101, "ENETUNREACH"),
-    (103, "ECONNABORTED"),
-    (104, "ECONNRESET"),
-    (110, "ETIMEDOUT"),
-    (111, "ECONNREFUSED"),
-    (112, "EHOSTDOWN"),
-    (113, "EHOSTUNREACH"),
+    (EPIPE, "EPIPE"),
+    (libc::EPROTO as u16, "EPROTO"),
+    (libc::ENETUNREACH as u16, "ENETUNREACH"),
+    (libc::ECONNABORTED as u16, "ECONNABORTED"),
+    (ECONNRESET, "ECONNRESET"),
+    (ETIMEDOUT, "ETIMEDOUT"),
+    (ECONNREFUSED, "ECONNREFUSED"),
+    (libc::EHOSTDOWN as u16, "EHOSTDOWN"),
+    (libc::EHOSTUNREACH as u16, "EHOSTUNREACH"),
 ];
 
 pub fn errno_name(errno: u16) -> Cow<'static, str> {
