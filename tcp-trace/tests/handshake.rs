@@ -7,12 +7,12 @@ mod common;
 use std::{
     io, mem,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     thread,
     time::Duration,
 };
 
-use common::{free_port, loopback, NftTable, Tracer};
+use common::{free_port, loopback, sockaddr, socket, NftTable, Tracer};
 use serde_json::Value;
 
 const SECOND: u64 = 1_000_000_000;
@@ -25,52 +25,6 @@ fn listen(addr: SocketAddr) -> thread::JoinHandle<()> {
         thread::sleep(Duration::from_millis(200));
         drop(conn);
     })
-}
-
-/// A raw TCP socket for `addr`'s family, so options can be set before connect.
-fn socket(addr: SocketAddr) -> OwnedFd {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: creating a socket; the OwnedFd takes ownership.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "{}", io::Error::last_os_error());
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data large enough for either family.
-    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
 }
 
 fn connect(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {

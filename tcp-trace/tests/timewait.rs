@@ -66,9 +66,7 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     let port = free_port();
     let addr = SocketAddr::new(loopback(false), port);
     let tracer = start(port);
-    let mut server = Peer::waiting_server(addr);
-    server.go();
-    server.expect_line("listening");
+    let server = Peer::waiting_server(addr);
     // Two differently named processes close first at the same time.
     let mut a = Peer::closer(addr, 50, "tt-closer-a", false);
     let mut b = Peer::closer(addr, 20, "tt-closer-b", false);
@@ -176,9 +174,7 @@ fn resets_are_not_counted() {
     let port = free_port();
     let addr = SocketAddr::new(loopback(false), port);
     let tracer = start(port);
-    let mut server = Peer::waiting_server(addr);
-    server.go();
-    server.expect_line("listening");
+    let server = Peer::waiting_server(addr);
     let mut resetter = Peer::closer(addr, 20, "tt-resetter", true);
     resetter.go();
     resetter.finish();

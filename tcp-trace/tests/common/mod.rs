@@ -225,53 +225,64 @@ pub fn free_port() -> u16 {
 /// `port` on `ip`: a bind without SO_REUSEADDR (which std's listeners set)
 /// fails on those.
 fn unused(ip: IpAddr, port: u16) -> bool {
-    let family = if ip.is_ipv4() {
+    let addr = SocketAddr::new(ip, port);
+    let fd = socket(addr);
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: a valid socket and address; the OwnedFd closes the socket.
+    let rc = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    rc == 0
+}
+
+/// A raw TCP socket for `addr`'s family, so options can be set before connect.
+pub fn socket(addr: SocketAddr) -> std::os::fd::OwnedFd {
+    let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
         libc::AF_INET6
     };
-    // SAFETY: a socket we close below, bound to a valid address.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return false;
+    // SAFETY: creating a socket; the OwnedFd takes ownership.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+}
+
+pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data large enough for either family.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
         }
-        let rc = match ip {
-            IpAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: port.to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(a).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                libc::bind(
-                    fd,
-                    (&sin as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of_val(&sin) as u32,
-                )
-            }
-            IpAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: port.to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                libc::bind(
-                    fd,
-                    (&sin6 as *const libc::sockaddr_in6).cast(),
-                    std::mem::size_of_val(&sin6) as u32,
-                )
-            }
-        };
-        libc::close(fd);
-        rc == 0
-    }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 /// The `tcp_peer` example, built by `cargo test` next to the test binaries.
@@ -311,10 +322,13 @@ impl Peer {
         }
     }
 
-    /// A server that writes one byte on each connection, then waits for the
-    /// client to close first; runs until `finish`.
+    /// A server, already listening, that writes one byte on each connection,
+    /// then waits for the client to close first; runs until `finish`.
     pub fn waiting_server(addr: SocketAddr) -> Peer {
-        Self::spawn(&["waiting-server".into(), addr.to_string()])
+        let mut server = Self::spawn(&["waiting-server".into(), addr.to_string()]);
+        server.go();
+        server.expect_line("listening");
+        server
     }
 
     /// `count` connections in turn, each closed by the client first (with a
