@@ -227,6 +227,30 @@ pub struct Filter {
     pub _pad: u16,
 }
 
+impl Filter {
+    /// The address-family filter alone (the kernel applies it before tracking a socket).
+    #[inline(always)]
+    pub fn matches_family(&self, family: u16) -> bool {
+        self.family == 0 || self.family == family
+    }
+
+    /// Family and ports: `port` matches either end, `lport` the local, `rport` the remote.
+    #[inline(always)]
+    pub fn matches_endpoints(&self, family: u16, lport: u16, rport: u16) -> bool {
+        self.matches_family(family)
+            && (self.port == 0 || lport == self.port || rport == self.port)
+            && (self.lport == 0 || lport == self.lport)
+            && (self.rport == 0 || rport == self.rport)
+    }
+
+    /// Family, ports and owner; `pid` is `None` when the socket's owner is
+    /// unknown (then a pid filter rejects it).
+    #[inline(always)]
+    pub fn matches(&self, family: u16, lport: u16, rport: u16, pid: Option<u32>) -> bool {
+        self.matches_endpoints(family, lport, rport) && (self.pid == 0 || pid == Some(self.pid))
+    }
+}
+
 /// Log-linear histogram of durations in ns, shared by the kernel's in-place
 /// aggregation and userspace so that both report identical figures.
 ///

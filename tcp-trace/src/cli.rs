@@ -2,8 +2,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use tcp_trace_common::{Filter, AF_INET, AF_INET6};
+
+use crate::aggregate::GroupBy;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,57 +76,59 @@ impl FilterArgs {
     }
 }
 
-/// Settings of the kernel program that are not filters.
+/// Flags every tracing command takes: which sockets, how many the kernel
+/// tracks, and for how long.
 #[derive(Args, Debug, Clone)]
-pub struct KernelArgs {
+pub struct TracingArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Most sockets tracked at once (LRU: the least recently active are evicted, and counted).
     #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
-}
-
-#[derive(Args, Debug)]
-pub struct WatchArgs {
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    #[command(flatten)]
-    pub kernel: KernelArgs,
-    /// One JSON object per line instead of columns.
-    #[arg(long)]
-    pub json: bool,
     /// Stop by itself after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub duration: Option<Duration>,
 }
 
-pub struct WatchConfig {
+/// The plain form of `TracingArgs`.
+#[derive(Clone, Copy, Debug)]
+pub struct Tracing {
     pub filter: Filter,
     pub max_sockets: u32,
-    pub json: bool,
     pub duration: Option<Duration>,
 }
 
-impl WatchArgs {
-    pub fn into_config(self) -> WatchConfig {
-        WatchConfig {
+impl TracingArgs {
+    fn to_tracing(&self) -> Tracing {
+        Tracing {
             filter: self.filter.to_filter(),
-            max_sockets: self.kernel.max_sockets,
-            json: self.json,
+            max_sockets: self.max_sockets,
             duration: self.duration,
         }
     }
 }
 
-/// How `stats` groups its figures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum GroupBy {
-    /// The owning process (pid and comm).
-    Process,
-    /// The local port.
-    Lport,
-    /// The remote port.
-    Rport,
-    /// The remote address.
-    Raddr,
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub tracing: TracingArgs,
+    /// One JSON object per line instead of columns.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub struct WatchConfig {
+    pub tracing: Tracing,
+    pub json: bool,
+}
+
+impl WatchArgs {
+    pub fn into_config(self) -> WatchConfig {
+        WatchConfig {
+            tracing: self.tracing.to_tracing(),
+            json: self.json,
+        }
+    }
 }
 
 /// `--by` and `--top`, for commands that report per group.
@@ -142,17 +146,12 @@ pub struct GroupArgs {
 #[derive(Args, Debug)]
 pub struct StatsArgs {
     #[command(flatten)]
-    pub filter: FilterArgs,
-    #[command(flatten)]
-    pub kernel: KernelArgs,
+    pub tracing: TracingArgs,
     #[command(flatten)]
     pub group: GroupArgs,
     /// Print a report every S seconds as well as at exit.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub interval: Option<Duration>,
-    /// Stop by itself after this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub duration: Option<Duration>,
     /// The report as one JSON object (one per line with --interval).
     #[arg(long)]
     pub json: bool,
@@ -162,12 +161,10 @@ pub struct StatsArgs {
 }
 
 pub struct StatsConfig {
-    pub filter: Filter,
-    pub max_sockets: u32,
+    pub tracing: Tracing,
     pub by: Option<GroupBy>,
     pub top: usize,
     pub interval: Option<Duration>,
-    pub duration: Option<Duration>,
     pub json: bool,
     pub from: Option<PathBuf>,
 }
@@ -175,12 +172,10 @@ pub struct StatsConfig {
 impl StatsArgs {
     pub fn into_config(self) -> StatsConfig {
         StatsConfig {
-            filter: self.filter.to_filter(),
-            max_sockets: self.kernel.max_sockets,
+            tracing: self.tracing.to_tracing(),
             by: self.group.by,
             top: self.group.top as usize,
             interval: self.interval,
-            duration: self.duration,
             json: self.json,
             from: self.from,
         }
@@ -190,35 +185,26 @@ impl StatsArgs {
 #[derive(Args, Debug)]
 pub struct LifeArgs {
     #[command(flatten)]
-    pub filter: FilterArgs,
-    #[command(flatten)]
-    pub kernel: KernelArgs,
+    pub tracing: TracingArgs,
     /// One JSON object per connection.
     #[arg(long)]
     pub json: bool,
-    /// Stop by itself after this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub duration: Option<Duration>,
     /// Read a recording (`watch --json` output) instead of the kernel.
     #[arg(long, value_name = "FILE", conflicts_with = "duration")]
     pub from: Option<PathBuf>,
 }
 
 pub struct LifeConfig {
-    pub filter: Filter,
-    pub max_sockets: u32,
+    pub tracing: Tracing,
     pub json: bool,
-    pub duration: Option<Duration>,
     pub from: Option<PathBuf>,
 }
 
 impl LifeArgs {
     pub fn into_config(self) -> LifeConfig {
         LifeConfig {
-            filter: self.filter.to_filter(),
-            max_sockets: self.kernel.max_sockets,
+            tracing: self.tracing.to_tracing(),
             json: self.json,
-            duration: self.duration,
             from: self.from,
         }
     }
@@ -227,9 +213,7 @@ impl LifeArgs {
 #[derive(Args, Debug)]
 pub struct HandshakeArgs {
     #[command(flatten)]
-    pub filter: FilterArgs,
-    #[command(flatten)]
-    pub kernel: KernelArgs,
+    pub tracing: TracingArgs,
     #[command(flatten)]
     pub group: GroupArgs,
     /// Print only handshakes that took at least this long (e.g. 100ms, 1.5s).
@@ -238,35 +222,56 @@ pub struct HandshakeArgs {
     /// Print a summary every S seconds as well as at exit.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub interval: Option<Duration>,
-    /// Stop by itself after this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub duration: Option<Duration>,
     /// One JSON object per handshake, and per summary.
     #[arg(long)]
     pub json: bool,
 }
 
 pub struct HandshakeConfig {
-    pub filter: Filter,
-    pub max_sockets: u32,
+    pub tracing: Tracing,
     pub by: Option<GroupBy>,
     pub top: usize,
     pub slow: Option<Duration>,
     pub interval: Option<Duration>,
-    pub duration: Option<Duration>,
     pub json: bool,
 }
 
 impl HandshakeArgs {
     pub fn into_config(self) -> HandshakeConfig {
         HandshakeConfig {
-            filter: self.filter.to_filter(),
-            max_sockets: self.kernel.max_sockets,
+            tracing: self.tracing.to_tracing(),
             by: self.group.by,
             top: self.group.top as usize,
             slow: self.slow,
             interval: self.interval,
-            duration: self.duration,
+            json: self.json,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TimewaitArgs {
+    #[command(flatten)]
+    pub tracing: TracingArgs,
+    /// Refresh the table every S seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
+    pub interval: Duration,
+    /// Reports as JSON, one object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub struct TimewaitConfig {
+    pub tracing: Tracing,
+    pub interval: Duration,
+    pub json: bool,
+}
+
+impl TimewaitArgs {
+    pub fn into_config(self) -> TimewaitConfig {
+        TimewaitConfig {
+            tracing: self.tracing.to_tracing(),
+            interval: self.interval,
             json: self.json,
         }
     }
@@ -292,43 +297,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` is out of range"));
     }
     Ok(Duration::from_secs_f64(value * scale))
-}
-
-#[derive(Args, Debug)]
-pub struct TimewaitArgs {
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    #[command(flatten)]
-    pub kernel: KernelArgs,
-    /// Refresh the table every S seconds.
-    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
-    pub interval: Duration,
-    /// Stop by itself after this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub duration: Option<Duration>,
-    /// Reports as JSON, one object per line.
-    #[arg(long)]
-    pub json: bool,
-}
-
-pub struct TimewaitConfig {
-    pub filter: Filter,
-    pub max_sockets: u32,
-    pub interval: Duration,
-    pub duration: Option<Duration>,
-    pub json: bool,
-}
-
-impl TimewaitArgs {
-    pub fn into_config(self) -> TimewaitConfig {
-        TimewaitConfig {
-            filter: self.filter.to_filter(),
-            max_sockets: self.kernel.max_sockets,
-            interval: self.interval,
-            duration: self.duration,
-            json: self.json,
-        }
-    }
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -357,7 +325,7 @@ mod tests {
         else {
             panic!("parsed as another command");
         };
-        let f = w.into_config().filter;
+        let f = w.into_config().tracing.filter;
         assert_eq!((f.port, f.family, f.pid, f.lport), (8080, AF_INET6, 42, 0));
     }
 

@@ -1,46 +1,53 @@
 //! tcp-trace: every TCP state transition on this host, timed and attributed.
+//!
+//! `main` only wires: flags to a command's config, the command's result to
+//! one error line and an exit code.
 
-mod btf;
-mod calibrate;
+mod aggregate;
 mod cli;
-mod diag;
-mod event;
-mod handshake;
-mod hist;
-mod life;
-mod load;
-mod record;
-mod render;
-mod stats;
-mod stream;
-mod timewait;
-mod tracepoint;
-mod watch;
+mod commands;
+mod kernel;
+mod model;
+mod output;
+mod source;
+mod system;
 
-use std::process::ExitCode;
+use std::{io, process::ExitCode};
 
 use clap::Parser as _;
+
+use crate::{
+    cli::{Cli, Command},
+    commands::{bench_floor, handshake, life, stats, timewait, watch},
+};
 
 fn main() -> ExitCode {
     // One malloc arena: the agent's few threads do not need their own, and
     // each would hold on to memory (RSS) the main thread cannot reuse.
     // SAFETY: mallopt only tunes glibc's allocator.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    let cli = cli::Cli::parse();
-    let result = match cli.command {
-        cli::Command::Watch(args) => watch::run(args.into_config()),
-        cli::Command::Stats(args) => stats::run(args.into_config()),
-        cli::Command::Life(args) => life::run(args.into_config()),
-        cli::Command::Handshake(args) => handshake::run(args.into_config()),
-        cli::Command::Timewait(args) => timewait::run(args.into_config()),
-        cli::Command::BenchFloor => stream::block_on(load::floor(None)),
+    let result = match Cli::parse().command {
+        Command::Watch(args) => watch::run(args.into_config()),
+        Command::Stats(args) => stats::run(args.into_config()),
+        Command::Life(args) => life::run(args.into_config()),
+        Command::Handshake(args) => handshake::run(args.into_config()),
+        Command::Timewait(args) => timewait::run(args.into_config()),
+        Command::BenchFloor => bench_floor::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`| head`) is a normal way to stop reading.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             // `{:#}` prints the whole context chain on one line, no backtrace.
             eprintln!("tcp-trace: error: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }

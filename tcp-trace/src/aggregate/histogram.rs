@@ -4,7 +4,7 @@
 
 use tcp_trace_common::hist;
 
-use crate::event::TcpState;
+use crate::model::TcpState;
 
 /// Durations spent in one state.
 #[derive(Clone, Debug, PartialEq, Eq)]

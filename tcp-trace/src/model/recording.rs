@@ -10,41 +10,7 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde::Deserialize;
 
-use crate::event::{Owner, SockFields, TcpState, Transition};
-
-/// The errno values `sk_err` holds when a TCP connection ends, as `u16`.
-pub const EPIPE: u16 = libc::EPIPE as u16;
-pub const ECONNRESET: u16 = libc::ECONNRESET as u16;
-pub const ETIMEDOUT: u16 = libc::ETIMEDOUT as u16;
-pub const ECONNREFUSED: u16 = libc::ECONNREFUSED as u16;
-
-/// errno values a TCP connection ends with, by name.
-const ERRNO_NAMES: &[(u16, &str)] = &[
-    (EPIPE, "EPIPE"),
-    (libc::EPROTO as u16, "EPROTO"),
-    (libc::ENETUNREACH as u16, "ENETUNREACH"),
-    (libc::ECONNABORTED as u16, "ECONNABORTED"),
-    (ECONNRESET, "ECONNRESET"),
-    (ETIMEDOUT, "ETIMEDOUT"),
-    (ECONNREFUSED, "ECONNREFUSED"),
-    (libc::EHOSTDOWN as u16, "EHOSTDOWN"),
-    (libc::EHOSTUNREACH as u16, "EHOSTUNREACH"),
-];
-
-pub fn errno_name(errno: u16) -> Cow<'static, str> {
-    match ERRNO_NAMES.iter().find(|(n, _)| *n == errno) {
-        Some((_, name)) => Cow::Borrowed(name),
-        None => Cow::Owned(format!("E{errno}")),
-    }
-}
-
-fn errno_from_name(name: &str) -> Option<u16> {
-    ERRNO_NAMES
-        .iter()
-        .find(|(_, n)| *n == name)
-        .map(|(e, _)| *e)
-        .or_else(|| name.strip_prefix('E')?.parse().ok())
-}
+use super::{errno, Owner, SockFields, TcpState, Transition};
 
 /// One line of the recording, as read back. Field names are documented in
 /// README.md; `format_line` writes the same shape.
@@ -123,7 +89,7 @@ fn format_line(line: &mut String, t: &Transition) {
     match t.sock.filter(|s| s.error != 0) {
         Some(s) => {
             line.push('"');
-            line.push_str(&errno_name(s.error));
+            line.push_str(&errno::name(s.error));
             line.push('"');
         }
         None => line.push_str("null"),
@@ -221,7 +187,7 @@ fn parse_line(line: &str) -> Result<Transition> {
             error: match r.error.as_deref() {
                 None => 0,
                 Some(name) => {
-                    errno_from_name(name).ok_or_else(|| anyhow!("unknown error `{name}`"))?
+                    errno::from_name(name).ok_or_else(|| anyhow!("unknown error `{name}`"))?
                 }
             },
         }),
@@ -269,7 +235,7 @@ pub fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{from_event, tests::sample_event};
+    use crate::model::{from_event, sample_event};
 
     fn to_line(t: &Transition) -> String {
         let mut out = Vec::new();

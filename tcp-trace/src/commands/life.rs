@@ -1,21 +1,23 @@
 //! `tcp-trace life`: one line per connection when it closes.
 
-use std::{
-    collections::HashMap,
-    fmt::Write as _,
-    io::{self, BufWriter, StdoutLock, Write},
-};
+use std::{collections::HashMap, fmt::Write as _};
 
 use anyhow::Result;
 use serde_json::json;
 
 use crate::{
     cli::LifeConfig,
-    event::{Owner, SockFields, TcpState, Transition},
-    load::Settings,
-    record::{errno_name, ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT},
-    render::{endpoint, human_duration, printable_comm, Clock},
-    stream::{self, Consumer, Timing, Totals},
+    kernel::Settings,
+    model::{
+        errno::{self, ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT},
+        Owner, SockFields, TcpState, Transition,
+    },
+    output::{
+        owner_json,
+        text::{endpoint, human_duration, owner_cells},
+        Clock, Sink,
+    },
+    source::{self, Consumer, Timing, Totals},
 };
 
 /// A connection being followed from its first seen transition.
@@ -67,12 +69,15 @@ pub fn ending(passed: &[TcpState], last_old: TcpState, sock: Option<SockFields>)
         Some(ECONNRESET | EPIPE) => return Ending::Reset,
         _ => {}
     }
-    let through = |name: &str| passed.iter().any(|s| s.name() == name);
-    if through("FIN_WAIT1") {
+    if passed.contains(&TcpState::FIN_WAIT1) {
         Ending::Active
-    } else if through("CLOSE_WAIT") {
+    } else if passed.contains(&TcpState::CLOSE_WAIT) {
         Ending::Passive
-    } else if matches!(last_old.name(), "ESTABLISHED" | "SYN_SENT" | "SYN_RECV") && err.is_some() {
+    } else if matches!(
+        last_old,
+        TcpState::ESTABLISHED | TcpState::SYN_SENT | TcpState::SYN_RECV
+    ) && err.is_some()
+    {
         // No FIN either way and no error from the peer: we tore it down.
         Ending::Aborted
     } else {
@@ -95,16 +100,16 @@ pub struct Life {
 
 /// Follows connections; yields a `Life` at each CLOSE.
 #[derive(Default)]
-pub struct Tracker {
+pub struct Connections {
     conns: HashMap<u64, Conn>,
     capacity: usize,
     /// Connections not followed because `capacity` was reached.
     pub overflow: u64,
 }
 
-impl Tracker {
-    pub fn new(capacity: usize) -> Tracker {
-        Tracker {
+impl Connections {
+    pub fn new(capacity: usize) -> Connections {
+        Connections {
             conns: HashMap::new(),
             capacity,
             overflow: 0,
@@ -113,19 +118,15 @@ impl Tracker {
 
     pub fn event(&mut self, t: &Transition) -> Option<Life> {
         // Listeners are not connections.
-        if t.new_state.name() == "LISTEN"
-            || (t.old_state.name() == "LISTEN" && t.new_state.name() == "CLOSE")
-        {
+        if t.new_state == TcpState::LISTEN || t.is(TcpState::LISTEN, TcpState::CLOSE) {
             return None;
         }
-        let is_close = t.new_state.name() == "CLOSE";
+        let is_close = t.new_state == TcpState::CLOSE;
         let conn = match self.conns.get_mut(&t.sk) {
             Some(c) => c,
             None => {
-                let born = matches!(
-                    (t.old_state.name(), t.new_state.name()),
-                    ("CLOSE", _) | ("LISTEN", "SYN_RECV")
-                );
+                let born =
+                    t.old_state == TcpState::CLOSE || t.is(TcpState::LISTEN, TcpState::SYN_RECV);
                 if !is_close && self.conns.len() >= self.capacity {
                     self.overflow += 1;
                     return None;
@@ -143,8 +144,9 @@ impl Tracker {
         }
         // The first event's old state is CLOSE (or the listener's LISTEN) for
         // a socket we saw born: not part of its life.
-        let before_birth =
-            conn.states.is_empty() && conn.born && matches!(t.old_state.name(), "CLOSE" | "LISTEN");
+        let before_birth = conn.states.is_empty()
+            && conn.born
+            && matches!(t.old_state, TcpState::CLOSE | TcpState::LISTEN);
         if !before_birth {
             // A repeated state (FIN_WAIT1 -> FIN_WAIT1 after shutdown then
             // close) is one stay, not two.
@@ -184,10 +186,7 @@ fn bytes(n: u64) -> String {
 }
 
 pub fn text_line(life: &Life, clock: &Clock) -> String {
-    let (pid, comm) = match &life.owner {
-        Some(o) => (o.pid.to_string(), printable_comm(&o.comm)),
-        None => ("-".into(), "-".into()),
-    };
+    let (pid, comm) = owner_cells(life.owner.as_ref());
     let lifetime = format!(
         "{}{}",
         if life.complete { "" } else { ">=" },
@@ -220,11 +219,12 @@ pub fn json_line(life: &Life) -> serde_json::Value {
         .iter()
         .map(|(s, d)| json!({"state": s.name(), "duration_ns": d}))
         .collect();
+    let (pid, comm) = owner_json(life.owner.as_ref());
     json!({
         "ts_ns": life.ts_ns,
         "sk": format!("{:#x}", life.t.sk),
-        "pid": life.owner.as_ref().map(|o| o.pid),
-        "comm": life.owner.as_ref().map(|o| String::from_utf8_lossy(&o.comm)),
+        "pid": pid,
+        "comm": comm,
         "family": if life.t.is_ipv4() { "ipv4" } else { "ipv6" },
         "laddr": life.t.laddr,
         "lport": life.t.lport,
@@ -234,73 +234,69 @@ pub fn json_line(life: &Life) -> serde_json::Value {
         "lifetime_complete": life.complete,
         "states": states,
         "close": life.ending.name(),
-        "error": life.t.sock.filter(|s| s.error != 0).map(|s| errno_name(s.error)),
+        "error": life.t.sock.filter(|s| s.error != 0).map(|s| errno::name(s.error)),
         "bytes_sent": life.t.sock.map(|s| s.bytes_sent),
         "bytes_received": life.t.sock.map(|s| s.bytes_received),
     })
 }
 
 struct LifeCommand {
-    tracker: Tracker,
-    json: bool,
-    clock: Clock,
-    out: BufWriter<StdoutLock<'static>>,
+    connections: Connections,
+    sink: Sink,
 }
 
 impl Consumer for LifeCommand {
-    fn start(&mut self) -> io::Result<()> {
-        if !self.json {
-            writeln!(self.out, "{HEADER}")?;
+    fn start(&mut self) -> Result<()> {
+        if self.sink.is_json() {
+            return Ok(());
         }
-        Ok(())
+        self.sink.text(&format!("{HEADER}\n"))
     }
 
-    fn event(&mut self, t: &Transition) -> io::Result<()> {
-        let Some(life) = self.tracker.event(t) else {
+    fn event(&mut self, t: &Transition) -> Result<()> {
+        let Some(life) = self.connections.event(t) else {
             return Ok(());
         };
-        if self.json {
-            serde_json::to_writer(&mut self.out, &json_line(&life))?;
-            writeln!(self.out)
+        if self.sink.is_json() {
+            self.sink.json_line(&json_line(&life))
         } else {
-            writeln!(self.out, "{}", text_line(&life, &self.clock))
+            let line = text_line(&life, &self.sink.clock);
+            self.sink.text(&format!("{line}\n"))
         }
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+    fn flush(&mut self) -> Result<()> {
+        self.sink.flush()
     }
 
-    fn finish(&mut self, _totals: &Totals) -> io::Result<()> {
-        if self.tracker.overflow > 0 {
+    fn finish(&mut self, _totals: &Totals) -> Result<()> {
+        if self.connections.overflow > 0 {
             eprintln!(
                 "tcp-trace: {} connections not followed (more than {} open at once)",
-                self.tracker.overflow, self.tracker.capacity
+                self.connections.overflow, self.connections.capacity
             );
         }
-        self.out.flush()
+        self.sink.flush()
     }
 }
 
 pub fn run(config: LifeConfig) -> Result<()> {
     let mut command = LifeCommand {
-        tracker: Tracker::new(config.max_sockets as usize),
-        json: config.json,
-        clock: Clock::now(),
-        out: BufWriter::with_capacity(1 << 16, io::stdout().lock()),
+        connections: Connections::new(config.tracing.max_sockets as usize),
+        sink: Sink::stdout(config.json),
     };
     if let Some(path) = &config.from {
-        return stream::replay(path, &config.filter, None, &mut command);
+        return source::replay(path, &config.tracing.filter, None, &mut command);
     }
-    let settings = Settings::streaming(config.filter, config.max_sockets);
-    let timing = Timing::until(config.duration);
-    stream::block_on(stream::live(&settings, timing, &mut command))
+    let settings = Settings::streaming(config.tracing.filter, config.tracing.max_sockets);
+    let timing = Timing::until(config.tracing.duration);
+    source::block_on(source::live(&settings, timing, &mut command))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{from_event, tests::sample_event};
+    use crate::model::{from_event, sample_event};
 
     fn ev(sk: u64, ts: u64, old: &str, new: &str, d: Option<u64>) -> Transition {
         let mut t = from_event(&sample_event()).unwrap();
@@ -314,7 +310,7 @@ mod tests {
 
     #[test]
     fn a_client_life_sums_its_states() {
-        let mut tr = Tracker::new(100);
+        let mut tr = Connections::new(100);
         let seq = [
             ev(1, 100, "CLOSE", "SYN_SENT", None),
             ev(1, 300, "SYN_SENT", "ESTABLISHED", Some(200)),
@@ -349,7 +345,7 @@ mod tests {
 
     #[test]
     fn repeated_states_merge() {
-        let mut tr = Tracker::new(100);
+        let mut tr = Connections::new(100);
         tr.event(&ev(4, 0, "LISTEN", "SYN_RECV", None));
         tr.event(&ev(4, 5, "SYN_RECV", "ESTABLISHED", Some(5)));
         tr.event(&ev(4, 105, "ESTABLISHED", "FIN_WAIT1", Some(100)));
@@ -378,7 +374,7 @@ mod tests {
 
     #[test]
     fn a_socket_seen_mid_life_is_a_lower_bound() {
-        let mut tr = Tracker::new(100);
+        let mut tr = Connections::new(100);
         tr.event(&ev(2, 10, "ESTABLISHED", "FIN_WAIT1", None));
         tr.event(&ev(2, 20, "FIN_WAIT1", "FIN_WAIT2", Some(10)));
         let life = tr.event(&ev(2, 25, "FIN_WAIT2", "CLOSE", Some(5))).unwrap();
@@ -393,7 +389,7 @@ mod tests {
 
     #[test]
     fn listeners_are_not_connections() {
-        let mut tr = Tracker::new(100);
+        let mut tr = Connections::new(100);
         assert!(tr.event(&ev(3, 1, "CLOSE", "LISTEN", None)).is_none());
         assert!(tr.event(&ev(3, 2, "LISTEN", "CLOSE", Some(1))).is_none());
         assert!(tr.conns.is_empty());
@@ -435,7 +431,7 @@ mod tests {
 
     #[test]
     fn bounded_memory() {
-        let mut tr = Tracker::new(2);
+        let mut tr = Connections::new(2);
         for sk in 0..5 {
             tr.event(&ev(sk, 1, "CLOSE", "SYN_SENT", None));
         }

@@ -1,11 +1,11 @@
-//! Decoding ring-buffer records into transitions userspace can reason about.
+//! One TCP state transition, decoded from the kernel's ring-buffer record.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use tcp_trace_common::{
-    state, Event, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN,
-    FLAG_HANDSHAKE, FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS,
+    state, Event, Filter, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_ACTIVE_OPEN,
+    FLAG_DURATION_KNOWN, FLAG_HANDSHAKE, FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS,
 };
 
 /// A TCP state, named as the kernel names it without the `TCP_` prefix.
@@ -13,20 +13,33 @@ use tcp_trace_common::{
 pub struct TcpState(pub u8);
 
 impl TcpState {
+    pub const ESTABLISHED: TcpState = TcpState(state::ESTABLISHED);
+    pub const SYN_SENT: TcpState = TcpState(state::SYN_SENT);
+    pub const SYN_RECV: TcpState = TcpState(state::SYN_RECV);
+    pub const FIN_WAIT1: TcpState = TcpState(state::FIN_WAIT1);
+    pub const FIN_WAIT2: TcpState = TcpState(state::FIN_WAIT2);
+    pub const TIME_WAIT: TcpState = TcpState(state::TIME_WAIT);
+    pub const CLOSE: TcpState = TcpState(state::CLOSE);
+    pub const CLOSE_WAIT: TcpState = TcpState(state::CLOSE_WAIT);
+    pub const LAST_ACK: TcpState = TcpState(state::LAST_ACK);
+    pub const LISTEN: TcpState = TcpState(state::LISTEN);
+    pub const CLOSING: TcpState = TcpState(state::CLOSING);
+    pub const NEW_SYN_RECV: TcpState = TcpState(state::NEW_SYN_RECV);
+
     pub fn name(self) -> &'static str {
-        match self.0 {
-            1 => "ESTABLISHED",
-            2 => "SYN_SENT",
-            3 => "SYN_RECV",
-            4 => "FIN_WAIT1",
-            5 => "FIN_WAIT2",
-            6 => "TIME_WAIT",
-            7 => "CLOSE",
-            8 => "CLOSE_WAIT",
-            9 => "LAST_ACK",
-            10 => "LISTEN",
-            11 => "CLOSING",
-            12 => "NEW_SYN_RECV",
+        match self {
+            Self::ESTABLISHED => "ESTABLISHED",
+            Self::SYN_SENT => "SYN_SENT",
+            Self::SYN_RECV => "SYN_RECV",
+            Self::FIN_WAIT1 => "FIN_WAIT1",
+            Self::FIN_WAIT2 => "FIN_WAIT2",
+            Self::TIME_WAIT => "TIME_WAIT",
+            Self::CLOSE => "CLOSE",
+            Self::CLOSE_WAIT => "CLOSE_WAIT",
+            Self::LAST_ACK => "LAST_ACK",
+            Self::LISTEN => "LISTEN",
+            Self::CLOSING => "CLOSING",
+            Self::NEW_SYN_RECV => "NEW_SYN_RECV",
             _ => "UNKNOWN",
         }
     }
@@ -86,6 +99,27 @@ pub struct Transition {
 impl Transition {
     pub fn is_ipv4(&self) -> bool {
         self.laddr.is_ipv4()
+    }
+
+    /// `AF_INET` or `AF_INET6`, as the kernel's filters name families.
+    pub fn family(&self) -> u16 {
+        if self.is_ipv4() {
+            AF_INET
+        } else {
+            AF_INET6
+        }
+    }
+
+    /// Whether the kernel's filters let this transition through (for
+    /// transitions read back from a recording).
+    pub fn passes(&self, filter: &Filter) -> bool {
+        let pid = self.owner.as_ref().map(|o| o.pid);
+        filter.matches(self.family(), self.lport, self.rport, pid)
+    }
+
+    /// The transition `old -> new`.
+    pub fn is(&self, old: TcpState, new: TcpState) -> bool {
+        self.old_state == old && self.new_state == new
     }
 }
 

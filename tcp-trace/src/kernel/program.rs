@@ -1,4 +1,5 @@
-//! Loading the kernel program with the user's settings and attaching it.
+//! Loading the kernel program with the user's settings, attaching it, and
+//! reading its counters and histograms back.
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -7,14 +8,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use caps::{CapSet, Capability};
-use tcp_trace_common::{counter, hist, Filter, SockOffsets, KNOWN_LAYOUT};
+use tcp_trace_common::{counter, hist, Filter, SockOffsets, TracepointLayout, KNOWN_LAYOUT};
 
+use super::{btf::Btf, calibrate, probe::Probe, tracefs};
 use crate::{
-    btf::Btf,
-    calibrate,
-    event::TcpState,
-    hist::{Histogram, StateHistograms},
-    tracepoint,
+    aggregate::{Histogram, StateHistograms},
+    model::TcpState,
 };
 
 /// Size of the event ring buffer in bytes (a power of two, as the kernel requires).
@@ -43,7 +42,7 @@ impl Settings {
 }
 
 /// The attached program; dropping it detaches the program.
-pub struct Tracer {
+pub struct Program {
     _ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
     histograms: Option<(PerCpuArray<MapData, u64>, PerCpuArray<MapData, u64>)>,
@@ -51,14 +50,14 @@ pub struct Tracer {
 
 /// Counters kept by the kernel program, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounters {
+pub struct Counters {
     pub ringbuf_full: u64,
     pub untracked: u64,
     pub map_update_failed: u64,
     pub aggregated: u64,
 }
 
-impl Tracer {
+impl Program {
     /// Loads and attaches the program; returns it with its event ring buffer.
     pub fn attach(settings: &Settings) -> Result<(Self, RingBuf<MapData>)> {
         if PROGRAM.is_empty() {
@@ -66,11 +65,22 @@ impl Tracer {
         }
         check_privileges()?;
         raise_memlock_limit();
-        let tracefs = tracepoint::tracefs_root()?;
-        let layout = tracepoint::read_layout(&tracefs)?;
+        let tracefs = tracefs::tracefs_root()?;
+        let layout = tracefs::read_layout(&tracefs)?;
 
-        let offsets = sock_offsets();
-        let synack = tracepoint::read_synack_layout(&tracefs);
+        let mut probe = Probe::default();
+        let direct = direct_reads(&layout, &mut probe);
+        let offsets = sock_offsets(&mut probe);
+        let synack = match tracefs::read_synack_layout(&tracefs) {
+            Ok(layout) => {
+                probe.found(SYNACK_TIMING);
+                Some(layout)
+            }
+            Err(err) => {
+                probe.missing(SYNACK_TIMING, format!("{err:#}"));
+                None
+            }
+        };
         let (ring_bytes, histogram_slots) = if settings.aggregate {
             (4096, hist::STATES * hist::BUCKETS)
         } else {
@@ -82,13 +92,13 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .override_global("LAYOUT", &layout, true)
-            .override_global("DIRECT", &u8::from(direct_reads(&layout)), true)
+            .override_global("DIRECT", &u8::from(direct), true)
             .override_global("FILTER", &settings.filter, true)
             .override_global("SOCK_OFFSETS", &offsets, true)
             .override_global("SYNACK_LAYOUT", &synack.unwrap_or_default(), true)
             .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
             // Wake the reader when an eighth of the ring is queued; it drains on
-            // a timer otherwise (see stream.rs).
+            // a timer otherwise (see source/live.rs).
             .override_global("WAKEUP_BYTES", &u64::from(RING_BYTES / 8), true)
             .map_max_entries("SOCKETS", settings.max_sockets)
             .map_max_entries("EVENTS", ring_bytes)
@@ -105,12 +115,12 @@ impl Tracer {
             .load()
             .context("the kernel's verifier rejected the program")?;
         program
-            .attach(tracepoint::CATEGORY, tracepoint::NAME)
+            .attach(tracefs::CATEGORY, tracefs::NAME)
             .with_context(|| {
                 format!(
                     "attaching to the tracepoint {}:{}",
-                    tracepoint::CATEGORY,
-                    tracepoint::NAME
+                    tracefs::CATEGORY,
+                    tracefs::NAME
                 )
             })?;
 
@@ -149,6 +159,9 @@ impl Tracer {
         } else {
             None
         };
+        for note in probe.notes() {
+            eprintln!("{note}");
+        }
         Ok((
             Self {
                 _ebpf: ebpf,
@@ -159,7 +172,7 @@ impl Tracer {
         ))
     }
 
-    pub fn counters(&self) -> Result<KernelCounters> {
+    pub fn counters(&self) -> Result<Counters> {
         let sum = |index: u32| -> Result<u64> {
             let values = self
                 .counters
@@ -167,7 +180,7 @@ impl Tracer {
                 .context("reading the kernel's counters")?;
             Ok(values.iter().sum())
         };
-        Ok(KernelCounters {
+        Ok(Counters {
             ringbuf_full: sum(counter::RINGBUF_FULL)?,
             untracked: sum(counter::UNTRACKED)?,
             map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
@@ -213,60 +226,84 @@ fn per_cpu_array(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64
     PerCpuArray::try_from(map).with_context(|| format!("{name} is not a per-CPU array"))
 }
 
-/// Where the socket fields read at CLOSE live in this kernel; zeros (and the
-/// fields reported as unknown) when its BTF does not say.
-fn sock_offsets() -> SockOffsets {
-    let Ok(btf) = Btf::from_sys_fs() else {
-        return SockOffsets::default();
+/// Names of the optional features, as the start-up notes print them.
+const SYNACK_TIMING: &str = "server handshake time after SYN-ACK retransmissions";
+const DIRECT_READS: &str = "direct tracepoint record reads";
+const SOCK_FIELDS: &str = "byte counts and errors at close";
+
+/// Where the socket fields the program reads live in this kernel; zeros (and
+/// the fields reported as unknown) where its BTF does not say.
+fn sock_offsets(probe: &mut Probe) -> SockOffsets {
+    let btf = match Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(err) => {
+            probe.missing("kernel BTF", format!("{err:#}"));
+            return SockOffsets::default();
+        }
     };
-    let field = |ty: &str, name: &str, size: u32| {
-        btf.member(ty, name)
+    let mut field = |ty: &str, name: &str, size: u32, feature: &'static str| {
+        let found = btf
+            .member(ty, name)
             .filter(|&(_, s)| s == size)
-            .map(|(offset, _)| offset)
+            .map(|(offset, _)| offset);
+        if found.is_none() {
+            probe.missing(
+                feature,
+                format!("no {size}-byte `{ty}.{name}` in the kernel's BTF"),
+            );
+        }
+        found
     };
-    let total_retrans = field("tcp_sock", "total_retrans", 4).unwrap_or(0);
-    let srtt_us = field("tcp_sock", "srtt_us", 4).unwrap_or(0);
-    let snt_synack = field("tcp_request_sock", "snt_synack", 8).unwrap_or(0);
-    match (
-        field("tcp_sock", "bytes_acked", 8),
-        field("tcp_sock", "bytes_received", 8),
-        field("sock", "sk_err", 4),
-        // `sk_flags` is a macro for `__sk_common.skc_flags`.
-        btf.member("sock", "__sk_common")
-            .zip(field("sock_common", "skc_flags", 8))
-            .map(|((common, _), flags)| common + flags),
-    ) {
+    let total_retrans = field("tcp_sock", "total_retrans", 4, "handshake retransmissions");
+    let srtt_us = field("tcp_sock", "srtt_us", 4, "server handshake time");
+    let snt_synack = field("tcp_request_sock", "snt_synack", 8, SYNACK_TIMING);
+    let bytes_acked = field("tcp_sock", "bytes_acked", 8, SOCK_FIELDS);
+    let bytes_received = field("tcp_sock", "bytes_received", 8, SOCK_FIELDS);
+    let sk_err = field("sock", "sk_err", 4, SOCK_FIELDS);
+    // `sk_flags` is a macro for `__sk_common.skc_flags`.
+    let sk_flags = btf
+        .member("sock", "__sk_common")
+        .zip(field("sock_common", "skc_flags", 8, SOCK_FIELDS))
+        .map(|((common, _), flags)| common + flags);
+    let partial = SockOffsets {
+        total_retrans: total_retrans.unwrap_or(0),
+        srtt_us: srtt_us.unwrap_or(0),
+        snt_synack: snt_synack.unwrap_or(0),
+        ..SockOffsets::default()
+    };
+    match (bytes_acked, bytes_received, sk_err, sk_flags) {
         (Some(bytes_acked), Some(bytes_received), Some(sk_err), Some(sk_flags)) => SockOffsets {
             bytes_acked,
             bytes_received,
             sk_err,
             sk_flags,
-            total_retrans,
-            srtt_us,
-            snt_synack,
+            ..partial
         },
-        _ => SockOffsets {
-            total_retrans,
-            srtt_us,
-            snt_synack,
-            ..SockOffsets::default()
-        },
+        _ => partial,
     }
 }
 
 /// Whether the program may read the record at the compiled-in offsets.
 /// `TCP_TRACE_PROBE_READ=1` forces the helper-call path other kernels take,
 /// so that it is tested here too.
-fn direct_reads(layout: &tcp_trace_common::TracepointLayout) -> bool {
-    *layout == KNOWN_LAYOUT && std::env::var_os("TCP_TRACE_PROBE_READ").is_none_or(|v| v != "1")
+fn direct_reads(layout: &TracepointLayout, probe: &mut Probe) -> bool {
+    let reason = if *layout != KNOWN_LAYOUT {
+        Some("the tracepoint's record layout differs from the compiled-in one")
+    } else if std::env::var_os("TCP_TRACE_PROBE_READ").is_some_and(|v| v == "1") {
+        Some("TCP_TRACE_PROBE_READ=1")
+    } else {
+        None
+    };
+    probe.check(DIRECT_READS, reason);
+    reason.is_none()
 }
 
-/// Attaches the empty `bench_floor` program (for `cargo xtask bench`) and
-/// keeps it attached until stopped.
-pub async fn floor(duration: Option<std::time::Duration>) -> Result<()> {
+/// Loads and attaches the empty `bench_floor` program (for `cargo xtask
+/// bench`); it stays attached until the returned handle is dropped.
+pub fn attach_floor() -> Result<Ebpf> {
     check_privileges()?;
     raise_memlock_limit();
-    tracepoint::tracefs_root()?;
+    tracefs::tracefs_root()?;
     // The maps are created with the object but unused here: keep them small.
     let mut ebpf = EbpfLoader::new()
         .btf(None)
@@ -280,10 +317,8 @@ pub async fn floor(duration: Option<std::time::Duration>) -> Result<()> {
         .context("the BPF object has no program bench_floor")?
         .try_into()?;
     program.load().context("loading bench_floor")?;
-    program.attach(tracepoint::CATEGORY, tracepoint::NAME)?;
-    crate::stream::announce();
-    crate::stream::Stop::new(duration)?.wait().await;
-    Ok(())
+    program.attach(tracefs::CATEGORY, tracefs::NAME)?;
+    Ok(ebpf)
 }
 
 /// Fails with a message naming the missing capabilities, before the kernel

@@ -120,19 +120,19 @@ fn finder(format: &str) -> impl Fn(&str, u32) -> Result<u32> + '_ {
     }
 }
 
-/// The layout of `tcp:tcp_retransmit_synack`, or `None` when this kernel
-/// has no such tracepoint or a layout we cannot use.
-pub fn read_synack_layout(tracefs: &Path) -> Option<SynackLayout> {
+/// The layout of `tcp:tcp_retransmit_synack`; an error says why this kernel
+/// offers none we can use.
+pub fn read_synack_layout(tracefs: &Path) -> Result<SynackLayout> {
     let path = tracefs.join("events/tcp/tcp_retransmit_synack/format");
-    let text = fs::read_to_string(path).ok()?;
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let find = finder(&text);
-    Some(SynackLayout {
-        req: find("req", 8).ok()?,
-        sport: find("sport", 2).ok()?,
-        dport: find("dport", 2).ok()?,
-        family: find("family", 2).ok()?,
-        daddr: find("daddr", 4).ok()?,
-        daddr_v6: find("daddr_v6", 16).ok()?,
+    Ok(SynackLayout {
+        req: find("req", 8)?,
+        sport: find("sport", 2)?,
+        dport: find("dport", 2)?,
+        family: find("family", 2)?,
+        daddr: find("daddr", 4)?,
+        daddr_v6: find("daddr_v6", 16)?,
     })
 }
 

@@ -1,0 +1,8 @@
+//! The commands, one module each: flags in (a config from `cli`), a report out.
+
+pub mod bench_floor;
+pub mod handshake;
+pub mod life;
+pub mod stats;
+pub mod timewait;
+pub mod watch;

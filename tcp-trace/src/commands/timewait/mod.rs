@@ -1,0 +1,268 @@
+//! `tcp-trace timewait`: which processes leave sockets in TIME_WAIT, and for how long.
+//!
+//! The tracepoint never shows TIME_WAIT: a closing socket goes `FIN_WAIT2` (or
+//! `CLOSING`) `-> CLOSE` and a timewait mini-socket lives on. A reset or an
+//! abort looks the same, so such a transition only makes a *candidate*
+//! (carrying the socket's owner), and a socket with an error (`ECONNRESET`,
+//! `EPIPE`) none at all. sock_diag then confirms it: a candidate counts as an
+//! entry once the kernel lists its 4-tuple as a timewait socket in TIME_WAIT,
+//! and its stay ends when the kernel no longer lists it.
+
+mod ledger;
+mod report;
+
+use std::{sync::mpsc, thread};
+
+use anyhow::{Context as _, Result};
+use tcp_trace_common::state;
+
+use crate::{
+    cli::TimewaitConfig,
+    kernel::Settings,
+    model::Transition,
+    output::{monotonic_ns, Sink},
+    source::{self, Consumer, Timing, Totals},
+    system::{
+        sock_diag::{self, TimewaitSocket},
+        sysctl::read_timewait_sysctls,
+    },
+};
+use ledger::{Ledger, POLL};
+
+/// One reading of the kernel's timewait table, and when it was taken.
+type Dump = (u64, Result<Vec<TimewaitSocket>>);
+
+struct TimewaitCommand {
+    ledger: Ledger,
+    sink: Sink,
+    /// Readings from the dumping thread: a dump of a busy host's table takes
+    /// long enough that the event loop must not wait for it.
+    dumps: Option<mpsc::Receiver<Dump>>,
+    /// Report every this many ticks of `POLL`.
+    report_every: u32,
+    ticks: u32,
+}
+
+fn dump_now() -> Dump {
+    let taken = monotonic_ns();
+    let listed = sock_diag::timewait_sockets().context("reading the kernel's timewait sockets");
+    (taken, listed)
+}
+
+impl TimewaitCommand {
+    fn apply(&mut self, (taken, listed): Dump) -> Result<()> {
+        self.ledger.poll(&listed?, taken);
+        Ok(())
+    }
+
+    /// Applies the readings that arrived; events up to now are already in.
+    fn apply_pending(&mut self) -> Result<()> {
+        while let Some(dump) = self.dumps.as_ref().and_then(|d| d.try_recv().ok()) {
+            self.apply(dump)?;
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, now_ns: u64, last: bool) -> Result<()> {
+        let sysctls = read_timewait_sysctls();
+        let ledger = &self.ledger;
+        self.sink.report(
+            || report::json(ledger, now_ns, last, &sysctls),
+            |clock| report::text(ledger, now_ns, last, &sysctls, clock),
+        )
+    }
+}
+
+impl Consumer for TimewaitCommand {
+    fn start(&mut self) -> Result<()> {
+        // The first reading marks what existed before us.
+        self.apply(dump_now())?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || loop {
+            thread::sleep(POLL);
+            if tx.send(dump_now()).is_err() {
+                break;
+            }
+        });
+        self.dumps = Some(rx);
+        Ok(())
+    }
+
+    fn event(&mut self, t: &Transition) -> Result<()> {
+        self.ledger.event(t);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.apply_pending()
+    }
+
+    fn interval(&mut self, now_ns: u64, _totals: &Totals) -> Result<()> {
+        self.apply_pending()?;
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(self.report_every) {
+            self.report(now_ns, false)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _totals: &Totals) -> Result<()> {
+        self.apply_pending()?;
+        self.dumps = None;
+        let dump = dump_now();
+        let taken = dump.0;
+        self.apply(dump)?;
+        self.report(taken, true)
+    }
+}
+
+pub fn run(config: TimewaitConfig) -> Result<()> {
+    let report_every = (config.interval.as_secs_f64() / POLL.as_secs_f64())
+        .round()
+        .max(1.0) as u32;
+    let ephemeral = read_timewait_sysctls().port_range.unwrap_or((32768, 60999));
+    let mut command = TimewaitCommand {
+        ledger: Ledger::new(config.tracing.filter, monotonic_ns(), ephemeral),
+        sink: Sink::stdout(config.json),
+        dumps: None,
+        report_every,
+        ticks: 0,
+    };
+    // sock_diag must answer before we trace: fail early and clearly.
+    sock_diag::timewait_sockets().context("reading the kernel's timewait sockets")?;
+    // Only the transitions that can leave a timewait socket reach userspace.
+    let close_from = (1 << state::FIN_WAIT2) | (1 << state::CLOSING);
+    let filter = tcp_trace_common::Filter {
+        close_from,
+        ..config.tracing.filter
+    };
+    let settings = Settings::streaming(filter, config.tracing.max_sockets);
+    let timing = Timing {
+        duration: config.tracing.duration,
+        interval: Some(POLL),
+    };
+    source::block_on(source::live(&settings, timing, &mut command))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ledger::CANDIDATE_POLLS;
+    use super::*;
+    use crate::{
+        model::{from_event, sample_event, SockFields, TcpState},
+        output::Clock,
+        system::{sock_diag::Endpoints, sysctl::Sysctls},
+    };
+
+    fn close(lport: u16, old: &str, pid: u32, error: u16) -> Transition {
+        let mut t = from_event(&sample_event()).unwrap();
+        t.lport = lport;
+        t.old_state = TcpState::from_name(old).unwrap();
+        t.new_state = TcpState::from_name("CLOSE").unwrap();
+        t.owner.as_mut().unwrap().pid = pid;
+        t.sock = Some(SockFields {
+            bytes_sent: 0,
+            bytes_received: 0,
+            error,
+        });
+        t
+    }
+
+    fn listed(t: &Transition, time_wait: bool) -> TimewaitSocket {
+        TimewaitSocket {
+            endpoints: Endpoints {
+                laddr: t.laddr,
+                lport: t.lport,
+                raddr: t.raddr,
+                rport: t.rport,
+            },
+            time_wait,
+        }
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn confirmed_entries_and_exits_are_charged_to_the_owner() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
+        tr.poll(&[], 0);
+        let a = close(40_001, "FIN_WAIT2", 7, 0);
+        let b = close(40_002, "CLOSING", 7, 0);
+        tr.event(&a);
+        tr.event(&b);
+        tr.poll(&[listed(&a, true), listed(&b, true)], S);
+        let row = tr.rows.get(&(7, b"curl".to_vec())).unwrap();
+        assert_eq!((row.entered, row.lingering), (2, 2));
+        // 60 s later the kernel reaps them.
+        tr.poll(&[], 61 * S);
+        let row = tr.rows.get(&(7, b"curl".to_vec())).unwrap();
+        assert_eq!((row.entered, row.lingering, row.stay.count()), (2, 0, 2));
+        let p50 = row.stay.quantile(0.5).unwrap();
+        assert!((59 * S..=61 * S).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn resets_and_unlisted_closes_are_not_entries() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
+        tr.poll(&[], 0);
+        tr.event(&close(40_003, "FIN_WAIT2", 8, 104)); // reset: not even a candidate
+        tr.event(&close(40_004, "FIN_WAIT2", 8, 0)); // never listed
+        assert_eq!(tr.candidates(), 1);
+        for i in 1..=CANDIDATE_POLLS as u64 {
+            tr.poll(&[], i * S);
+        }
+        let row = tr.rows.get(&(8, b"curl".to_vec())).unwrap();
+        assert_eq!((row.entered, row.without_timewait), (0, 1));
+        // Not a timewait-looking transition at all.
+        tr.event(&close(40_005, "ESTABLISHED", 8, 0));
+        assert!(tr.candidates() == 0);
+    }
+
+    #[test]
+    fn fin_wait2_substate_counts_once_it_reaches_time_wait() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
+        tr.poll(&[], 0);
+        let a = close(40_006, "FIN_WAIT2", 9, 0);
+        tr.event(&a);
+        tr.poll(&[listed(&a, false)], S);
+        assert_eq!(
+            tr.rows.get(&(9, b"curl".to_vec())).map_or(0, |r| r.entered),
+            0
+        );
+        tr.poll(&[listed(&a, true)], 2 * S);
+        assert_eq!(tr.rows.get(&(9, b"curl".to_vec())).unwrap().entered, 1);
+    }
+
+    #[test]
+    fn sockets_from_before_start_are_not_guessed() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
+        let old = close(40_007, "FIN_WAIT2", 1, 0);
+        tr.poll(&[listed(&old, true)], 0);
+        let v = report::json(&tr, S, false, &read_timewait_sysctls());
+        assert_eq!(v["before_start"]["lingering"], 1);
+        assert_eq!(v["processes"].as_array().unwrap().len(), 0);
+        assert_eq!(v["lingering_total"], 1);
+    }
+
+    #[test]
+    fn port_pressure_warns() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
+        tr.poll(&[], 0);
+        let mut listed_now = Vec::new();
+        for port in 40_000..40_060 {
+            let t = close(port, "FIN_WAIT2", 3, 0);
+            tr.event(&t);
+            listed_now.push(listed(&t, true));
+        }
+        tr.poll(&listed_now, S);
+        let sysctls = Sysctls {
+            values: vec![("ip_local_port_range", "40000-40099".into())],
+            port_range: Some((40_000, 40_099)),
+        };
+        let text = report::text(&tr, S, false, &sysctls, &Clock::with_offset(0));
+        assert!(
+            text.contains("warning: 60 lingering sockets to 10.1.2.3:80 hold 60 %"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! The timewait report: per process, then what we cannot attribute, then
+//! warnings about the ephemeral port range, as JSON or text.
+
+use std::{fmt::Write as _, net::IpAddr};
+
+use serde_json::{json, Map, Value};
+
+use super::ledger::{Ledger, ProcessKey, ProcessRow};
+use crate::{
+    aggregate::Group,
+    output::{
+        quantiles_json,
+        text::{endpoint, max_cell, printable_comm, quantile_cell, report_kind},
+        Clock,
+    },
+    system::sysctl::Sysctls,
+};
+
+/// Top remote endpoints listed per process.
+const TOP_REMOTES: usize = 3;
+
+/// Whose row it is.
+enum RowOwner {
+    Process(ProcessKey),
+    /// Processes past the ledger's capacity, counted together.
+    Other,
+    Unknown,
+}
+
+impl RowOwner {
+    fn text_cells(&self) -> (String, String) {
+        match self {
+            RowOwner::Process((pid, comm)) => (pid.to_string(), printable_comm(comm)),
+            RowOwner::Other => ("-".into(), "(other processes)".into()),
+            RowOwner::Unknown => ("-".into(), "(owner unknown)".into()),
+        }
+    }
+}
+
+/// Rows with most entries first (ties by owner), the unknown owner last.
+fn ranked_rows(ledger: &Ledger) -> Vec<(RowOwner, ProcessRow)> {
+    let mut rows: Vec<(RowOwner, ProcessRow)> = ledger
+        .rows
+        .ranked(usize::MAX, |r| r.entered)
+        .into_iter()
+        .map(|(group, row)| match group {
+            Group::Key(key) => (RowOwner::Process(key), row),
+            Group::Other => (RowOwner::Other, row),
+        })
+        .collect();
+    let unknown = &ledger.unknown_owner;
+    if unknown.entered + unknown.without_timewait > 0 {
+        rows.push((RowOwner::Unknown, unknown.clone()));
+    }
+    rows
+}
+
+fn remote_name(addr: IpAddr, port: Option<u16>) -> String {
+    match port {
+        Some(p) => endpoint(addr, p),
+        None => addr.to_string(),
+    }
+}
+
+fn per_second(n: u64, elapsed_s: f64) -> f64 {
+    if elapsed_s > 0.0 {
+        n as f64 / elapsed_s
+    } else {
+        0.0
+    }
+}
+
+fn elapsed_s(ledger: &Ledger, now_ns: u64) -> f64 {
+    now_ns.saturating_sub(ledger.started_ns) as f64 / 1e9
+}
+
+pub fn json(ledger: &Ledger, now_ns: u64, last: bool, sysctls: &Sysctls) -> Value {
+    let elapsed = elapsed_s(ledger, now_ns);
+    let processes: Vec<Value> = ranked_rows(ledger)
+        .into_iter()
+        .map(|(owner, row)| {
+            let (pid, comm) = match owner {
+                RowOwner::Process((pid, comm)) => {
+                    (json!(pid), json!(String::from_utf8_lossy(&comm)))
+                }
+                RowOwner::Other => (Value::Null, json!("(other processes)")),
+                RowOwner::Unknown => (Value::Null, Value::Null),
+            };
+            let remotes: Vec<Value> = row
+                .top_remotes(TOP_REMOTES)
+                .into_iter()
+                .map(|((a, p), n)| json!({"raddr": a, "rport": p, "entered": n}))
+                .collect();
+            json!({
+                "pid": pid,
+                "comm": comm,
+                "entered": row.entered,
+                "entered_per_s": per_second(row.entered, elapsed),
+                "lingering": row.lingering,
+                "closed_without_timewait": row.without_timewait,
+                "time_wait": quantiles_json(&row.stay),
+                "top_remotes": remotes,
+            })
+        })
+        .collect();
+    let pressure: Vec<Value> = sysctls
+        .port_range
+        .map(|r| ledger.pressure(r))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(a, p, n, f)| json!({"raddr": a, "rport": p, "lingering": n, "port_range_fraction": f}))
+        .collect();
+    let sysctl_values: Map<String, Value> = sysctls
+        .values
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    json!({
+        "ts_ns": now_ns,
+        "final": last,
+        "sysctls": sysctl_values,
+        "processes": processes,
+        "before_start": {"lingering": ledger.before_start.len()},
+        "unattributed": {"lingering": ledger.unattributed.len()},
+        "lingering_total": ledger.lingering_total(),
+        "port_pressure": pressure,
+    })
+}
+
+pub fn text(ledger: &Ledger, now_ns: u64, last: bool, sysctls: &Sysctls, clock: &Clock) -> String {
+    let mut s = String::new();
+    let settings: Vec<String> = sysctls
+        .values
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "{} {} timewait report: {}",
+        clock.local_time(now_ns),
+        report_kind(last),
+        settings.join(" ")
+    );
+    let _ = writeln!(
+        s,
+        "{:>7} {:<16} {:>8} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8}  TOP REMOTES",
+        "PID", "COMM", "ENTERED", "PER_S", "LINGERING", "P50", "P90", "MAX", "NO_TW"
+    );
+    let elapsed = elapsed_s(ledger, now_ns);
+    for (owner, row) in ranked_rows(ledger) {
+        let (pid, comm) = owner.text_cells();
+        let top: Vec<String> = row
+            .top_remotes(TOP_REMOTES)
+            .into_iter()
+            .map(|((a, p), n)| format!("{} ({n})", remote_name(a, p)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "{pid:>7} {comm:<16} {:>8} {:>7.1} {:>9} {:>8} {:>8} {:>8} {:>8}  {}",
+            row.entered,
+            per_second(row.entered, elapsed),
+            row.lingering,
+            quantile_cell(&row.stay, 0.5),
+            quantile_cell(&row.stay, 0.9),
+            max_cell(&row.stay),
+            row.without_timewait,
+            top.join(", ")
+        );
+    }
+    for (label, count) in [
+        ("(before start)", ledger.before_start.len()),
+        ("(unattributed)", ledger.unattributed.len()),
+    ] {
+        if count > 0 {
+            let _ = writeln!(
+                s,
+                "{:>7} {:<16} {:>8} {:>7} {:>9}",
+                "-", label, "-", "-", count
+            );
+        }
+    }
+    if let Some(range) = sysctls.port_range {
+        for (a, p, n, f) in ledger.pressure(range) {
+            if f >= 0.5 {
+                let _ = writeln!(
+                    s,
+                    "warning: {} lingering sockets to {} hold {:.0} % of the ephemeral port range {}-{}",
+                    n,
+                    endpoint(a, p),
+                    f * 100.0,
+                    range.0,
+                    range.1
+                );
+            }
+        }
+    }
+    s.push('\n');
+    s
+}

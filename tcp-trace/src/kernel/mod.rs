@@ -1,0 +1,10 @@
+//! Kernel plumbing: finding the tracepoint, resolving kernel struct offsets,
+//! loading and attaching the program, and reading its maps back.
+
+mod btf;
+mod calibrate;
+mod probe;
+mod program;
+pub mod tracefs;
+
+pub use program::{attach_floor, Counters, Program, Settings};

@@ -1,0 +1,91 @@
+//! Transitions as they happen: the kernel program's ring buffer, drained on
+//! wake-ups and on a short timer until the run stops.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    time::{interval, MissedTickBehavior},
+};
+
+use super::{announce, next_tick, ticker, Consumer, Stop, Timing, Totals};
+use crate::{
+    kernel::{Program, Settings},
+    model,
+    output::monotonic_ns,
+};
+
+/// How often the reader drains the ring buffer without being woken. The kernel
+/// wakes it only once an eighth of the ring is queued, so busy periods cost no
+/// wake-up per event and quiet ones still show within this latency.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Streams live transitions into `consumer` until stopped, then prints the
+/// summary on stderr.
+pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consumer) -> Result<()> {
+    let (program, events) = Program::attach(settings)?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
+    // for as long as the AsyncFd holds it.
+    let mut events = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+    let mut stop = Stop::new(timing.duration)?;
+    let mut drain_tick = interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut report_tick = ticker(timing.interval);
+    let mut totals = Totals::default();
+    announce();
+
+    let streamed: Result<()> = async {
+        consumer.start()?;
+        consumer.flush()?;
+        loop {
+            tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard?;
+                    guard.clear_ready();
+                    drain(guard.get_inner_mut(), consumer, &mut totals)?;
+                }
+                _ = drain_tick.tick() => drain(events.get_mut(), consumer, &mut totals)?,
+                _ = next_tick(&mut report_tick) => {
+                    drain(events.get_mut(), consumer, &mut totals)?;
+                    totals.kernel = program.counters()?;
+                    consumer.interval(monotonic_ns(), &totals)?;
+                }
+                _ = stop.wait() => break,
+            }
+        }
+        // Whatever was queued before the stop still belongs to the output.
+        drain(events.get_mut(), consumer, &mut totals)
+    }
+    .await;
+
+    let counters = program.counters();
+    drop(program); // detach before reporting
+    totals.kernel = counters?;
+    let finished = streamed.and_then(|()| consumer.finish(&totals));
+    eprintln!("{}", totals.summary());
+    finished
+}
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    consumer: &mut impl Consumer,
+    totals: &mut Totals,
+) -> Result<()> {
+    let mut any = false;
+    while let Some(record) = ring.next() {
+        any = true;
+        match model::decode(&record) {
+            Ok(t) => {
+                totals.received += 1;
+                consumer.event(&t)?;
+            }
+            Err(_) => totals.undecodable += 1,
+        }
+    }
+    if any {
+        consumer.flush()?;
+    }
+    Ok(())
+}
