@@ -13,7 +13,7 @@ use crate::{
     output::{
         bars::bars,
         monotonic_ns, quantiles_json,
-        text::{human_duration, quantile_cell, report_kind},
+        text::{human_duration, printable_comm, quantile_cell, report_kind},
         Clock, Sink,
     },
     source::{self, Consumer, Stop, Timing, Totals},
@@ -96,7 +96,7 @@ async fn in_kernel(settings: &Settings, timing: Timing, report: &mut Report) -> 
         tokio::select! {
             _ = source::next_tick(&mut ticks) => {
                 let (stats, totals) = snapshot(&program)?;
-                report.write(&stats, &totals, monotonic_ns(), false)?;
+                report.write(&stats, &totals, Some(monotonic_ns()), false)?;
             }
             _ = stop.wait() => break,
         }
@@ -104,7 +104,7 @@ async fn in_kernel(settings: &Settings, timing: Timing, report: &mut Report) -> 
     let (stats, totals) = snapshot(&program)?;
     drop(program);
     eprintln!("{}", totals.summary());
-    report.write(&stats, &totals, monotonic_ns(), true)
+    report.write(&stats, &totals, Some(monotonic_ns()), true)
 }
 
 /// Aggregates per-event (live with --by, or replay).
@@ -120,14 +120,14 @@ impl Consumer for Aggregating<'_> {
     }
 
     fn interval(&mut self, now_ns: u64, totals: &Totals) -> Result<()> {
-        self.report.write(&self.stats, totals, now_ns, false)
+        self.report.write(&self.stats, totals, Some(now_ns), false)
     }
 
     fn finish(&mut self, totals: &Totals) -> Result<()> {
-        let now = if self.stats.mode == Mode::Replay {
-            self.stats.last_ts
-        } else {
-            monotonic_ns()
+        // A replay ends at its last event; an empty one has no time at all.
+        let now = match self.stats.mode {
+            Mode::Replay => (self.stats.seen > 0).then_some(self.stats.last_ts),
+            _ => Some(monotonic_ns()),
         };
         self.report.write(&self.stats, totals, now, true)
     }
@@ -189,7 +189,14 @@ struct Report {
 }
 
 impl Report {
-    fn write(&mut self, stats: &Stats, totals: &Totals, now_ns: u64, last: bool) -> Result<()> {
+    /// One report as of `now_ns` (`None`: a replay without events).
+    fn write(
+        &mut self,
+        stats: &Stats,
+        totals: &Totals,
+        now_ns: Option<u64>,
+        last: bool,
+    ) -> Result<()> {
         let (by, top) = (self.by, self.top);
         self.sink.report(
             || {
@@ -230,14 +237,14 @@ fn render_text(
     totals: &Totals,
     top: Option<usize>,
     clock: &Clock,
-    now_ns: u64,
+    now_ns: Option<u64>,
     last: bool,
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
         "{} {} report: {} transitions seen, {} timed, {} dropped ({} aggregation)",
-        clock.local_time(now_ns),
+        now_ns.map_or_else(|| "-".into(), |ns| clock.local_time(ns)),
         report_kind(last),
         stats.seen.max(totals.received),
         stats.total.total(),
@@ -251,6 +258,7 @@ fn render_text(
     }
     if let Some(top) = top {
         for (key, h) in stats.ranked(top) {
+            let key = printable_comm(key.as_bytes());
             let _ = writeln!(s, "\n== {key} ({} timed)", h.total());
             table(&mut s, &h);
         }
@@ -354,6 +362,23 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_replay_invents_no_time() {
+        let s = Stats::new(Mode::Replay, None, 10);
+        let text = render_text(
+            &s,
+            &Totals::default(),
+            None,
+            &Clock::with_offset(0),
+            None,
+            true,
+        );
+        assert!(
+            text.starts_with("- final report: 0 transitions seen"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn text_report_has_table_and_bars() {
         let mut s = Stats::new(Mode::PerEvent, None, 10);
         for us in [3, 3, 3, 40, 700] {
@@ -364,7 +389,7 @@ mod tests {
             &Totals::default(),
             None,
             &Clock::with_offset(0),
-            0,
+            Some(0),
             true,
         );
         assert!(

@@ -3,7 +3,7 @@
 
 use std::{
     borrow::Cow,
-    io::{self, BufRead, Write},
+    io::{self, BufRead, Read as _, Write},
     net::IpAddr,
 };
 
@@ -12,28 +12,55 @@ use serde::Deserialize;
 
 use super::{errno, Owner, SockFields, TcpState, Transition};
 
+/// The longest line a recording may hold. A real one is under 400 bytes;
+/// the bound keeps memory fixed whatever the input (`--from /dev/zero`).
+pub const MAX_LINE: usize = 64 * 1024;
+
 /// One line of the recording, as read back. Field names are documented in
-/// README.md; `format_line` writes the same shape.
+/// README.md; `format_line` writes the same shape. Every field must be
+/// present: `null` is a value, a missing field is an error.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record<'a> {
     ts_ns: u64,
+    #[serde(borrow)]
     sk: Cow<'a, str>,
+    #[serde(deserialize_with = "present")]
     pid: Option<u32>,
+    #[serde(borrow, deserialize_with = "present")]
     comm: Option<Cow<'a, str>>,
+    #[serde(borrow)]
     family: Cow<'a, str>,
     laddr: IpAddr,
     lport: u16,
     raddr: IpAddr,
     rport: u16,
+    #[serde(borrow)]
     old_state: Cow<'a, str>,
+    #[serde(borrow)]
     new_state: Cow<'a, str>,
+    #[serde(deserialize_with = "present")]
     duration_ns: Option<u64>,
+    #[serde(deserialize_with = "present")]
     bytes_sent: Option<u64>,
+    #[serde(deserialize_with = "present")]
     bytes_received: Option<u64>,
+    #[serde(borrow, deserialize_with = "present")]
     error: Option<Cow<'a, str>>,
+    #[serde(deserialize_with = "present")]
     retransmits: Option<u32>,
+    #[serde(deserialize_with = "present")]
     handshake_ns: Option<u64>,
+}
+
+/// A nullable field that must still be there: with `deserialize_with`,
+/// serde reports a missing field instead of taking it as `null`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::deserialize(d)
 }
 
 /// Writes one transition as a JSON line. Hand-formatted into a reused buffer:
@@ -180,20 +207,39 @@ fn parse_line(line: &str) -> Result<Transition> {
         (None, None) => None,
         _ => bail!("`pid` and `comm` must both be set or both be null"),
     };
+    let error = match r.error.as_deref() {
+        None => 0,
+        Some(name) => match errno::from_name(name) {
+            Some(e) if e != 0 => e,
+            _ => bail!("unknown error `{name}`"),
+        },
+    };
     let sock = match (r.bytes_sent, r.bytes_received) {
         (Some(bytes_sent), Some(bytes_received)) => Some(SockFields {
             bytes_sent,
             bytes_received,
-            error: match r.error.as_deref() {
-                None => 0,
-                Some(name) => {
-                    errno::from_name(name).ok_or_else(|| anyhow!("unknown error `{name}`"))?
-                }
-            },
+            error,
         }),
-        (None, None) => None,
+        (None, None) if error == 0 => None,
+        (None, None) => bail!("`error` is set without `bytes_sent` and `bytes_received`"),
         _ => bail!("`bytes_sent` and `bytes_received` must both be set or both be null"),
     };
+    ensure!(sk != 0, "`sk` is 0, which no socket has");
+    // The kernel's monotonic clock counts from boot: no event is at 0, and
+    // none lasted longer than the time since boot.
+    ensure!(r.ts_ns > 0, "`ts_ns` is 0");
+    for (name, value) in [
+        ("duration_ns", r.duration_ns),
+        ("handshake_ns", r.handshake_ns),
+    ] {
+        if let Some(v) = value {
+            ensure!(
+                v <= r.ts_ns,
+                "`{name}` {v} is longer than the time since boot (`ts_ns` {})",
+                r.ts_ns
+            );
+        }
+    }
     Ok(Transition {
         ts_ns: r.ts_ns,
         sk,
@@ -212,20 +258,33 @@ fn parse_line(line: &str) -> Result<Transition> {
 }
 
 /// Reads a recording, calling `each` per transition. Any bad line (corrupt,
-/// truncated, not a transition) is an error naming its line number.
+/// truncated, too long, not a transition) is an error naming its line number.
 pub fn read(
-    input: impl BufRead,
+    mut input: impl BufRead,
     name: &str,
     mut each: impl FnMut(Transition) -> Result<()>,
 ) -> Result<u64> {
     let mut count = 0;
-    for (i, line) in input.lines().enumerate() {
-        let line = line.with_context(|| format!("{name}: reading line {}", i + 1))?;
+    let mut buf = Vec::new();
+    for number in 1.. {
+        buf.clear();
+        let read = (&mut input)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("{name}: reading line {number}"))?;
+        if read == 0 {
+            break;
+        }
+        if buf.len() > MAX_LINE {
+            bail!("{name}:{number}: line longer than {MAX_LINE} bytes: not a tcp-trace record");
+        }
+        let line = std::str::from_utf8(&buf)
+            .map_err(|_| anyhow!("{name}:{number}: not UTF-8: not a tcp-trace record"))?;
         if line.trim().is_empty() {
             continue;
         }
-        let t = parse_line(&line)
-            .with_context(|| format!("{name}:{}: not a tcp-trace record", i + 1))?;
+        let t =
+            parse_line(line).with_context(|| format!("{name}:{number}: not a tcp-trace record"))?;
         each(t)?;
         count += 1;
     }
@@ -250,7 +309,7 @@ mod tests {
         assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let want = serde_json::json!({
-            "ts_ns": 1000, "sk": "0xffff888012345678", "pid": 4242, "comm": "curl",
+            "ts_ns": 1_000_000_000u64, "sk": "0xffff888012345678", "pid": 4242, "comm": "curl",
             "family": "ipv4", "laddr": "127.0.0.1", "lport": 45678,
             "raddr": "10.1.2.3", "rport": 80,
             "old_state": "SYN_SENT", "new_state": "ESTABLISHED", "duration_ns": 317000,
@@ -309,11 +368,48 @@ mod tests {
                 good.replace("\"comm\":\"curl\"", "\"comm\":null")
             ),
             format!("{good}{{\"ts_ns\":1}}\n"),
+            // A field left out is not a null.
+            format!("{good}{}", good.replace(",\"handshake_ns\":null", "")),
+            format!(
+                "{good}{}",
+                good.replace("\"error\":null", "\"error\":\"EBOGUS\"")
+            ),
+            // An error needs the socket fields it is read with.
+            format!(
+                "{good}{}",
+                good.replace("\"error\":null", "\"error\":\"ECONNRESET\"")
+            ),
+            // Times that cannot be real.
+            format!(
+                "{good}{}",
+                good.replace("\"ts_ns\":1000000000", "\"ts_ns\":0")
+            ),
+            format!(
+                "{good}{}",
+                good.replace("\"duration_ns\":317000", "\"duration_ns\":2000000000")
+            ),
+            format!("{good}\u{1b}\u{ff}\n"),
         ];
         for input in cases {
             let err = read(input.as_bytes(), "rec.json", |_| Ok(())).unwrap_err();
             assert!(format!("{err:#}").starts_with("rec.json:2:"), "{err:#}");
         }
+    }
+
+    #[test]
+    fn endless_input_is_refused_within_bounded_memory() {
+        let zeros = std::io::repeat(0).take(10 * MAX_LINE as u64);
+        let err = read(std::io::BufReader::new(zeros), "/dev/zero", |_| Ok(())).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            format!("/dev/zero:1: line longer than {MAX_LINE} bytes: not a tcp-trace record")
+        );
+    }
+
+    #[test]
+    fn an_empty_recording_has_no_transitions() {
+        assert_eq!(read(&b""[..], "empty", |_| Ok(())).unwrap(), 0);
+        assert_eq!(read(&b"\n\n"[..], "blank", |_| Ok(())).unwrap(), 0);
     }
 
     #[test]

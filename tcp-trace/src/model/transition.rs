@@ -215,7 +215,7 @@ pub mod tests {
         let mut daddr = [0u8; 16];
         daddr[..4].copy_from_slice(&[10, 1, 2, 3]);
         Event {
-            ts_ns: 1_000,
+            ts_ns: 1_000_000_000,
             skaddr: 0xffff_8880_1234_5678,
             duration_ns: 317_000,
             bytes_acked: 0,
