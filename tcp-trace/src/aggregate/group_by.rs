@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use clap::ValueEnum;
 
-use crate::{model::Owner, output::text::printable_comm};
+use crate::model::Owner;
 
 /// How `stats` and `handshake` group their figures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -31,7 +31,9 @@ impl GroupBy {
     }
 }
 
-/// The name of the group a socket belongs to under `--by`.
+/// The name of the group a socket belongs to under `--by`. A process is
+/// named by its own bytes (invalid UTF-8 replaced), as JSON carries it; text
+/// output escapes it for the terminal.
 pub fn group_name(
     by: GroupBy,
     owner: Option<&Owner>,
@@ -41,7 +43,7 @@ pub fn group_name(
 ) -> String {
     match by {
         GroupBy::Process => match owner {
-            Some(o) => format!("{} {}", o.pid, printable_comm(&o.comm)),
+            Some(o) => format!("{} {}", o.pid, String::from_utf8_lossy(&o.comm)),
             None => "unknown".to_string(),
         },
         GroupBy::Lport => lport.to_string(),
@@ -64,5 +66,10 @@ mod tests {
         assert_eq!(name(GroupBy::Raddr, None), "10.1.2.3");
         assert_eq!(name(GroupBy::Lport, None), "45678");
         assert_eq!(GroupBy::Rport.name(), "rport");
+        let hostile = Owner {
+            pid: 7,
+            comm: b"\x1b[2Jx".to_vec(),
+        };
+        assert_eq!(name(GroupBy::Process, Some(&hostile)), "7 \u{1b}[2Jx");
     }
 }

@@ -24,7 +24,10 @@ use crate::{
     output::{
         bars::bars,
         monotonic_ns, owner_json, quantiles_json,
-        text::{endpoint, human_duration, max_cell, owner_cells, quantile_cell, report_kind},
+        text::{
+            endpoint, human_duration, max_cell, owner_cells, printable_comm, quantile_cell,
+            report_kind,
+        },
         Clock, Sink,
     },
     source::{self, Consumer, Timing, Totals},
@@ -267,6 +270,7 @@ fn report_text(
         .filter_map(|side| Some((side.name().to_string(), sides.get(side)?)))
         .collect();
     for (side, key, summary) in ranked {
+        let key = printable_comm(key.as_bytes());
         rows.push((format!("{} {key}", side.name()), summary));
     }
     for (name, summary) in &rows {
