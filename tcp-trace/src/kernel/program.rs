@@ -1,16 +1,23 @@
 //! Loading the kernel program with the user's settings, attaching it, and
 //! reading its counters and histograms back.
 
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use caps::{CapSet, Capability};
 use tcp_trace_common::{counter, hist, Filter, SockOffsets, TracepointLayout, KNOWN_LAYOUT};
 
-use super::{btf::Btf, calibrate, probe::Probe, tracefs};
+use super::{
+    btf::Btf,
+    calibrate,
+    privileges::{check_privileges, drop_privileges, raise_memlock_limit},
+    probe::Probe,
+    tracefs,
+};
 use crate::{
     aggregate::{Histogram, StateHistograms},
     model::TcpState,
@@ -43,10 +50,16 @@ impl Settings {
 
 /// The attached program; dropping it detaches the program.
 pub struct Program {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
     histograms: Option<(PerCpuArray<MapData, u64>, PerCpuArray<MapData, u64>)>,
+    /// Runs of the main program the kernel had skipped when tracing began.
+    skipped_before_start: u64,
 }
+
+/// The program that sees every transition: each run the kernel skips is a
+/// transition lost.
+const MAIN_PROGRAM: &str = "inet_sock_set_state";
 
 /// Counters kept by the kernel program, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,6 +68,10 @@ pub struct Counters {
     pub untracked: u64,
     pub map_update_failed: u64,
     pub aggregated: u64,
+    /// Transitions the kernel did not run the program for, because a tracing
+    /// program was already running on that CPU (`recursion_misses`, Linux
+    /// 5.12+; 0 where the kernel does not report it).
+    pub skipped: u64,
 }
 
 impl Program {
@@ -107,7 +124,7 @@ impl Program {
             .context("loading the BPF program into the kernel")?;
 
         let program: &mut TracePoint = ebpf
-            .program_mut("inet_sock_set_state")
+            .program_mut(MAIN_PROGRAM)
             .context("the BPF object has no program inet_sock_set_state")?
             .try_into()
             .context("inet_sock_set_state is not a tracepoint program")?;
@@ -150,6 +167,19 @@ impl Program {
         // The calibration's own sockets (and anything else before this point)
         // precede the start of tracing: discard them.
         while events.next().is_some() {}
+        let skipped_before_start = match skipped_runs(&ebpf, MAIN_PROGRAM)? {
+            Some(n) => {
+                probe.found(SKIP_COUNT);
+                n
+            }
+            None => {
+                probe.missing(
+                    SKIP_COUNT,
+                    "the kernel does not report `recursion_misses` (Linux 5.12+)",
+                );
+                0
+            }
+        };
         let counters = per_cpu_array(&mut ebpf, "COUNTERS")?;
         let histograms = if settings.aggregate {
             Some((
@@ -162,11 +192,13 @@ impl Program {
         for note in probe.notes() {
             eprintln!("{note}");
         }
+        drop_privileges()?;
         Ok((
             Self {
-                _ebpf: ebpf,
+                ebpf,
                 counters,
                 histograms,
+                skipped_before_start,
             },
             events,
         ))
@@ -185,6 +217,9 @@ impl Program {
             untracked: sum(counter::UNTRACKED)?,
             map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
             aggregated: sum(counter::AGGREGATED)?,
+            skipped: skipped_runs(&self.ebpf, MAIN_PROGRAM)?
+                .unwrap_or(0)
+                .saturating_sub(self.skipped_before_start),
         })
     }
 
@@ -230,6 +265,30 @@ fn per_cpu_array(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64
 const SYNACK_TIMING: &str = "server handshake time after SYN-ACK retransmissions";
 const DIRECT_READS: &str = "direct tracepoint record reads";
 const SOCK_FIELDS: &str = "byte counts and errors at close";
+const SKIP_COUNT: &str = "a count of transitions the kernel skipped";
+
+/// How many runs of `name` the kernel skipped since it was loaded, from the
+/// program's fdinfo; `None` when the kernel does not say.
+fn skipped_runs(ebpf: &Ebpf, name: &str) -> Result<Option<u64>> {
+    let fd = ebpf
+        .program(name)
+        .with_context(|| format!("the BPF object has no program {name}"))?
+        .fd()
+        .with_context(|| format!("{name} is not loaded"))?
+        .as_fd()
+        .as_raw_fd();
+    let path = format!("/proc/self/fdinfo/{fd}");
+    let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    Ok(fdinfo_field(&info, "recursion_misses"))
+}
+
+/// A numeric `name:\tvalue` line of an fdinfo file.
+fn fdinfo_field(info: &str, name: &str) -> Option<u64> {
+    info.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == name).then(|| value.trim().parse().ok())?
+    })
+}
 
 /// Where the socket fields the program reads live in this kernel; zeros (and
 /// the fields reported as unknown) where its BTF does not say.
@@ -321,36 +380,17 @@ pub fn attach_floor() -> Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Fails with a message naming the missing capabilities, before the kernel
-/// answers with a bare EPERM.
-fn check_privileges() -> Result<()> {
-    let effective = caps::read(None, CapSet::Effective).context("reading our capabilities")?;
-    if effective.contains(&Capability::CAP_SYS_ADMIN) {
-        return Ok(());
-    }
-    let missing: Vec<String> = [Capability::CAP_BPF, Capability::CAP_PERFMON]
-        .into_iter()
-        .filter(|c| !effective.contains(c))
-        .map(|c| c.to_string())
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "tcp-trace needs root, or the capabilities CAP_BPF and CAP_PERFMON \
-             (CAP_SYS_ADMIN before Linux 5.8); missing: {}",
-            missing.join(", ")
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_recursion_misses_from_fdinfo() {
+        let info = "pos:\t0\nflags:\t02000002\nprog_type:\t5\nrun_cnt:\t7\n\
+                    recursion_misses:\t24\nverified_insns:\t310\n";
+        assert_eq!(super::fdinfo_field(info, "recursion_misses"), Some(24));
+        assert_eq!(super::fdinfo_field(info, "run_cnt"), Some(7));
+        assert_eq!(
+            super::fdinfo_field("prog_type:\t5\n", "recursion_misses"),
+            None
         );
     }
-    Ok(())
-}
-
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones charge
-/// the memory cgroup, where raising the limit is unnecessary (and may be
-/// refused without CAP_SYS_RESOURCE), so a failure here is not an error.
-fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: a valid rlimit struct is passed by reference.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }

@@ -44,17 +44,21 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Transitions lost anywhere: skipped by the kernel, lost to a full ring
+    /// buffer, or not decodable.
     pub fn dropped(&self) -> u64 {
-        self.kernel.ringbuf_full + self.undecodable
+        self.kernel.skipped + self.kernel.ringbuf_full + self.undecodable
     }
 
     pub fn summary(&self) -> String {
         format!(
-            "tcp-trace: {} events received, {} dropped ({} ring buffer full, {} undecodable); \
+            "tcp-trace: {} events received, {} dropped ({} skipped by the kernel while another \
+             BPF program ran, {} ring buffer full, {} undecodable); \
              {} transitions of sockets first seen mid-life (owner/duration unknown), \
              {} socket-map insert failures",
             self.received,
             self.dropped(),
+            self.kernel.skipped,
             self.kernel.ringbuf_full,
             self.undecodable,
             self.kernel.untracked,
