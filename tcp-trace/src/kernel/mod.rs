@@ -3,6 +3,7 @@
 
 mod btf;
 mod calibrate;
+mod privileges;
 mod probe;
 mod program;
 pub mod tracefs;

@@ -20,8 +20,15 @@ const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 /// mounted tracefs is found (aya also needs it to attach).
 pub fn tracefs_root() -> Result<PathBuf> {
     for root in [TRACEFS, DEBUGFS_TRACING] {
-        if Path::new(root).join("events").is_dir() {
-            return Ok(root.into());
+        match fs::metadata(Path::new(root).join("events")) {
+            Ok(events) if events.is_dir() => return Ok(root.into()),
+            // Mounted, but its root directory (mode 0700) keeps us out.
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "tracefs is mounted at {root} but this process may not read it: that needs \
+                 root or CAP_DAC_READ_SEARCH (or a mode that lets this user in, e.g. \
+                 `chmod 0755 {root}`)"
+            ),
+            _ => {}
         }
     }
     mount_tracefs().with_context(|| {
