@@ -28,6 +28,11 @@ struct Conn {
     born: bool,
     /// States it left, with the time spent in each (None: unknown).
     states: Vec<(TcpState, Option<u64>)>,
+    /// The latest transition seen.
+    last: Transition,
+    /// Transitions missed (an event's old state was not the state the
+    /// previous one entered): the kernel skipped them or the ring was full.
+    gaps: u32,
 }
 
 /// How a connection ended.
@@ -44,6 +49,9 @@ pub enum Ending {
     Refused,
     TimedOut,
     Unknown,
+    /// Its close was never seen: the socket's address came back as a new
+    /// connection (the kernel skipped the `CLOSE`, or the ring was full).
+    Unseen,
 }
 
 impl Ending {
@@ -56,6 +64,7 @@ impl Ending {
             Ending::Refused => "refused",
             Ending::TimedOut => "timeout",
             Ending::Unknown => "unknown",
+            Ending::Unseen => "unseen",
         }
     }
 }
@@ -96,6 +105,8 @@ pub struct Life {
     pub complete: bool,
     pub states: Vec<(TcpState, Option<u64>)>,
     pub ending: Ending,
+    /// Transitions known to be missing from `states`.
+    pub gaps: u32,
 }
 
 /// Follows connections; yields a `Life` at each CLOSE.
@@ -116,14 +127,39 @@ impl Connections {
         }
     }
 
+    /// Follows `t`; returns the life it ends: its own connection's at a
+    /// `CLOSE`, or, when `t` begins a connection at the address of one whose
+    /// close was never seen, that older one.
     pub fn event(&mut self, t: &Transition) -> Option<Life> {
         // Listeners are not connections.
         if t.new_state == TcpState::LISTEN || t.is(TcpState::LISTEN, TcpState::CLOSE) {
             return None;
         }
+        let begins = t.old_state == TcpState::CLOSE || t.is(TcpState::LISTEN, TcpState::SYN_RECV);
+        // Followed sockets leave the table at their CLOSE: one still here
+        // when its address begins anew lost its CLOSE.
+        let unseen_close = if begins {
+            self.conns.remove(&t.sk)
+        } else {
+            None
+        };
+        let ended = unseen_close.map(|conn| {
+            let last = conn.last.clone();
+            conn.into_life(last, Ending::Unseen)
+        });
+        self.follow(t).or(ended)
+    }
+
+    fn follow(&mut self, t: &Transition) -> Option<Life> {
         let is_close = t.new_state == TcpState::CLOSE;
         let conn = match self.conns.get_mut(&t.sk) {
-            Some(c) => c,
+            Some(c) => {
+                if c.last.new_state != t.old_state {
+                    c.gaps += 1;
+                }
+                c.last.clone_from(t);
+                c
+            }
             None => {
                 let born =
                     t.old_state == TcpState::CLOSE || t.is(TcpState::LISTEN, TcpState::SYN_RECV);
@@ -135,6 +171,8 @@ impl Connections {
                     owner: t.owner.clone(),
                     born,
                     states: Vec::new(),
+                    last: t.clone(),
+                    gaps: 0,
                 };
                 self.conns.entry(t.sk).or_insert(conn)
             }
@@ -161,18 +199,26 @@ impl Connections {
             return None;
         }
         let conn = self.conns.remove(&t.sk)?;
-        let known = conn.states.iter().all(|(_, d)| d.is_some());
-        let lifetime_ns = conn.states.iter().filter_map(|(_, d)| *d).sum();
         let passed: Vec<TcpState> = conn.states.iter().map(|(s, _)| *s).collect();
-        Some(Life {
-            ts_ns: t.ts_ns,
-            owner: conn.owner,
-            t: t.clone(),
-            lifetime_ns,
-            complete: conn.born && known,
-            ending: ending(&passed, t.old_state, t.sock),
-            states: conn.states,
-        })
+        let how = ending(&passed, t.old_state, t.sock);
+        Some(conn.into_life(t.clone(), how))
+    }
+}
+
+impl Conn {
+    /// The life of this connection, ended by `last` in the way `ending` says.
+    fn into_life(self, last: Transition, ending: Ending) -> Life {
+        let known = self.states.iter().all(|(_, d)| d.is_some());
+        Life {
+            ts_ns: last.ts_ns,
+            owner: self.owner,
+            lifetime_ns: self.states.iter().filter_map(|(_, d)| *d).sum(),
+            complete: self.born && known && self.gaps == 0 && ending != Ending::Unseen,
+            t: last,
+            states: self.states,
+            ending,
+            gaps: self.gaps,
+        }
     }
 }
 
@@ -234,6 +280,7 @@ pub fn json_line(life: &Life) -> serde_json::Value {
         "lifetime_complete": life.complete,
         "states": states,
         "close": life.ending.name(),
+        "missed_transitions": life.gaps,
         "error": life.t.sock.filter(|s| s.error != 0).map(|s| errno::name(s.error)),
         "bytes_sent": life.t.sock.map(|s| s.bytes_sent),
         "bytes_received": life.t.sock.map(|s| s.bytes_received),
@@ -427,6 +474,38 @@ mod tests {
             ending(&s(&["ESTABLISHED", "FIN_WAIT1"]), fw2, err(104)),
             Ending::Reset
         );
+    }
+
+    #[test]
+    fn a_skipped_close_ends_the_life_when_the_address_comes_back() {
+        let mut tr = Connections::new(100);
+        tr.event(&ev(5, 0, "CLOSE", "SYN_SENT", None));
+        tr.event(&ev(5, 10, "SYN_SENT", "ESTABLISHED", Some(10)));
+        // ... its FIN_WAIT1 -> ... -> CLOSE were skipped; the address is reused.
+        let old = tr.event(&ev(5, 500, "CLOSE", "SYN_SENT", None)).unwrap();
+        assert_eq!(old.ending, Ending::Unseen);
+        assert!(!old.complete);
+        assert_eq!(old.ts_ns, 10, "ends at the last transition seen");
+        assert_eq!(json_line(&old)["close"], "unseen");
+        // The new connection is followed from its own start.
+        tr.event(&ev(5, 520, "SYN_SENT", "ESTABLISHED", Some(20)));
+        let new = tr
+            .event(&ev(5, 600, "ESTABLISHED", "CLOSE", Some(80)))
+            .unwrap();
+        assert_eq!((new.lifetime_ns, new.gaps), (100, 0));
+    }
+
+    #[test]
+    fn a_skipped_transition_is_a_gap_not_a_wrong_life() {
+        let mut tr = Connections::new(100);
+        tr.event(&ev(6, 0, "CLOSE", "SYN_SENT", None));
+        tr.event(&ev(6, 10, "SYN_SENT", "ESTABLISHED", Some(10)));
+        // ESTABLISHED -> FIN_WAIT1 was skipped.
+        tr.event(&ev(6, 90, "FIN_WAIT1", "FIN_WAIT2", None));
+        let life = tr.event(&ev(6, 95, "FIN_WAIT2", "CLOSE", Some(5))).unwrap();
+        assert_eq!(life.gaps, 1);
+        assert!(!life.complete);
+        assert_eq!(json_line(&life)["missed_transitions"], 1);
     }
 
     #[test]
