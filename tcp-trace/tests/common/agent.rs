@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-pub const TRACER: &str = env!("CARGO_BIN_EXE_tcp-trace");
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 
 /// One line of `tcp-trace watch --json`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -40,34 +40,36 @@ pub struct Ev {
 }
 
 /// A running `tcp-trace watch --json`.
-pub struct Tracer {
+///
+/// Not called `Tracer`: that is `load::Tracer`, the attached programs inside it.
+pub struct Agent {
     child: Child,
     stdout: mpsc::Receiver<String>,
     stderr: mpsc::Receiver<String>,
 }
 
-/// What a stopped tracer printed.
-pub struct Trace {
+/// What a stopped agent printed.
+pub struct AgentOutput {
     pub events: Vec<Ev>,
     pub stderr: Vec<String>,
 }
 
-impl Tracer {
-    /// Starts the tracer and waits until it says it is tracing. Fails loudly
+impl Agent {
+    /// Starts the agent and waits until it says it is tracing. Fails loudly
     /// (never skips) when the program cannot be loaded.
-    pub fn start(args: &[&str]) -> Tracer {
+    pub fn start(args: &[&str]) -> Agent {
         let mut full = vec!["watch", "--json"];
         full.extend_from_slice(args);
         Self::command(&full)
     }
 
     /// Starts any tracing command (`stats ...`, `life ...`).
-    pub fn command(args: &[&str]) -> Tracer {
+    pub fn command(args: &[&str]) -> Agent {
         Self::command_env(args, &[])
     }
 
-    pub fn command_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
-        let mut child = Command::new(TRACER)
+    pub fn command_env(args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut child = Command::new(AGENT_BIN)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -109,19 +111,19 @@ impl Tracer {
                 }
             }
         }
-        Tracer {
+        Agent {
             child,
             stdout,
             stderr,
         }
     }
 
-    /// The next line the tracer prints on stdout, waiting up to `limit`.
+    /// The next line the agent prints on stdout, waiting up to `limit`.
     pub fn next_line(&self, limit: Duration) -> Option<String> {
         self.stdout.recv_timeout(limit).ok()
     }
 
-    /// Stops the tracer with SIGTERM, as an operator or systemd would, and
+    /// Stops the agent with SIGTERM, as an operator or systemd would, and
     /// returns its stdout and stderr lines.
     pub fn stop_raw(mut self) -> (Vec<String>, Vec<String>) {
         // SAFETY: signalling our own child by pid.
@@ -138,17 +140,17 @@ impl Tracer {
     }
 
     /// Stops `watch --json` and parses its events.
-    pub fn stop(self) -> Trace {
+    pub fn stop(self) -> AgentOutput {
         let (lines, stderr) = self.stop_raw();
         let events = lines
             .iter()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
             .collect();
-        Trace { events, stderr }
+        AgentOutput { events, stderr }
     }
 }
 
-impl Trace {
+impl AgentOutput {
     /// Events of sockets with `port` at either end, grouped per socket, in order.
     pub fn sockets_on_port(&self, port: u16) -> BTreeMap<String, Vec<Ev>> {
         let mut by_sk: BTreeMap<String, Vec<Ev>> = BTreeMap::new();
