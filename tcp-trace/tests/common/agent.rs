@@ -2,7 +2,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
     net::IpAddr,
     process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
@@ -77,24 +77,8 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning tcp-trace");
-        let (tx, stdout) = mpsc::channel();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (tx, stderr) = mpsc::channel();
-        let err = BufReader::new(child.stderr.take().unwrap());
-        thread::spawn(move || {
-            for line in err.lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stdout = forward_lines(child.stdout.take().unwrap());
+        let stderr = forward_lines(child.stderr.take().unwrap());
         let mut seen = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -171,6 +155,21 @@ impl AgentOutput {
             .map(String::as_str)
             .unwrap_or_else(|| panic!("no summary on stderr: {:?}", self.stderr))
     }
+}
+
+/// Sends each line read from `from` down a channel, from a thread of its own,
+/// so the test can wait on a pipe with a timeout; ends at EOF or when the
+/// receiver is dropped.
+fn forward_lines(from: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
