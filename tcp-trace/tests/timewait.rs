@@ -147,11 +147,13 @@ fn row_lingering(report: &Value, comm: &str) -> u64 {
 fn a_server_that_closes_first_is_charged() {
     let port = free_port();
     let agent = start(port);
-    let quick = Script {
-        hold: Duration::from_millis(20),
-        linger: Duration::from_millis(20),
-    };
-    let (server_pid, _) = exchanges(SocketAddr::new(loopback(true), port), quick, 20, 10, 10);
+    let (server_pid, _) = exchanges(
+        SocketAddr::new(loopback(true), port),
+        Script::QUICK,
+        20,
+        10,
+        10,
+    );
     let report = wait_for(&agent, Duration::from_secs(20), |r| {
         row_lingering(r, "tt-server") == 20
     });

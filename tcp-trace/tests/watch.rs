@@ -175,16 +175,12 @@ fn port_filter_lets_no_other_port_through() {
     let (watched, other) = (free_port(), free_port());
     assert_ne!(watched, other);
     let agent = Agent::start(&["--port", &watched.to_string()]);
-    let quick = Script {
-        hold: Duration::from_millis(20),
-        linger: Duration::from_millis(20),
-    };
     let busy = thread::spawn(move || {
         for _ in 0..5 {
-            exchange(SocketAddr::new(loopback(false), other), quick);
+            exchange(SocketAddr::new(loopback(false), other), Script::QUICK);
         }
     });
-    exchange(SocketAddr::new(loopback(false), watched), quick);
+    exchange(SocketAddr::new(loopback(false), watched), Script::QUICK);
     busy.join().unwrap();
     thread::sleep(Duration::from_millis(200));
     let trace = agent.stop();
@@ -199,12 +195,8 @@ fn port_filter_lets_no_other_port_through() {
 fn family_filter_keeps_one_family() {
     let port = free_port();
     let agent = Agent::start(&["--port", &port.to_string(), "-6"]);
-    let quick = Script {
-        hold: Duration::from_millis(20),
-        linger: Duration::from_millis(20),
-    };
-    exchange(SocketAddr::new(loopback(false), port), quick);
-    exchange(SocketAddr::new(loopback(true), port), quick);
+    exchange(SocketAddr::new(loopback(false), port), Script::QUICK);
+    exchange(SocketAddr::new(loopback(true), port), Script::QUICK);
     thread::sleep(Duration::from_millis(200));
     let trace = agent.stop();
     assert!(
@@ -249,13 +241,7 @@ fn pid_filter_keeps_one_process() {
 fn text_output_names_the_owner() {
     let port = free_port();
     let agent = Agent::command(&["watch", "--port", &port.to_string()]);
-    exchange(
-        SocketAddr::new(loopback(false), port),
-        Script {
-            hold: Duration::from_millis(20),
-            linger: Duration::from_millis(20),
-        },
-    );
+    exchange(SocketAddr::new(loopback(false), port), Script::QUICK);
     thread::sleep(Duration::from_millis(200));
     let text = agent.stop_raw().0.join("\n");
     let lines: Vec<&str> = text.lines().collect();
@@ -334,12 +320,8 @@ fn handshake_retransmissions_are_counted() {
         ],
     );
     let agent = Agent::start(&["-4"]);
-    let quick = Script {
-        hold: Duration::from_millis(20),
-        linger: Duration::from_millis(20),
-    };
-    exchange(SocketAddr::new(loopback(false), syn_port), quick);
-    exchange(SocketAddr::new(loopback(false), ack_port), quick);
+    exchange(SocketAddr::new(loopback(false), syn_port), Script::QUICK);
+    exchange(SocketAddr::new(loopback(false), ack_port), Script::QUICK);
     thread::sleep(Duration::from_millis(200));
     let trace = agent.stop();
     let find = |port: u16, old: &str, local: bool| -> Ev {

@@ -163,6 +163,14 @@ pub struct Script {
     pub linger: Duration,
 }
 
+impl Script {
+    /// A short exchange, for tests that need the connections but not their timing.
+    pub const QUICK: Script = Script {
+        hold: Duration::from_millis(20),
+        linger: Duration::from_millis(20),
+    };
+}
+
 /// Runs one exchange: server and client in two processes. Returns their pids.
 pub fn exchange(addr: SocketAddr, script: Script) -> (u32, u32) {
     let mut server = Peer::server(addr, script.hold, script.linger);
