@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{free_port, loopback, sockaddr, socket, NftTable, Tracer};
+use common::{free_port, loopback, sockaddr, socket, Agent, NftTable};
 use serde_json::Value;
 
 const SECOND: u64 = 1_000_000_000;
@@ -97,7 +97,7 @@ fn scenarios(v6: bool) {
             format!("tcp dport {{ {timeout}, {aborted} }} tcp flags & (syn | ack) == syn drop"),
         ],
     );
-    let tracer = Tracer::command(&["handshake", "--json", if v6 { "-6" } else { "-4" }]);
+    let agent = Agent::command(&["handshake", "--json", if v6 { "-6" } else { "-4" }]);
     let at = |port| SocketAddr::new(loopback(v6), port);
 
     // The client's first SYN is lost: it retransmits after 1 s.
@@ -129,7 +129,7 @@ fn scenarios(v6: bool) {
     drop(fd);
 
     thread::sleep(Duration::from_millis(300));
-    let (out, _) = tracer.stop_raw();
+    let (out, _) = agent.stop_raw();
     let all: Vec<Value> = out
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -5,7 +5,7 @@ mod common;
 
 use std::{collections::HashMap, net::SocketAddr, process::Command, thread, time::Duration};
 
-use common::{exchanges, free_port, loopback, Script, Tracer, TRACER};
+use common::{exchanges, free_port, loopback, Agent, Script, AGENT_BIN};
 use serde_json::Value;
 
 const CONNECTIONS: usize = 20;
@@ -37,7 +37,7 @@ fn one_json(lines: &[String]) -> Value {
     serde_json::from_str(&lines[0]).unwrap()
 }
 
-/// Counts must match exactly. Several tracers attached at once run one after
+/// Counts must match exactly. Several agents attached at once run one after
 /// another at each transition, and an interrupt may fall between two of them,
 /// so each stamps a transition microseconds apart: quantiles are compared for
 /// the states the script holds (milliseconds and more), within one histogram
@@ -71,17 +71,17 @@ fn assert_same_figures(a: &Value, b: &Value, what: &str) {
 }
 
 fn run(args: &[&str]) -> std::process::Output {
-    Command::new(TRACER).args(args).output().unwrap()
+    Command::new(AGENT_BIN).args(args).output().unwrap()
 }
 
 #[test]
 fn stats_and_life_live_and_replayed() {
     let port = free_port();
     let p = port.to_string();
-    let recorder = Tracer::start(&["--port", &p]);
-    let in_kernel = Tracer::command(&["stats", "--json", "--port", &p]);
-    let per_event = Tracer::command(&["stats", "--json", "--by", "process", "--port", &p]);
-    let life = Tracer::command(&["life", "--json", "--port", &p]);
+    let recorder = Agent::start(&["--port", &p]);
+    let in_kernel = Agent::command(&["stats", "--json", "--port", &p]);
+    let per_event = Agent::command(&["stats", "--json", "--by", "process", "--port", &p]);
+    let life = Agent::command(&["life", "--json", "--port", &p]);
 
     let (server_pid, client_pid) = exchanges(
         SocketAddr::new(loopback(false), port),
@@ -246,7 +246,7 @@ fn stats_and_life_live_and_replayed() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(replayed.len(), lives.len());
-    // Two tracers' ring buffers may order concurrent closes differently:
+    // Two agents' ring buffers may order concurrent closes differently:
     // match each connection by its socket and ports, not by position.
     let id = |l: &Value| format!("{} {} {}", l["sk"], l["lport"], l["rport"]);
     let replayed: HashMap<String, &Value> = replayed.iter().map(|l| (id(l), l)).collect();

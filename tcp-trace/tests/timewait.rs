@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{exchanges, free_port, loopback, Peer, Script, Tracer};
+use common::{exchanges, free_port, loopback, Agent, Peer, Script};
 use serde_json::Value;
 
 /// Timewait sockets on `port` that `ss` counts right now.
@@ -35,11 +35,11 @@ fn rows(report: &Value) -> HashMap<String, Value> {
 }
 
 /// Reads reports until one satisfies `done`, for up to `limit`.
-fn wait_for(tracer: &Tracer, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+fn wait_for(agent: &Agent, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + limit;
     let mut last = Value::Null;
     while Instant::now() < deadline {
-        let Some(line) = tracer.next_line(Duration::from_secs(5)) else {
+        let Some(line) = agent.next_line(Duration::from_secs(5)) else {
             continue;
         };
         last = serde_json::from_str(&line).unwrap();
@@ -50,8 +50,8 @@ fn wait_for(tracer: &Tracer, limit: Duration, done: impl Fn(&Value) -> bool) -> 
     panic!("no report matched within {limit:?}; last: {last:#}");
 }
 
-fn start(port: u16) -> Tracer {
-    Tracer::command(&[
+fn start(port: u16) -> Agent {
+    Agent::command(&[
         "timewait",
         "--json",
         "--interval",
@@ -65,7 +65,7 @@ fn start(port: u16) -> Tracer {
 fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     let port = free_port();
     let addr = SocketAddr::new(loopback(false), port);
-    let tracer = start(port);
+    let agent = start(port);
     let server = Peer::waiting_server(addr);
     // Two differently named processes close first at the same time.
     let mut a = Peer::closer(addr, 50, "tt-closer-a", false);
@@ -76,7 +76,7 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     a.finish();
     b.finish();
 
-    let report = wait_for(&tracer, Duration::from_secs(20), |r| {
+    let report = wait_for(&agent, Duration::from_secs(20), |r| {
         row_lingering(r, "tt-closer-a") == 50 && row_lingering(r, "tt-closer-b") == 20
     });
     let rows = rows(&report);
@@ -117,7 +117,7 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     );
 
     // TIME_WAIT lasts 60 s on Linux: wait for the kernel to reap them.
-    let reaped = wait_for(&tracer, Duration::from_secs(80), |r| {
+    let reaped = wait_for(&agent, Duration::from_secs(80), |r| {
         row_lingering(r, "tt-closer-a") == 0 && row_lingering(r, "tt-closer-b") == 0
     });
     let ra = &rows_of(&reaped)["tt-closer-a"];
@@ -128,7 +128,7 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     assert!((58.5..=62.5).contains(&p50), "TIME_WAIT p50 {p50:.2} s");
     assert!(ss_time_wait(port) as u64 <= before);
     server.finish();
-    tracer.stop_raw();
+    agent.stop_raw();
 }
 
 fn rows_of(report: &Value) -> HashMap<String, Value> {
@@ -146,13 +146,15 @@ fn row_lingering(report: &Value, comm: &str) -> u64 {
 #[test]
 fn a_server_that_closes_first_is_charged() {
     let port = free_port();
-    let tracer = start(port);
-    let quick = Script {
-        hold: Duration::from_millis(20),
-        linger: Duration::from_millis(20),
-    };
-    let (server_pid, _) = exchanges(SocketAddr::new(loopback(true), port), quick, 20, 10, 10);
-    let report = wait_for(&tracer, Duration::from_secs(20), |r| {
+    let agent = start(port);
+    let (server_pid, _) = exchanges(
+        SocketAddr::new(loopback(true), port),
+        Script::QUICK,
+        20,
+        10,
+        10,
+    );
+    let report = wait_for(&agent, Duration::from_secs(20), |r| {
         row_lingering(r, "tt-server") == 20
     });
     let rows = rows(&report);
@@ -166,14 +168,14 @@ fn a_server_that_closes_first_is_charged() {
     let total = report["lingering_total"].as_u64().unwrap();
     let ss = ss_time_wait(port) as u64;
     assert!((20..=total).contains(&ss), "ss counts {ss}: {report:#}");
-    tracer.stop_raw();
+    agent.stop_raw();
 }
 
 #[test]
 fn resets_are_not_counted() {
     let port = free_port();
     let addr = SocketAddr::new(loopback(false), port);
-    let tracer = start(port);
+    let agent = start(port);
     let server = Peer::waiting_server(addr);
     let mut resetter = Peer::closer(addr, 20, "tt-resetter", true);
     resetter.go();
@@ -181,7 +183,7 @@ fn resets_are_not_counted() {
     // Three polls: long enough for any timewait socket to show.
     std::thread::sleep(Duration::from_secs(3));
     server.finish();
-    let (lines, _) = tracer.stop_raw();
+    let (lines, _) = agent.stop_raw();
     let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(last["final"], true);
     for row in last["processes"].as_array().unwrap() {

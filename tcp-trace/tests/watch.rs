@@ -4,7 +4,7 @@ mod common;
 
 use std::{net::SocketAddr, process::Command, thread, time::Duration};
 
-use common::{exchange, free_port, loopback, sequence, Ev, Script, Tracer, TRACER};
+use common::{exchange, free_port, loopback, sequence, Agent, Ev, Script, AGENT_BIN};
 
 const SCRIPT: Script = Script {
     hold: Duration::from_millis(300),
@@ -45,11 +45,11 @@ fn find<'a>(sockets: &'a [Vec<Ev>], first: &str, what: &str) -> &'a [Ev] {
 
 fn scripted_exchange(v6: bool, env: &[(&str, &str)]) {
     let port = free_port();
-    let tracer = Tracer::command_env(&["watch", "--json", "--port", &port.to_string()], env);
+    let agent = Agent::command_env(&["watch", "--json", "--port", &port.to_string()], env);
     let (server_pid, client_pid) = exchange(SocketAddr::new(loopback(v6), port), SCRIPT);
     // Let the softirq tail of the exchange reach the ring buffer.
     thread::sleep(Duration::from_millis(200));
-    let trace = tracer.stop();
+    let trace = agent.stop();
     let sockets: Vec<Vec<Ev>> = trace.sockets_on_port(port).into_values().collect();
     assert_eq!(
         sockets.len(),
@@ -174,20 +174,16 @@ fn exchange_through_the_probe_read_path() {
 fn port_filter_lets_no_other_port_through() {
     let (watched, other) = (free_port(), free_port());
     assert_ne!(watched, other);
-    let tracer = Tracer::start(&["--port", &watched.to_string()]);
-    let quick = Script {
-        hold: Duration::from_millis(20),
-        linger: Duration::from_millis(20),
-    };
+    let agent = Agent::start(&["--port", &watched.to_string()]);
     let busy = thread::spawn(move || {
         for _ in 0..5 {
-            exchange(SocketAddr::new(loopback(false), other), quick);
+            exchange(SocketAddr::new(loopback(false), other), Script::QUICK);
         }
     });
-    exchange(SocketAddr::new(loopback(false), watched), quick);
+    exchange(SocketAddr::new(loopback(false), watched), Script::QUICK);
     busy.join().unwrap();
     thread::sleep(Duration::from_millis(200));
-    let trace = tracer.stop();
+    let trace = agent.stop();
     assert!(!trace.events.is_empty());
     for ev in &trace.events {
         assert!(ev.lport == watched || ev.rport == watched, "leaked: {ev:?}");
@@ -198,15 +194,11 @@ fn port_filter_lets_no_other_port_through() {
 #[test]
 fn family_filter_keeps_one_family() {
     let port = free_port();
-    let tracer = Tracer::start(&["--port", &port.to_string(), "-6"]);
-    let quick = Script {
-        hold: Duration::from_millis(20),
-        linger: Duration::from_millis(20),
-    };
-    exchange(SocketAddr::new(loopback(false), port), quick);
-    exchange(SocketAddr::new(loopback(true), port), quick);
+    let agent = Agent::start(&["--port", &port.to_string(), "-6"]);
+    exchange(SocketAddr::new(loopback(false), port), Script::QUICK);
+    exchange(SocketAddr::new(loopback(true), port), Script::QUICK);
     thread::sleep(Duration::from_millis(200));
-    let trace = tracer.stop();
+    let trace = agent.stop();
     assert!(
         trace.events.iter().all(|e| e.family == "ipv6"),
         "{:#?}",
@@ -222,7 +214,7 @@ fn pid_filter_keeps_one_process() {
     // The server waits for `go`, so its pid is known before tracing starts.
     let mut server =
         common::Peer::server(addr, Duration::from_millis(50), Duration::from_millis(20));
-    let tracer = Tracer::start(&["--pid", &server.pid().to_string()]);
+    let agent = Agent::start(&["--pid", &server.pid().to_string()]);
     server.go();
     server.expect_line("listening");
     let mut client = common::Peer::client(addr, Duration::from_millis(20));
@@ -231,7 +223,7 @@ fn pid_filter_keeps_one_process() {
     client.finish();
     server.finish();
     thread::sleep(Duration::from_millis(200));
-    let trace = tracer.stop();
+    let trace = agent.stop();
     assert!(
         trace.events.iter().all(|e| e.pid == Some(server_pid)),
         "{:#?}",
@@ -248,16 +240,10 @@ fn pid_filter_keeps_one_process() {
 #[test]
 fn text_output_names_the_owner() {
     let port = free_port();
-    let tracer = Tracer::command(&["watch", "--port", &port.to_string()]);
-    exchange(
-        SocketAddr::new(loopback(false), port),
-        Script {
-            hold: Duration::from_millis(20),
-            linger: Duration::from_millis(20),
-        },
-    );
+    let agent = Agent::command(&["watch", "--port", &port.to_string()]);
+    exchange(SocketAddr::new(loopback(false), port), Script::QUICK);
     thread::sleep(Duration::from_millis(200));
-    let text = tracer.stop_raw().0.join("\n");
+    let text = agent.stop_raw().0.join("\n");
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         lines[0].starts_with("TIME") && lines[0].contains("OLDSTATE"),
@@ -285,7 +271,7 @@ fn missing_privileges_are_named() {
             "--clear-groups",
             "--inh-caps=-all",
         ])
-        .args(["--bounding-set=-all", TRACER, "watch"])
+        .args(["--bounding-set=-all", AGENT_BIN, "watch"])
         .output()
         .expect("running setpriv (util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -309,7 +295,7 @@ fn bad_flags_exit_2_with_a_message() {
         &["watch", "--lport", "x"],
         &["nonsense"],
     ] {
-        let out = Command::new(TRACER).args(args).output().unwrap();
+        let out = Command::new(AGENT_BIN).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.starts_with("error:"), "{stderr}");
@@ -333,15 +319,11 @@ fn handshake_retransmissions_are_counted() {
             ),
         ],
     );
-    let tracer = Tracer::start(&["-4"]);
-    let quick = Script {
-        hold: Duration::from_millis(20),
-        linger: Duration::from_millis(20),
-    };
-    exchange(SocketAddr::new(loopback(false), syn_port), quick);
-    exchange(SocketAddr::new(loopback(false), ack_port), quick);
+    let agent = Agent::start(&["-4"]);
+    exchange(SocketAddr::new(loopback(false), syn_port), Script::QUICK);
+    exchange(SocketAddr::new(loopback(false), ack_port), Script::QUICK);
     thread::sleep(Duration::from_millis(200));
-    let trace = tracer.stop();
+    let trace = agent.stop();
     let find = |port: u16, old: &str, local: bool| -> Ev {
         trace
             .events

@@ -1,0 +1,187 @@
+//! Running the tcp-trace binary under test and reading what it prints.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read},
+    net::IpAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
+
+/// One line of `tcp-trace watch --json`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Ev {
+    pub ts_ns: u64,
+    pub sk: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub family: String,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub old_state: String,
+    pub new_state: String,
+    pub duration_ns: Option<u64>,
+    #[serde(default)]
+    pub retransmits: Option<u32>,
+    #[serde(default)]
+    pub bytes_sent: Option<u64>,
+    #[serde(default)]
+    pub bytes_received: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A running `tcp-trace watch --json`.
+///
+/// Not called `Tracer`: that is `load::Tracer`, the attached programs inside it.
+pub struct Agent {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// What a stopped agent printed.
+pub struct AgentOutput {
+    pub events: Vec<Ev>,
+    pub stderr: Vec<String>,
+}
+
+impl Agent {
+    /// Starts the agent and waits until it says it is tracing. Fails loudly
+    /// (never skips) when the program cannot be loaded.
+    pub fn start(args: &[&str]) -> Agent {
+        let mut full = vec!["watch", "--json"];
+        full.extend_from_slice(args);
+        Self::command(&full)
+    }
+
+    /// Starts any tracing command (`stats ...`, `life ...`).
+    pub fn command(args: &[&str]) -> Agent {
+        Self::command_env(args, &[])
+    }
+
+    pub fn command_env(args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut child = Command::new(AGENT_BIN)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning tcp-trace");
+        let stdout = forward_lines(child.stdout.take().unwrap());
+        let stderr = forward_lines(child.stderr.take().unwrap());
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.starts_with("tcp-trace: tracing ") => break,
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "tcp-trace did not start tracing: loading BPF into the running kernel \
+                         needs root (or CAP_BPF + CAP_PERFMON). It said:\n{}",
+                        seen.join("\n")
+                    );
+                }
+            }
+        }
+        Agent {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The next line the agent prints on stdout, waiting up to `limit`.
+    pub fn next_line(&self, limit: Duration) -> Option<String> {
+        self.stdout.recv_timeout(limit).ok()
+    }
+
+    /// Stops the agent with SIGTERM, as an operator or systemd would, and
+    /// returns its stdout and stderr lines.
+    pub fn stop_raw(mut self) -> (Vec<String>, Vec<String>) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut self.child, Duration::from_secs(60));
+        // The reader ends at EOF, which follows the exit.
+        let lines: Vec<String> = self.stdout.iter().collect();
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        assert!(
+            status.success(),
+            "tcp-trace exited with {status}: {stderr:?}"
+        );
+        (lines, stderr)
+    }
+
+    /// Stops `watch --json` and parses its events.
+    pub fn stop(self) -> AgentOutput {
+        let (lines, stderr) = self.stop_raw();
+        let events = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect();
+        AgentOutput { events, stderr }
+    }
+}
+
+impl AgentOutput {
+    /// Events of sockets with `port` at either end, grouped per socket, in order.
+    pub fn sockets_on_port(&self, port: u16) -> BTreeMap<String, Vec<Ev>> {
+        let mut by_sk: BTreeMap<String, Vec<Ev>> = BTreeMap::new();
+        for ev in self
+            .events
+            .iter()
+            .filter(|e| e.lport == port || e.rport == port)
+        {
+            by_sk.entry(ev.sk.clone()).or_default().push(ev.clone());
+        }
+        by_sk
+    }
+
+    pub fn summary(&self) -> &str {
+        self.stderr
+            .iter()
+            .find(|l| l.contains("events received"))
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no summary on stderr: {:?}", self.stderr))
+    }
+}
+
+/// Sends each line read from `from` down a channel, from a thread of its own,
+/// so the test can wait on a pipe with a timeout; ends at EOF or when the
+/// receiver is dropped.
+fn forward_lines(from: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting on a child") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("child {} did not exit within {limit:?}", child.id());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
