@@ -41,7 +41,7 @@ pub struct Ev {
 
 /// A running `tcp-trace watch --json`.
 ///
-/// Not called `Tracer`: that is `load::Tracer`, the attached programs inside it.
+/// The attached programs inside it are `kernel::Program`.
 pub struct Agent {
     child: Child,
     stdout: mpsc::Receiver<String>,
