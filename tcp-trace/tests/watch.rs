@@ -145,8 +145,12 @@ fn scripted_exchange(v6: bool, env: &[(&str, &str)]) {
     // Loopback handshakes complete in well under a second.
     assert!(client[1].duration_ns.unwrap() < 1_000_000_000);
 
+    // Skips by the kernel (another tracer running on the CPU) are counted,
+    // not ours to prevent; losses in our own path must be none.
     assert!(
-        trace.summary().contains(" 0 dropped"),
+        trace
+            .summary()
+            .contains(" 0 ring buffer full, 0 undecodable)"),
         "{}",
         trace.summary()
     );

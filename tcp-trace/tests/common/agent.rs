@@ -69,9 +69,15 @@ impl Agent {
     }
 
     pub fn command_env(args: &[&str], env: &[(&str, &str)]) -> Agent {
-        let mut child = Command::new(AGENT_BIN)
-            .args(args)
-            .envs(env.iter().copied())
+        let mut command = Command::new(AGENT_BIN);
+        command.args(args).envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
+    /// Starts the agent as `command` says (another binary, a wrapper such as
+    /// setpriv), and waits until it says it is tracing.
+    pub fn spawn(mut command: Command) -> Agent {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -100,6 +106,16 @@ impl Agent {
             stdout,
             stderr,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the agent with SIGKILL: no chance to clean up.
+    pub fn kill(mut self) -> ExitStatus {
+        self.child.kill().expect("killing tcp-trace");
+        wait_timeout(&mut self.child, Duration::from_secs(60))
     }
 
     /// The next line the agent prints on stdout, waiting up to `limit`.
