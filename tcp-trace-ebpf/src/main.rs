@@ -6,6 +6,7 @@
 //! that userspace fills in at load time.
 #![no_std]
 #![no_main]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -147,6 +148,9 @@ fn try_synack(ctx: &TracePointContext) -> Result<(), i32> {
         raddr: [0; 16],
     };
     let base = ctx.as_ptr() as *const u8;
+    // SAFETY: bpf_probe_read_kernel_buf checks the source and fails instead
+    // of faulting, and writes only within the slice it is given; the offsets
+    // come from the tracepoint's format file.
     unsafe {
         if family == AF_INET {
             bpf_probe_read_kernel_buf(base.add(layout.daddr as usize), &mut key.raddr[..4])?;
@@ -154,9 +158,13 @@ fn try_synack(ctx: &TracePointContext) -> Result<(), i32> {
             bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), &mut key.raddr)?;
         }
     }
+    // SAFETY: only whether the entry exists is used, not its value.
     if unsafe { FIRST_SYNACK.get(key) }.is_some() {
         return Ok(());
     }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of
+    // faulting; `req` is the kernel's request socket and the offset of
+    // `snt_synack` comes from its BTF.
     let sent_us: u64 = unsafe {
         bpf_probe_read_kernel((req as *const u8).add(offsets.snt_synack as usize) as *const u64)?
     };
@@ -174,17 +182,24 @@ pub fn bench_floor(_ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn global<T: Copy>(value: &'static T) -> T {
     // Volatile: these are patched at load time, the compiler must not fold them.
+    // SAFETY: `value` is a reference, hence valid and aligned, and the globals
+    // are read-only (userspace writes them before loading).
     unsafe { core::ptr::read_volatile(value) }
 }
 
 #[inline(always)]
 fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i32> {
+    // SAFETY: read_at goes through bpf_probe_read_kernel, which checks the
+    // address and fails instead of faulting; any bit pattern is a valid `T`
+    // for the plain integers read here.
     unsafe { ctx.read_at::<T>(offset as usize) }
 }
 
 #[inline(always)]
 fn count(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array value is valid for this run and only this
+        // CPU touches it; the kernel does not nest a program run on one CPU.
         unsafe { *slot += 1 };
     }
 }
@@ -217,6 +232,7 @@ fn in_task_context(ctx: &TracePointContext, old_state: u8, new_state: u8) -> Res
     let Some(task_regs) = TASK_REGS.get_ptr_mut(0) else {
         return Ok(syscall_only(old_state, new_state));
     };
+    // SAFETY: as in `count`: a per-CPU value, valid for this run, ours alone.
     let task_regs = unsafe { &mut *task_regs };
     if old_state == state::CLOSE && (new_state == state::LISTEN || new_state == state::SYN_SENT) {
         *task_regs = regs;
@@ -240,8 +256,18 @@ struct Record {
     protocol: u16,
 }
 
+/// A direct load from the tracepoint record.
+///
+/// # Safety
+///
+/// `offset` must be a constant inside the record, aligned for `T`, and `T` a
+/// plain integer: the verifier then accepts the load (it rejects the program
+/// otherwise), and any bit pattern is a valid `T`.
+// SAFETY: sound under the contract above, which every caller meets by passing
+// `KNOWN_LAYOUT` offsets, used only when tracefs reports exactly that layout.
 #[inline(always)]
 unsafe fn load<T>(base: *const u8, offset: u32) -> T {
+    // SAFETY: the caller's contract (see above).
     unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) }
 }
 
@@ -254,7 +280,9 @@ fn read_record(
     if direct {
         let base = ctx.as_ptr() as *const u8;
         let l = KNOWN_LAYOUT;
-        // SAFETY: constant offsets inside the record, checked by the verifier.
+        // SAFETY: `KNOWN_LAYOUT`'s constant, aligned offsets inside the
+        // record (`DIRECT` is set only when tracefs reports that layout);
+        // the verifier checks every direct load of the context.
         return Ok(unsafe {
             Record {
                 skaddr: load(base, l.skaddr),
@@ -291,7 +319,8 @@ fn read_addresses(
     let base = ctx.as_ptr() as *const u8;
     if direct {
         let l = KNOWN_LAYOUT;
-        // SAFETY: constant, aligned offsets inside the record.
+        // SAFETY: as in `read_record`: `KNOWN_LAYOUT`'s constant, aligned
+        // offsets inside the record, checked by the verifier.
         unsafe {
             if ipv4 {
                 saddr[..4].copy_from_slice(&load::<u32>(base, l.saddr).to_ne_bytes());
@@ -305,6 +334,9 @@ fn read_addresses(
         }
         return Ok((saddr, daddr));
     }
+    // SAFETY: bpf_probe_read_kernel_buf checks the source and fails instead
+    // of faulting, and writes only within the slice it is given; the offsets
+    // come from the tracepoint's format file.
     unsafe {
         if ipv4 {
             bpf_probe_read_kernel_buf(base.add(layout.saddr as usize), &mut saddr[..4])?;
@@ -416,8 +448,9 @@ fn start_tracking(rec: &Record, now: u64, in_irq: bool) -> Tracked {
     let owner = if !in_irq {
         current_owner()
     } else if rec.old_state == state::LISTEN && rec.new_state == state::SYN_RECV {
-        // SAFETY: the owner is copied out at once; a concurrent update can at
-        // worst make it stale, the memory stays valid for this run.
+        // SAFETY: the owner is copied out at once. The map is preallocated, so
+        // the value's memory stays valid for this run; a concurrent update can
+        // at worst make the copy stale (plain data: any bytes are valid).
         unsafe { LISTENERS.get(rec.sport) }
             .map(|l| l.owner)
             .unwrap_or_default()
@@ -463,8 +496,8 @@ fn track_listener(rec: &Record, owner: Owner) {
             0,
         );
     } else if rec.old_state == state::LISTEN && rec.new_state == state::CLOSE {
-        // SAFETY: only `skaddr` is read, at once; the memory stays valid for
-        // this run even if the entry is replaced meanwhile.
+        // SAFETY: only `skaddr` is read, at once; as in `start_tracking`, the
+        // memory stays valid and a concurrent update makes it stale at worst.
         if let Some(l) = unsafe { LISTENERS.get(rec.sport) } {
             if l.skaddr == rec.skaddr {
                 let _ = LISTENERS.remove(rec.sport);
@@ -572,8 +605,8 @@ fn server_handshake(
         _pad: 0,
         raddr: *daddr,
     };
-    // SAFETY: the value is copied out at once; the memory stays valid for
-    // this run even if the entry is replaced meanwhile.
+    // SAFETY: the value is copied out at once; as in `start_tracking`, the
+    // memory stays valid and a concurrent update makes it stale at worst.
     let first = unsafe { FIRST_SYNACK.get(key) }.map(|first| now.saturating_sub(*first));
     let _ = FIRST_SYNACK.remove(key);
     Ok(first)
@@ -635,9 +668,11 @@ fn event(rec: &Record, now: u64, tracked: &Tracked, in_irq: bool, details: &Deta
 fn aggregate(old_state: u8, duration_ns: u64) {
     let index = old_state as u32 * hist::BUCKETS + hist::bucket(duration_ns);
     if let Some(slot) = HISTOGRAMS.get_ptr_mut(index) {
+        // SAFETY: as in `count`: a per-CPU value, valid for this run, ours alone.
         unsafe { *slot += 1 };
     }
     if let Some(max) = MAX_NS.get_ptr_mut(old_state as u32) {
+        // SAFETY: as in `count`: a per-CPU value, valid for this run, ours alone.
         let max = unsafe { &mut *max };
         if duration_ns > *max {
             *max = duration_ns;
