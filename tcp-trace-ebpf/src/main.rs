@@ -25,6 +25,13 @@ use tcp_trace_common::{
     FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS, IPPROTO_TCP, KNOWN_LAYOUT,
 };
 
+/// The program's license, which the kernel checks at load time. It must be
+/// GPL-compatible: `bpf_probe_read_kernel` is a GPL-only helper. (Without
+/// this section aya declares "GPL".)
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
 /// Field offsets of the tracepoint record (from its tracefs format file).
 #[no_mangle]
 static LAYOUT: TracepointLayout = KNOWN_LAYOUT;
