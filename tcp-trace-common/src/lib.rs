@@ -358,6 +358,84 @@ pub mod hist {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::{Filter, AF_INET, AF_INET6};
+
+    #[test]
+    fn an_empty_filter_matches_everything() {
+        let f = Filter::default();
+        assert!(f.matches_family(AF_INET) && f.matches_family(AF_INET6));
+        assert!(f.matches_endpoints(AF_INET6, 0, 0));
+        assert!(f.matches(AF_INET, 80, 40000, None));
+        assert!(f.matches(AF_INET, 80, 40000, Some(1)));
+    }
+
+    #[test]
+    fn family_must_be_equal() {
+        let f = Filter {
+            family: AF_INET6,
+            ..Filter::default()
+        };
+        assert!(f.matches_family(AF_INET6));
+        assert!(!f.matches_family(AF_INET));
+        assert!(!f.matches_endpoints(AF_INET, 1, 2));
+        assert!(!f.matches(AF_INET, 1, 2, Some(3)));
+        assert!(f.matches(AF_INET6, 1, 2, Some(3)));
+    }
+
+    #[test]
+    fn port_matches_either_end_lport_and_rport_one_each() {
+        let port = Filter {
+            port: 80,
+            ..Filter::default()
+        };
+        assert!(port.matches_endpoints(AF_INET, 80, 5000));
+        assert!(port.matches_endpoints(AF_INET, 5000, 80));
+        assert!(!port.matches_endpoints(AF_INET, 5000, 5001));
+
+        let lport = Filter {
+            lport: 80,
+            ..Filter::default()
+        };
+        assert!(lport.matches_endpoints(AF_INET, 80, 5000));
+        assert!(!lport.matches_endpoints(AF_INET, 5000, 80));
+
+        let rport = Filter {
+            rport: 80,
+            ..Filter::default()
+        };
+        assert!(rport.matches_endpoints(AF_INET, 5000, 80));
+        assert!(!rport.matches_endpoints(AF_INET, 80, 5000));
+
+        let both = Filter {
+            lport: 80,
+            rport: 5000,
+            family: AF_INET,
+            ..Filter::default()
+        };
+        assert!(both.matches_endpoints(AF_INET, 80, 5000));
+        assert!(!both.matches_endpoints(AF_INET, 80, 5001));
+        assert!(!both.matches_endpoints(AF_INET6, 80, 5000));
+    }
+
+    #[test]
+    fn a_pid_filter_rejects_other_and_unknown_owners() {
+        let f = Filter {
+            pid: 42,
+            ..Filter::default()
+        };
+        assert!(f.matches(AF_INET, 1, 2, Some(42)));
+        assert!(!f.matches(AF_INET, 1, 2, Some(43)));
+        assert!(!f.matches(AF_INET, 1, 2, None));
+        // The pid filter is not part of the endpoint check.
+        assert!(f.matches_endpoints(AF_INET, 1, 2));
+        let f = Filter { port: 9, ..f };
+        assert!(!f.matches(AF_INET, 1, 2, Some(42)));
+        assert!(f.matches(AF_INET, 9, 2, Some(42)));
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are plain `#[repr(C)]` data with explicit padding.
