@@ -284,7 +284,7 @@ fn stats_and_life_live_and_replayed() {
 #[test]
 fn corrupt_recordings_name_the_line() {
     let dir = std::env::temp_dir();
-    let good = r#"{"ts_ns":1,"sk":"0x1","pid":1,"comm":"a","family":"ipv4","laddr":"127.0.0.1","lport":1,"raddr":"127.0.0.1","rport":2,"old_state":"CLOSE","new_state":"SYN_SENT","duration_ns":null,"bytes_sent":null,"bytes_received":null,"error":null,"retransmits":null}"#;
+    let good = r#"{"ts_ns":1,"sk":"0x1","pid":1,"comm":"a","family":"ipv4","laddr":"127.0.0.1","lport":1,"raddr":"127.0.0.1","rport":2,"old_state":"CLOSE","new_state":"SYN_SENT","duration_ns":null,"bytes_sent":null,"bytes_received":null,"error":null,"retransmits":null,"handshake_ns":null}"#;
     for (name, body) in [
         ("truncated", format!("{good}\n{}", &good[..40])),
         ("garbage", format!("{good}\n\u{0}\u{1}binary\n")),
