@@ -107,7 +107,10 @@ pub struct SockState {
     pub owner: Owner,
     /// 1 when the program saw the socket connect (CLOSE -> SYN_SENT).
     pub active_open: u32,
-    pub _pad: u32,
+    /// The state the program saw the socket enter: a later event whose old
+    /// state differs followed a transition the program missed.
+    pub state: u8,
+    pub _pad: [u8; 3],
 }
 
 /// What the kernel program keeps per listening port, to charge accepted
@@ -130,7 +133,12 @@ pub mod counter {
     pub const MAP_UPDATE_FAILED: u32 = 2;
     /// Transitions that passed the filters in aggregating mode (none streamed).
     pub const AGGREGATED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Transitions whose old state was not the state the program saw the
+    /// socket enter (the transition between was skipped): duration unknown.
+    pub const GAPS: u32 = 4;
+    /// Runs that ended early because a kernel read failed: transitions lost.
+    pub const READ_FAILED: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Offsets of the tracepoint's fields, read from its tracefs format file at load

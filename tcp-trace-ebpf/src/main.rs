@@ -127,7 +127,9 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let _ = try_trace(&ctx);
+    if try_trace(&ctx).is_err() {
+        count(counter::READ_FAILED);
+    }
     0
 }
 
@@ -422,7 +424,7 @@ fn track_socket(rec: &Record, now: u64, in_irq: bool) -> Tracked {
         // preallocated and the program runs under RCU), and transitions of
         // one socket are serialized by the kernel (socket lock), so no other
         // run writes this entry meanwhile.
-        Some(sock) => follow_socket(unsafe { &mut *sock }, now, in_irq),
+        Some(sock) => follow_socket(unsafe { &mut *sock }, rec, now, in_irq),
         None => start_tracking(rec, now, in_irq),
     };
     if rec.new_state == state::CLOSE {
@@ -433,9 +435,25 @@ fn track_socket(rec: &Record, now: u64, in_irq: bool) -> Tracked {
 
 /// A socket the map knows: its time in the old state; it enters the new one now.
 #[inline(always)]
-fn follow_socket(sock: &mut SockState, now: u64, in_irq: bool) -> Tracked {
-    let duration_ns = now.wrapping_sub(sock.entered_ns);
+fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> Tracked {
+    if sock.state != rec.old_state {
+        // A transition of this socket was skipped (the kernel does not run
+        // the program nested, and the ring may have been full): the time in
+        // the old state is unknown. A socket that begins anew at this address
+        // lost its CLOSE: it is a new socket.
+        count(counter::GAPS);
+        if rec.old_state == state::CLOSE || rec.old_state == state::LISTEN {
+            return start_tracking(rec, now, in_irq);
+        }
+    }
+    let duration_known = sock.state == rec.old_state;
+    let duration_ns = if duration_known {
+        now.wrapping_sub(sock.entered_ns)
+    } else {
+        0
+    };
     sock.entered_ns = now;
+    sock.state = rec.new_state;
     // A transition in process context names the socket's real owner.
     if !in_irq {
         sock.owner = current_owner();
@@ -443,14 +461,11 @@ fn follow_socket(sock: &mut SockState, now: u64, in_irq: bool) -> Tracked {
     Tracked {
         owner: sock.owner,
         duration_ns,
-        duration_known: true,
+        duration_known,
         active_open: sock.active_open != 0,
     }
 }
 
-/// A socket the map does not know: remember it (unless it is closing) with
-/// the best owner at hand.
-#[inline(always)]
 fn start_tracking(rec: &Record, now: u64, in_irq: bool) -> Tracked {
     let owner = if !in_irq {
         current_owner()
@@ -475,7 +490,8 @@ fn start_tracking(rec: &Record, now: u64, in_irq: bool) -> Tracked {
             entered_ns: now,
             owner,
             active_open: u32::from(active_open),
-            _pad: 0,
+            state: rec.new_state,
+            _pad: [0; 3],
         };
         if SOCKETS.insert(rec.skaddr, sock, 0).is_err() {
             count(counter::MAP_UPDATE_FAILED);

@@ -72,9 +72,15 @@ fn lines<'a>(all: &'a [Value], port: u16, side: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-fn one<'a>(all: &'a [Value], port: u16, side: &str) -> &'a Value {
+/// The one handshake on `port` for `side`; `stderr` (the agent's summary,
+/// with what it dropped) explains a missing one.
+fn one<'a>(all: &'a [Value], stderr: &[String], port: u16, side: &str) -> &'a Value {
     let found = lines(all, port, side);
-    assert_eq!(found.len(), 1, "one {side} handshake on {port}: {all:#?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "one {side} handshake on {port}: {all:#?}\nthe agent said: {stderr:?}"
+    );
     found[0]
 }
 
@@ -129,13 +135,13 @@ fn scenarios(v6: bool) {
     drop(fd);
 
     thread::sleep(Duration::from_millis(300));
-    let (out, _) = agent.stop_raw();
+    let (out, stderr) = agent.stop_raw();
     let all: Vec<Value> = out
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
 
-    let c = one(&all, syn_drop, "client");
+    let c = one(&all, &stderr, syn_drop, "client");
     assert_eq!(
         (c["outcome"].as_str(), c["retransmits"].as_u64()),
         (Some("established"), Some(1)),
@@ -145,17 +151,17 @@ fn scenarios(v6: bool) {
         (SECOND - 1_000_000..SECOND * 3 / 2).contains(&duration(c)),
         "{c}"
     );
-    let s = one(&all, syn_drop, "server");
+    let s = one(&all, &stderr, syn_drop, "server");
     assert_eq!(s["retransmits"], 0, "{s}");
     assert!(
         duration(s) < SECOND / 20,
         "only the second SYN reached it: {s}"
     );
 
-    let c = one(&all, ack_drop, "client");
+    let c = one(&all, &stderr, ack_drop, "client");
     assert_eq!(c["retransmits"], 0);
     assert!(duration(c) < SECOND / 10, "{c}");
-    let s = one(&all, ack_drop, "server");
+    let s = one(&all, &stderr, ack_drop, "server");
     assert_eq!(
         (s["outcome"].as_str(), s["retransmits"].as_u64()),
         (Some("established"), Some(1)),
@@ -166,14 +172,14 @@ fn scenarios(v6: bool) {
         "{s}"
     );
 
-    let c = one(&all, refused, "client");
+    let c = one(&all, &stderr, refused, "client");
     assert_eq!(
         (c["outcome"].as_str(), c["retransmits"].as_u64()),
         (Some("refused"), Some(0)),
         "{c}"
     );
 
-    let c = one(&all, timeout, "client");
+    let c = one(&all, &stderr, timeout, "client");
     assert_eq!(c["outcome"], "timeout", "{c}");
     // TCP_SYNCNT 1 bounds the connect by the time one retry would take at
     // exponential backoff (1 s + 2 s); with linear SYN timeouts (6.x's
@@ -185,7 +191,7 @@ fn scenarios(v6: bool) {
         "{c}"
     );
 
-    let c = one(&all, aborted, "client");
+    let c = one(&all, &stderr, aborted, "client");
     assert_eq!(c["outcome"], "aborted", "{c}");
     assert!((300_000_000..600_000_000).contains(&duration(c)), "{c}");
 

@@ -150,7 +150,7 @@ fn scripted_exchange(v6: bool, env: &[(&str, &str)]) {
     assert!(
         trace
             .summary()
-            .contains(" 0 ring buffer full, 0 undecodable)"),
+            .contains(" 0 ring buffer full, 0 failed kernel reads, 0 undecodable)"),
         "{}",
         trace.summary()
     );

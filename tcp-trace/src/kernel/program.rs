@@ -68,6 +68,11 @@ pub struct Counters {
     pub untracked: u64,
     pub map_update_failed: u64,
     pub aggregated: u64,
+    /// Transitions whose old state was not the one the program saw the socket
+    /// enter: one between was missed, so their duration is unknown.
+    pub gaps: u64,
+    /// Transitions lost because a read of kernel memory failed mid-run.
+    pub read_failed: u64,
     /// Transitions the kernel did not run the program for, because a tracing
     /// program was already running on that CPU (`recursion_misses`, Linux
     /// 5.12+; 0 where the kernel does not report it).
@@ -217,6 +222,8 @@ impl Program {
             untracked: sum(counter::UNTRACKED)?,
             map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
             aggregated: sum(counter::AGGREGATED)?,
+            gaps: sum(counter::GAPS)?,
+            read_failed: sum(counter::READ_FAILED)?,
             skipped: skipped_runs(&self.ebpf, MAIN_PROGRAM)?
                 .unwrap_or(0)
                 .saturating_sub(self.skipped_before_start),

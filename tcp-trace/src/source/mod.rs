@@ -47,21 +47,24 @@ impl Totals {
     /// Transitions lost anywhere: skipped by the kernel, lost to a full ring
     /// buffer, or not decodable.
     pub fn dropped(&self) -> u64 {
-        self.kernel.skipped + self.kernel.ringbuf_full + self.undecodable
+        self.kernel.skipped + self.kernel.ringbuf_full + self.kernel.read_failed + self.undecodable
     }
 
     pub fn summary(&self) -> String {
         format!(
             "tcp-trace: {} events received, {} dropped ({} skipped by the kernel while another \
-             BPF program ran, {} ring buffer full, {} undecodable); \
+             BPF program ran, {} ring buffer full, {} failed kernel reads, {} undecodable); \
              {} transitions of sockets first seen mid-life (owner/duration unknown), \
+             {} transitions after a missed one (duration unknown), \
              {} socket-map insert failures",
             self.received,
             self.dropped(),
             self.kernel.skipped,
             self.kernel.ringbuf_full,
+            self.kernel.read_failed,
             self.undecodable,
             self.kernel.untracked,
+            self.kernel.gaps,
             self.kernel.map_update_failed,
         )
     }
