@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use tcp_trace_common::{Filter, AF_INET, AF_INET6};
 
-use crate::aggregate::GroupBy;
+use crate::{
+    aggregate::GroupBy,
+    kernel::{Settings, RING_BYTES},
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -85,6 +88,10 @@ pub struct TracingArgs {
     /// Most sockets tracked at once (LRU: the least recently active are evicted, and counted).
     #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
+    /// Bytes of ring buffer between the kernel and the agent: a power of two
+    /// from 4096 to 1 GiB. A larger ring rides out longer bursts.
+    #[arg(long, value_name = "BYTES", default_value_t = RING_BYTES, value_parser = parse_ring_bytes)]
+    pub ring_bytes: u32,
     /// Stop by itself after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub duration: Option<Duration>,
@@ -95,7 +102,20 @@ pub struct TracingArgs {
 pub struct Tracing {
     pub filter: Filter,
     pub max_sockets: u32,
+    pub ring_bytes: u32,
     pub duration: Option<Duration>,
+}
+
+impl Tracing {
+    /// What the kernel program is asked for when every transition is streamed.
+    pub fn streaming(&self) -> Settings {
+        Settings {
+            filter: self.filter,
+            max_sockets: self.max_sockets,
+            ring_bytes: self.ring_bytes,
+            aggregate: false,
+        }
+    }
 }
 
 impl TracingArgs {
@@ -103,6 +123,7 @@ impl TracingArgs {
         Tracing {
             filter: self.filter.to_filter(),
             max_sockets: self.max_sockets,
+            ring_bytes: self.ring_bytes,
             duration: self.duration,
         }
     }
@@ -299,6 +320,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(value * scale))
 }
 
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let bytes: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
+        return Err(format!(
+            "`{s}` must be a power of two from 4096 to 1073741824"
+        ));
+    }
+    Ok(bytes)
+}
+
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
@@ -351,6 +384,9 @@ mod tests {
             &["stats", "--top", "0"],
             &["stats", "--interval", "0"],
             &["stats", "--from", "x", "--duration", "1"],
+            &["watch", "--ring-bytes", "5000"],
+            &["watch", "--ring-bytes", "2048"],
+            &["watch", "--ring-bytes", "x"],
             &["life", "--json=3"],
             &["handshake", "--slow", "fast"],
             &["handshake", "--slow", "3parsecs"],

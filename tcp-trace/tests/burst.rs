@@ -1,5 +1,6 @@
 //! Exact accounting under a burst: every transition is either printed or
-//! counted as dropped, with one agent and with two at once.
+//! counted as dropped, with one agent, with two at once, and with a ring
+//! buffer too small to keep up.
 //!
 //! This binary holds a single test so that nothing else of ours makes
 //! transitions while it runs: the kernel's count of skipped runs covers every
@@ -59,19 +60,46 @@ fn accounting(agent: Agent) -> (u64, u64, u64, String) {
     (lines.len() as u64, received, dropped, summary)
 }
 
+/// The ring-buffer-full count of a summary.
+fn ring_full(summary: &str) -> u64 {
+    let at = summary.find(" ring buffer full").unwrap();
+    summary[..at]
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn every_transition_of_a_burst_is_printed_or_counted_dropped() {
     let truth = PER_CONNECTION * CONNECTIONS + LISTENER;
-    for agents in [1, 2] {
+    // One agent, two at once, and one whose ring (a single page) is far too
+    // small for the burst: then the drop counter must account for the rest.
+    let runs: [&[&[&str]]; 3] = [&[&[]], &[&[], &[]], &[&["--ring-bytes", "4096"]]];
+    for agents in runs {
         let port = free_port();
         let p = port.to_string();
-        let running: Vec<Agent> = (0..agents).map(|_| Agent::start(&["--port", &p])).collect();
+        let running: Vec<Agent> = agents
+            .iter()
+            .map(|extra| {
+                let mut args = vec!["--port", p.as_str()];
+                args.extend_from_slice(extra);
+                Agent::start(&args)
+            })
+            .collect();
         burst(port);
         thread::sleep(Duration::from_millis(300));
-        for agent in running {
+        for (agent, extra) in running.into_iter().zip(agents) {
             let (printed, received, dropped, summary) = accounting(agent);
             assert_eq!(printed, received, "{summary}");
-            assert_eq!(received + dropped, truth, "{agents} agent(s): {summary}");
+            assert_eq!(received + dropped, truth, "{agents:?}: {summary}");
+            if !extra.is_empty() {
+                assert!(
+                    ring_full(&summary) > 0,
+                    "a one-page ring kept up: {summary}"
+                );
+            }
         }
     }
 }

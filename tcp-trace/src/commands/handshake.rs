@@ -16,7 +16,6 @@ use serde_json::{json, Map, Value};
 use crate::{
     aggregate::{group_name, BoundedGroups, Group, GroupBy, Histogram, Merge},
     cli::HandshakeConfig,
-    kernel::Settings,
     model::{
         errno::{self, ECONNREFUSED, ETIMEDOUT},
         Owner, TcpState, Transition,
@@ -354,7 +353,7 @@ pub fn run(config: HandshakeConfig) -> Result<()> {
         sides: HashMap::new(),
         groups: HashMap::new(),
     };
-    let settings = Settings::streaming(config.tracing.filter, config.tracing.max_sockets);
+    let settings = config.tracing.streaming();
     let timing = Timing {
         duration: config.tracing.duration,
         interval: config.interval,

@@ -7,7 +7,6 @@ use serde_json::json;
 
 use crate::{
     cli::LifeConfig,
-    kernel::Settings,
     model::{
         errno::{self, ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT},
         Owner, SockFields, TcpState, Transition,
@@ -335,7 +334,7 @@ pub fn run(config: LifeConfig) -> Result<()> {
     if let Some(path) = &config.from {
         return source::replay(path, &config.tracing.filter, None, &mut command);
     }
-    let settings = Settings::streaming(config.tracing.filter, config.tracing.max_sockets);
+    let settings = config.tracing.streaming();
     let timing = Timing::until(config.tracing.duration);
     source::block_on(source::live(&settings, timing, &mut command))
 }

@@ -54,9 +54,8 @@ pub fn run(config: StatsConfig) -> Result<()> {
         return source::replay(path, &config.tracing.filter, config.interval, &mut consumer);
     }
     let settings = Settings {
-        filter: config.tracing.filter,
-        max_sockets: config.tracing.max_sockets,
         aggregate: config.by.is_none(),
+        ..config.tracing.streaming()
     };
     let timing = Timing {
         duration: config.tracing.duration,

@@ -4,7 +4,6 @@ use anyhow::Result;
 
 use crate::{
     cli::WatchConfig,
-    kernel::Settings,
     model::Transition,
     output::{transitions::Format, Sink},
     source::{self, Consumer, Timing},
@@ -37,7 +36,7 @@ pub fn run(config: WatchConfig) -> Result<()> {
         format: Format::new(config.json, sink.clock),
         sink,
     };
-    let settings = Settings::streaming(config.tracing.filter, config.tracing.max_sockets);
+    let settings = config.tracing.streaming();
     let timing = Timing::until(config.tracing.duration);
     source::block_on(source::live(&settings, timing, &mut watch))
 }

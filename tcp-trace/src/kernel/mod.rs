@@ -8,4 +8,4 @@ mod probe;
 mod program;
 pub mod tracefs;
 
-pub use program::{attach_floor, Counters, Program, Settings};
+pub use program::{attach_floor, Counters, Program, Settings, RING_BYTES};

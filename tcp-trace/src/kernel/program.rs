@@ -23,7 +23,8 @@ use crate::{
     model::TcpState,
 };
 
-/// Size of the event ring buffer in bytes (a power of two, as the kernel requires).
+/// Default size of the event ring buffer in bytes (a power of two, as the
+/// kernel requires).
 pub const RING_BYTES: u32 = 4 << 20;
 
 /// The kernel program, built by build.rs through aya-build.
@@ -33,19 +34,10 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/t
 pub struct Settings {
     pub filter: Filter,
     pub max_sockets: u32,
+    /// Size of the event ring buffer (a power of two, at least a page).
+    pub ring_bytes: u32,
     /// Aggregate durations into histograms in the kernel; stream nothing.
     pub aggregate: bool,
-}
-
-impl Settings {
-    /// Every transition streamed to userspace.
-    pub fn streaming(filter: Filter, max_sockets: u32) -> Settings {
-        Settings {
-            filter,
-            max_sockets,
-            aggregate: false,
-        }
-    }
 }
 
 /// The attached program; dropping it detaches the program.
@@ -106,7 +98,7 @@ impl Program {
         let (ring_bytes, histogram_slots) = if settings.aggregate {
             (4096, hist::STATES * hist::BUCKETS)
         } else {
-            (RING_BYTES, 1)
+            (settings.ring_bytes, 1)
         };
 
         // No kernel BTF for aya: Rust BPF objects carry no CO-RE relocations,
@@ -121,7 +113,7 @@ impl Program {
             .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
             // Wake the reader when an eighth of the ring is queued; it drains on
             // a timer otherwise (see source/live.rs).
-            .override_global("WAKEUP_BYTES", &u64::from(RING_BYTES / 8), true)
+            .override_global("WAKEUP_BYTES", &u64::from(ring_bytes / 8), true)
             .map_max_entries("SOCKETS", settings.max_sockets)
             .map_max_entries("EVENTS", ring_bytes)
             .map_max_entries("HISTOGRAMS", histogram_slots)

@@ -119,6 +119,7 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         let local = client.local_addr().unwrap();
+        let remote = listener.local_addr().unwrap();
         drop(client);
         let mut buf = [0u8; 1];
         let _ = std::io::Read::read(&mut &server, &mut buf);
@@ -133,7 +134,11 @@ mod tests {
             listed = all.len();
             ours = all
                 .into_iter()
-                .filter(|s| s.endpoints.lport == local.port() && s.endpoints.laddr == local.ip())
+                .filter(|s| {
+                    let e = &s.endpoints;
+                    (e.laddr, e.lport, e.raddr, e.rport)
+                        == (local.ip(), local.port(), remote.ip(), remote.port())
+                })
                 .collect();
             if !ours.is_empty() {
                 break;

@@ -136,7 +136,10 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
         close_from,
         ..config.tracing.filter
     };
-    let settings = Settings::streaming(filter, config.tracing.max_sockets);
+    let settings = Settings {
+        filter,
+        ..config.tracing.streaming()
+    };
     let timing = Timing {
         duration: config.tracing.duration,
         interval: Some(POLL),
