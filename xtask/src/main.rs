@@ -1,7 +1,9 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|lint`.
+//! Developer tasks: `cargo xtask setup|build|run|test|lint|bench|soak`.
 
+mod agent;
 mod bench;
 mod setup;
+mod soak;
 
 use std::{
     env,
@@ -46,6 +48,13 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build, then churn connections for a long while under the streaming
+    /// agents; writes docs/SOAK.md and fails if their memory grew.
+    Soak {
+        /// How long to churn.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=1440))]
+        minutes: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +92,15 @@ fn run(task: Task) -> Result<ExitCode> {
             build(&root)?;
             bench::bench(
                 quick,
+                &root,
+                &root.join("target/release/tcp-trace"),
+                &root.join("target/release/churn"),
+            )?;
+        }
+        Task::Soak { minutes } => {
+            build(&root)?;
+            soak::soak(
+                minutes,
                 &root,
                 &root.join("target/release/tcp-trace"),
                 &root.join("target/release/churn"),

@@ -1,0 +1,158 @@
+//! A running tcp-trace, as `bench` and `soak` drive it: its programs, CPU
+//! time, memory and exit summary.
+
+use std::{
+    collections::HashSet,
+    fs,
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::programs::loaded_programs;
+
+/// A running agent.
+pub struct Agent {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    pub programs: Vec<u32>,
+}
+
+fn our_programs() -> HashSet<u32> {
+    loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter(|p| {
+            p.name_as_str()
+                .is_some_and(|n| n.starts_with("inet_sock_set") || n.starts_with("bench_floor"))
+        })
+        .map(|p| p.id())
+        .collect()
+}
+
+pub fn program_stats(ids: &[u32]) -> (u64, u64) {
+    loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter(|p| ids.contains(&p.id()))
+        .fold((0, 0), |(t, c), p| {
+            (t + p.run_time().as_nanos() as u64, c + p.run_count())
+        })
+}
+
+impl Agent {
+    pub fn start(bin: &Path, args: &[&str]) -> Result<Agent> {
+        let before = our_programs();
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcp-trace")?;
+        let (tx, stderr) = mpsc::channel();
+        let err = BufReader::new(child.stderr.take().expect("piped"));
+        thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            let line = stderr
+                .recv_timeout(Duration::from_secs(30))
+                .context("tcp-trace did not start tracing")?;
+            if line.starts_with("tcp-trace: tracing") {
+                break;
+            }
+        }
+        let programs = our_programs().difference(&before).copied().collect();
+        Ok(Agent {
+            child,
+            stderr,
+            programs,
+        })
+    }
+
+    /// utime + stime in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at state.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Kernel memory of the agent's maps, from /proc/PID/fdinfo.
+    pub fn map_memlock(&self) -> u64 {
+        let dir = format!("/proc/{}/fdinfo", self.child.id());
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| fs::read_to_string(e.ok()?.path()).ok())
+            .filter(|info| info.contains("map_type:"))
+            .filter_map(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    /// Stops with SIGTERM; returns (events received, events dropped, mid-life).
+    pub fn stop(mut self) -> Result<(u64, u64, u64)> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("tcp-trace exited with {status}");
+        }
+        // The floor prints no summary: its figures stay 0.
+        // The reader thread ends at EOF, which follows the exit.
+        let summary = self
+            .stderr
+            .iter()
+            .find(|l| l.contains("events received"))
+            .unwrap_or_default();
+        let number_before = |word: &str| -> u64 {
+            summary
+                .split_once(word)
+                .and_then(|(head, _)| {
+                    head.split_whitespace()
+                        .last()?
+                        .trim_start_matches('(')
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        Ok((
+            number_before(" events received"),
+            number_before(" dropped"),
+            number_before(" transitions of sockets first seen mid-life"),
+        ))
+    }
+}
