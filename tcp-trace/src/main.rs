@@ -1,53 +1,5 @@
-//! tcp-trace: every TCP state transition on this host, timed and attributed.
-//!
-//! `main` only wires: flags to a command's config, the command's result to
-//! one error line and an exit code.
+//! The `tcp-trace` binary: everything lives in the library (src/lib.rs).
 
-mod aggregate;
-mod cli;
-mod commands;
-mod kernel;
-mod model;
-mod output;
-mod source;
-mod system;
-
-use std::{io, process::ExitCode};
-
-use clap::Parser as _;
-
-use crate::{
-    cli::{Cli, Command},
-    commands::{bench_floor, handshake, life, stats, timewait, watch},
-};
-
-fn main() -> ExitCode {
-    // One malloc arena: the agent's few threads do not need their own, and
-    // each would hold on to memory (RSS) the main thread cannot reuse.
-    // SAFETY: mallopt only tunes glibc's allocator.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    let result = match Cli::parse().command {
-        Command::Watch(args) => watch::run(args.into_config()),
-        Command::Stats(args) => stats::run(args.into_config()),
-        Command::Life(args) => life::run(args.into_config()),
-        Command::Handshake(args) => handshake::run(args.into_config()),
-        Command::Timewait(args) => timewait::run(args.into_config()),
-        Command::BenchFloor => bench_floor::run(),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        // A closed pipe (`| head`) is a normal way to stop reading.
-        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
-        Err(err) => {
-            // `{:#}` prints the whole context chain on one line, no backtrace.
-            eprintln!("tcp-trace: error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain()
-        .filter_map(|cause| cause.downcast_ref::<io::Error>())
-        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+fn main() -> std::process::ExitCode {
+    tcp_trace::run()
 }
