@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|lint|bench|soak`.
+//! Developer tasks: `cargo xtask setup|build|run|test|lint|bench|soak|fuzz`.
 
 mod agent;
 mod bench;
@@ -48,6 +48,13 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the ring-buffer decoder and the replay parser (cargo fuzz, nightly),
+    /// starting from the corpus in tcp-trace/fuzz/corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+    },
     /// Build, then churn connections for a long while under the streaming
     /// agents; writes docs/SOAK.md and fails if their memory grew.
     Soak {
@@ -87,6 +94,10 @@ fn run(task: Task) -> Result<ExitCode> {
             lint(&root)?;
             let tools = setup::setup()?;
             run_tests(&root, &tools, &args)?;
+            // A short pass on every run; `cargo xtask fuzz` goes longer.
+            if args.is_empty() {
+                fuzz(&root, &tools, FUZZ_SECONDS_IN_TEST)?;
+            }
         }
         Task::Bench { quick } => {
             build(&root)?;
@@ -96,6 +107,10 @@ fn run(task: Task) -> Result<ExitCode> {
                 &root.join("target/release/tcp-trace"),
                 &root.join("target/release/churn"),
             )?;
+        }
+        Task::Fuzz { seconds } => {
+            let tools = setup::setup()?;
+            fuzz(&root, &tools, seconds)?;
         }
         Task::Soak { minutes } => {
             build(&root)?;
@@ -218,6 +233,39 @@ fn run_tests(root: &Path, tools: &setup::Tools, extra: &[OsString]) -> Result<()
     println!("all tests: {passed} passed, {failed} failed");
     if !status.success() {
         bail!("cargo test failed");
+    }
+    Ok(())
+}
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 15;
+const FUZZ_TARGETS: [&str; 2] = ["decode", "replay"];
+
+/// Runs each fuzz target for `seconds`. New inputs go to a scratch corpus:
+/// the committed seeds (tcp-trace/fuzz/corpus) are only read.
+fn fuzz(root: &Path, tools: &setup::Tools, seconds: u64) -> Result<()> {
+    let crate_dir = root.join("tcp-trace");
+    for target in FUZZ_TARGETS {
+        let scratch = root.join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        let seeds = crate_dir.join("fuzz/corpus").join(target);
+        println!("xtask: fuzzing {target} for {seconds} s");
+        let status = Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", target])
+            .arg(&scratch)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(&crate_dir)
+            .env("PATH", &tools.path)
+            // The fuzz targets need the event model, not the BPF object.
+            .env("AYA_BUILD_SKIP", "1")
+            .status()
+            .context("running cargo fuzz")?;
+        if !status.success() {
+            bail!("fuzzing {target} found a failure (see tcp-trace/fuzz/artifacts/{target})");
+        }
     }
     Ok(())
 }

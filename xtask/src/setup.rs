@@ -1,5 +1,5 @@
-//! `cargo xtask setup`: the nightly's rust-src and a bpf-linker built against
-//! the nightly toolchain's own libLLVM, cached outside target/.
+//! `cargo xtask setup`: the nightly's rust-src, a bpf-linker built against
+//! the nightly toolchain's own libLLVM, and cargo-fuzz, cached outside target/.
 
 use std::{
     env,
@@ -13,6 +13,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// What later steps need from the set-up.
 pub struct Tools {
@@ -24,7 +25,8 @@ pub fn setup() -> Result<Tools> {
     ensure_rust_src()?;
     ensure_packages()?;
     let bin = ensure_bpf_linker()?;
-    let mut paths = vec![bin];
+    let fuzz = ensure_cargo_fuzz()?;
+    let mut paths = vec![bin, fuzz];
     paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
     Ok(Tools {
         path: env::join_paths(paths).context("building PATH")?,
@@ -187,5 +189,33 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
         bail!("building bpf-linker failed");
     }
     fs::write(&stamp_file, stamp).with_context(|| format!("writing {}", stamp_file.display()))?;
+    Ok(bin)
+}
+
+/// Returns the directory holding cargo-fuzz (for the fuzz pass), installing
+/// the pinned version into the cache if needed.
+fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    let root = cache_dir()?.join("cargo-fuzz");
+    let bin = root.join("bin");
+    let installed = Command::new(bin.join("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).trim() == format!("cargo-fuzz {CARGO_FUZZ_VERSION}")
+        });
+    if installed {
+        return Ok(bin);
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    let status = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["install", "cargo-fuzz", "--locked", "--force", "--version"])
+        .arg(CARGO_FUZZ_VERSION)
+        .arg("--root")
+        .arg(&root)
+        .status()
+        .context("running cargo install cargo-fuzz")?;
+    if !status.success() {
+        bail!("installing cargo-fuzz failed");
+    }
     Ok(bin)
 }
