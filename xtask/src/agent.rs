@@ -122,8 +122,8 @@ impl Agent {
             .sum()
     }
 
-    /// Stops with SIGTERM; returns (events received, events dropped, mid-life).
-    pub fn stop(mut self) -> Result<(u64, u64, u64)> {
+    /// Stops with SIGTERM; returns the figures of its exit summary.
+    pub fn stop(mut self) -> Result<Summary> {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait()?;
@@ -149,10 +149,21 @@ impl Agent {
                 })
                 .unwrap_or(0)
         };
-        Ok((
-            number_before(" events received"),
-            number_before(" dropped"),
-            number_before(" transitions of sockets first seen mid-life"),
-        ))
+        Ok(Summary {
+            received: number_before(" events received"),
+            dropped: number_before(" dropped"),
+            skipped: number_before(" skipped by the kernel"),
+            mid_life: number_before(" transitions of sockets first seen mid-life"),
+        })
     }
+}
+
+/// The figures of an agent's exit summary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Summary {
+    pub received: u64,
+    pub dropped: u64,
+    /// Runs the kernel skipped (part of `dropped`).
+    pub skipped: u64,
+    pub mid_life: u64,
 }

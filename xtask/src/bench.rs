@@ -2,6 +2,7 @@
 //! untraced runs of the same workload in the same session.
 
 use std::{
+    fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Write},
     path::Path,
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::agent::{program_stats, Agent};
+use crate::agent::{program_stats, Agent, Summary};
 
 /// Interleaved (untraced, traced) pairs per configuration and load.
 const PAIRS: usize = 5;
@@ -156,7 +157,8 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
                 let cpu1 = agent.cpu_seconds();
                 let (t1, c1) = program_stats(&agent.programs);
                 row.peak_rss_kib = row.peak_rss_kib.max(agent.peak_rss_kib());
-                let (received, dropped, _) = agent.stop()?;
+                let summary = agent.stop()?;
+                let (received, dropped) = (summary.received, summary.dropped);
                 row.ratios.push(traced.per_second / base.per_second);
                 row.untraced_rate.push(base.per_second);
                 row.bpf_ns += t1 - t0;
@@ -194,6 +196,8 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
 
     let memory = held_memory(tracer, churn_bin)?;
     println!("{memory}");
+    let skips = skips(tracer, churn_bin)?;
+    println!("{skips}");
     let report = format!(
         "# Benchmarks\n\n\
          Written by `cargo xtask bench` on {date}. Machine: Linux {kernel}, {cpus} CPUs. \
@@ -215,7 +219,8 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
          every 50 ms. Flat out that is one wake-up per ~40,000 records instead of one per record, \
          which is why the agent's CPU per event stays flat across loads; the cost at low rates is \
          the 20 drains a second, spread over fewer events.\n\n\
-         ## Kernel memory at {HELD_CONNECTIONS} open connections\n\n{memory}\n",
+         ## Kernel memory at {HELD_CONNECTIONS} open connections\n\n{memory}\n\
+         ## Runs the kernel skips\n\n{skips}\n",
         date = date(),
         kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         cpus = thread::available_parallelism().map_or(0, |n| n.get()),
@@ -265,7 +270,12 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
             }
             h.wait()?;
         }
-        let (received, dropped, mid_life) = agent.stop()?;
+        let Summary {
+            received,
+            dropped,
+            mid_life,
+            ..
+        } = agent.stop()?;
         lines.push_str(&format!(
             "- `tcp-trace {}`: maps {:.1} MiB (memlock, fixed at load: the LRU socket map is \
              preallocated), agent peak RSS {:.1} MiB; {received} events received, {dropped} dropped, \
@@ -276,6 +286,52 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
         ));
     }
     Ok(lines)
+}
+
+/// Agents attached at once for the skip measurement.
+const SKIP_AGENTS: [usize; 3] = [1, 2, 4];
+
+/// Transitions the kernel skipped (a tracing program already running on the
+/// CPU) per million, flat out, with more agents, and with a shorter program.
+fn skips(tracer: &Path, churn_bin: &Path) -> Result<String> {
+    let load = &LOADS[LOADS.len() - 1];
+    let mut table = String::from(
+        "| agents attached | each agent's program | BPF ns/run | transitions | skipped per agent | per million |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let configs: [(&str, &[&str]); 2] = [
+        ("watch --json", &["watch", "--json"]),
+        ("stats (kernel aggregation)", &["stats"]),
+    ];
+    for (name, args) in configs {
+        for count in SKIP_AGENTS {
+            let agents: Vec<Agent> = (0..count)
+                .map(|_| Agent::start(tracer, args))
+                .collect::<Result<_>>()?;
+            let programs: Vec<u32> = agents.iter().flat_map(|a| a.programs.clone()).collect();
+            let (t0, c0) = program_stats(&programs);
+            let made = churn(churn_bin, load)?;
+            let (t1, c1) = program_stats(&programs);
+            let mut skipped = Vec::new();
+            for agent in agents {
+                skipped.push(agent.stop()?.skipped);
+            }
+            let most = skipped.iter().copied().max().unwrap_or(0);
+            let _ = writeln!(
+                table,
+                "| {count} | {name} | {:.0} | {} | {skipped:?} | {:.1} |",
+                (t1 - t0) as f64 / (c1 - c0).max(1) as f64,
+                made.transitions,
+                most as f64 * 1e6 / made.transitions.max(1) as f64,
+            );
+        }
+    }
+    Ok(format!(
+        "{table}\nThe kernel does not run a tracing program on a CPU where one is already \
+         running; for classic tracepoints the guard is shared by every kprobe and tracepoint \
+         program on the CPU, so each agent's program skips the same runs and counts them \
+         (`recursion_misses`). tcp-trace reports them as dropped.\n"
+    ))
 }
 
 pub fn date() -> String {

@@ -80,7 +80,7 @@ pub fn soak(minutes: u64, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
         let last = samples[samples.len() - 1].1[i];
         let flat = (last.0 as f64) <= first.0 as f64 * RSS_SLACK + 1024.0 && last.1 == first.1;
         grew |= !flat;
-        let (received, dropped, _) = totals[i];
+        let (received, dropped) = (totals[i].received, totals[i].dropped);
         let _ = writeln!(
             verdicts,
             "- `tcp-trace {}`: RSS {:.1} -> {:.1} MiB, maps {:.1} -> {:.1} MiB: {}; \
