@@ -1,7 +1,10 @@
 //! Loading the kernel program with the user's settings, attaching it, and
 //! reading its counters and histograms back.
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -80,77 +83,9 @@ impl Program {
         check_privileges()?;
         raise_memlock_limit();
         let tracefs = tracefs::tracefs_root()?;
-        let layout = tracefs::read_layout(&tracefs)?;
-
         let mut probe = Probe::default();
-        let direct = direct_reads(&layout, &mut probe);
-        let offsets = sock_offsets(&mut probe);
-        let synack = match tracefs::read_synack_layout(&tracefs) {
-            Ok(layout) => {
-                probe.found(SYNACK_TIMING);
-                Some(layout)
-            }
-            Err(err) => {
-                probe.missing(SYNACK_TIMING, format!("{err:#}"));
-                None
-            }
-        };
-        let (ring_bytes, histogram_slots) = if settings.aggregate {
-            (4096, hist::STATES * hist::BUCKETS)
-        } else {
-            (settings.ring_bytes, 1)
-        };
-
-        // No kernel BTF for aya: Rust BPF objects carry no CO-RE relocations,
-        // and parsing vmlinux BTF would cost the agent ~10 MiB of memory.
-        let mut ebpf = EbpfLoader::new()
-            .btf(None)
-            .override_global("LAYOUT", &layout, true)
-            .override_global("DIRECT", &u8::from(direct), true)
-            .override_global("FILTER", &settings.filter, true)
-            .override_global("SOCK_OFFSETS", &offsets, true)
-            .override_global("SYNACK_LAYOUT", &synack.unwrap_or_default(), true)
-            .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
-            // Wake the reader when an eighth of the ring is queued; it drains on
-            // a timer otherwise (see source/live.rs).
-            .override_global("WAKEUP_BYTES", &u64::from(ring_bytes / 8), true)
-            .map_max_entries("SOCKETS", settings.max_sockets)
-            .map_max_entries("EVENTS", ring_bytes)
-            .map_max_entries("HISTOGRAMS", histogram_slots)
-            .load(PROGRAM)
-            .context("loading the BPF program into the kernel")?;
-
-        let program: &mut TracePoint = ebpf
-            .program_mut(MAIN_PROGRAM)
-            .context("the BPF object has no program inet_sock_set_state")?
-            .try_into()
-            .context("inet_sock_set_state is not a tracepoint program")?;
-        program
-            .load()
-            .context("the kernel's verifier rejected the program")?;
-        program
-            .attach(tracefs::CATEGORY, tracefs::NAME)
-            .with_context(|| {
-                format!(
-                    "attaching to the tracepoint {}:{}",
-                    tracefs::CATEGORY,
-                    tracefs::NAME
-                )
-            })?;
-
-        // SYN-ACK retransmissions are rare and time the server's handshake
-        // when they happen; kernels without the tracepoint go without.
-        if synack.is_some() {
-            let program: &mut TracePoint = ebpf
-                .program_mut("tcp_retransmit_synack")
-                .context("the BPF object has no program tcp_retransmit_synack")?
-                .try_into()
-                .context("tcp_retransmit_synack is not a tracepoint program")?;
-            program.load().context("loading tcp_retransmit_synack")?;
-            program
-                .attach("tcp", "tcp_retransmit_synack")
-                .context("attaching to tcp:tcp_retransmit_synack")?;
-        }
+        let (mut ebpf, synack) = load(settings, &tracefs, &mut probe)?;
+        attach_programs(&mut ebpf, synack)?;
 
         let mut events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)
             .context("EVENTS is not a ring buffer")?;
@@ -251,6 +186,85 @@ impl Program {
         }
         Ok(all)
     }
+}
+
+/// Loads the BPF object with the settings, layouts and offsets this kernel
+/// needs as globals; returns it, and whether SYN-ACK retransmissions can be
+/// traced here.
+fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf, bool)> {
+    let layout = tracefs::read_layout(tracefs)?;
+    let direct = direct_reads(&layout, probe);
+    let offsets = sock_offsets(probe);
+    let synack = match tracefs::read_synack_layout(tracefs) {
+        Ok(layout) => {
+            probe.found(SYNACK_TIMING);
+            Some(layout)
+        }
+        Err(err) => {
+            probe.missing(SYNACK_TIMING, format!("{err:#}"));
+            None
+        }
+    };
+    let (ring_bytes, histogram_slots) = if settings.aggregate {
+        (4096, hist::STATES * hist::BUCKETS)
+    } else {
+        (settings.ring_bytes, 1)
+    };
+    // No kernel BTF for aya: Rust BPF objects carry no CO-RE relocations,
+    // and parsing vmlinux BTF would cost the agent ~10 MiB of memory.
+    let ebpf = EbpfLoader::new()
+        .btf(None)
+        .override_global("LAYOUT", &layout, true)
+        .override_global("DIRECT", &u8::from(direct), true)
+        .override_global("FILTER", &settings.filter, true)
+        .override_global("SOCK_OFFSETS", &offsets, true)
+        .override_global("SYNACK_LAYOUT", &synack.unwrap_or_default(), true)
+        .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
+        // Wake the reader when an eighth of the ring is queued; it drains on
+        // a timer otherwise (see source/live.rs).
+        .override_global("WAKEUP_BYTES", &u64::from(ring_bytes / 8), true)
+        .map_max_entries("SOCKETS", settings.max_sockets)
+        .map_max_entries("EVENTS", ring_bytes)
+        .map_max_entries("HISTOGRAMS", histogram_slots)
+        .load(PROGRAM)
+        .context("loading the BPF program into the kernel")?;
+    Ok((ebpf, synack.is_some()))
+}
+
+/// Verifies and attaches the main program, and the SYN-ACK one where the
+/// kernel has its tracepoint.
+fn attach_programs(ebpf: &mut Ebpf, synack: bool) -> Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(MAIN_PROGRAM)
+        .context("the BPF object has no program inet_sock_set_state")?
+        .try_into()
+        .context("inet_sock_set_state is not a tracepoint program")?;
+    program
+        .load()
+        .context("the kernel's verifier rejected the program")?;
+    program
+        .attach(tracefs::CATEGORY, tracefs::NAME)
+        .with_context(|| {
+            format!(
+                "attaching to the tracepoint {}:{}",
+                tracefs::CATEGORY,
+                tracefs::NAME
+            )
+        })?;
+    // SYN-ACK retransmissions are rare and time the server's handshake
+    // when they happen; kernels without the tracepoint go without.
+    if synack {
+        let program: &mut TracePoint = ebpf
+            .program_mut("tcp_retransmit_synack")
+            .context("the BPF object has no program tcp_retransmit_synack")?
+            .try_into()
+            .context("tcp_retransmit_synack is not a tracepoint program")?;
+        program.load().context("loading tcp_retransmit_synack")?;
+        program
+            .attach("tcp", "tcp_retransmit_synack")
+            .context("attaching to tcp:tcp_retransmit_synack")?;
+    }
+    Ok(())
 }
 
 fn per_cpu_array(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>> {

@@ -1,0 +1,147 @@
+//! Reading the tracepoint's record, and telling task context from interrupts.
+
+use aya_ebpf::{helpers::bpf_probe_read_kernel_buf, programs::TracePointContext, EbpfContext as _};
+use tcp_trace_common::{state, TracepointLayout, KNOWN_LAYOUT};
+
+use crate::{field, TASK_REGS};
+
+/// Transitions that only a syscall makes (listen, connect, close, shutdown),
+/// hence always in the owner's process context.
+#[inline(always)]
+pub(crate) fn syscall_only(old_state: u8, new_state: u8) -> bool {
+    matches!(
+        (old_state, new_state),
+        (state::CLOSE, state::LISTEN)
+            | (state::CLOSE, state::SYN_SENT)
+            | (state::ESTABLISHED, state::FIN_WAIT1)
+            | (state::SYN_RECV, state::FIN_WAIT1)
+            | (state::CLOSE_WAIT, state::LAST_ACK)
+    )
+}
+
+#[inline(always)]
+pub(crate) fn in_task_context(
+    ctx: &TracePointContext,
+    old_state: u8,
+    new_state: u8,
+) -> Result<bool, i32> {
+    let regs: u64 = field(ctx, 0)?;
+    let Some(task_regs) = TASK_REGS.get_ptr_mut(0) else {
+        return Ok(syscall_only(old_state, new_state));
+    };
+    // SAFETY: as in `count`: a per-CPU value, valid for this run, ours alone.
+    let task_regs = unsafe { &mut *task_regs };
+    if old_state == state::CLOSE && (new_state == state::LISTEN || new_state == state::SYN_SENT) {
+        *task_regs = regs;
+        return Ok(true);
+    }
+    if *task_regs == 0 {
+        // This CPU is not calibrated yet: trust only syscall-made transitions.
+        return Ok(syscall_only(old_state, new_state));
+    }
+    Ok(regs == *task_regs)
+}
+
+/// The fields of one tracepoint record the program uses.
+pub(crate) struct Record {
+    pub(crate) skaddr: u64,
+    pub(crate) old_state: u8,
+    pub(crate) new_state: u8,
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) family: u16,
+    pub(crate) protocol: u16,
+}
+
+/// A direct load from the tracepoint record.
+///
+/// # Safety
+///
+/// `offset` must be a constant inside the record, aligned for `T`, and `T` a
+/// plain integer: the verifier then accepts the load (it rejects the program
+/// otherwise), and any bit pattern is a valid `T`.
+// SAFETY: sound under the contract above, which every caller meets by passing
+// `KNOWN_LAYOUT` offsets, used only when tracefs reports exactly that layout.
+#[inline(always)]
+pub(crate) unsafe fn load<T>(base: *const u8, offset: u32) -> T {
+    // SAFETY: the caller's contract (see above).
+    unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) }
+}
+
+#[inline(always)]
+pub(crate) fn read_record(
+    ctx: &TracePointContext,
+    direct: bool,
+    layout: &TracepointLayout,
+) -> Result<Record, i32> {
+    if direct {
+        let base = ctx.as_ptr() as *const u8;
+        let l = KNOWN_LAYOUT;
+        // SAFETY: `KNOWN_LAYOUT`'s constant, aligned offsets inside the
+        // record (`DIRECT` is set only when tracefs reports that layout);
+        // the verifier checks every direct load of the context.
+        return Ok(unsafe {
+            Record {
+                skaddr: load(base, l.skaddr),
+                old_state: load::<i32>(base, l.oldstate) as u8,
+                new_state: load::<i32>(base, l.newstate) as u8,
+                sport: load(base, l.sport),
+                dport: load(base, l.dport),
+                family: load(base, l.family),
+                protocol: load(base, l.protocol),
+            }
+        });
+    }
+    Ok(Record {
+        skaddr: field(ctx, layout.skaddr)?,
+        old_state: field::<i32>(ctx, layout.oldstate)? as u8,
+        new_state: field::<i32>(ctx, layout.newstate)? as u8,
+        sport: field(ctx, layout.sport)?,
+        dport: field(ctx, layout.dport)?,
+        family: field(ctx, layout.family)?,
+        protocol: field(ctx, layout.protocol)?,
+    })
+}
+
+/// Source and destination addresses (IPv4 in the first 4 bytes).
+#[inline(always)]
+pub(crate) fn read_addresses(
+    ctx: &TracePointContext,
+    direct: bool,
+    layout: &TracepointLayout,
+    ipv4: bool,
+) -> Result<([u8; 16], [u8; 16]), i32> {
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    let base = ctx.as_ptr() as *const u8;
+    if direct {
+        let l = KNOWN_LAYOUT;
+        // SAFETY: as in `read_record`: `KNOWN_LAYOUT`'s constant, aligned
+        // offsets inside the record, checked by the verifier.
+        unsafe {
+            if ipv4 {
+                saddr[..4].copy_from_slice(&load::<u32>(base, l.saddr).to_ne_bytes());
+                daddr[..4].copy_from_slice(&load::<u32>(base, l.daddr).to_ne_bytes());
+            } else {
+                saddr[..8].copy_from_slice(&load::<u64>(base, l.saddr_v6).to_ne_bytes());
+                saddr[8..].copy_from_slice(&load::<u64>(base, l.saddr_v6 + 8).to_ne_bytes());
+                daddr[..8].copy_from_slice(&load::<u64>(base, l.daddr_v6).to_ne_bytes());
+                daddr[8..].copy_from_slice(&load::<u64>(base, l.daddr_v6 + 8).to_ne_bytes());
+            }
+        }
+        return Ok((saddr, daddr));
+    }
+    // SAFETY: bpf_probe_read_kernel_buf checks the source and fails instead
+    // of faulting, and writes only within the slice it is given; the offsets
+    // come from the tracepoint's format file.
+    unsafe {
+        if ipv4 {
+            bpf_probe_read_kernel_buf(base.add(layout.saddr as usize), &mut saddr[..4])?;
+            bpf_probe_read_kernel_buf(base.add(layout.daddr as usize), &mut daddr[..4])?;
+        } else {
+            bpf_probe_read_kernel_buf(base.add(layout.saddr_v6 as usize), &mut saddr)?;
+            bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), &mut daddr)?;
+        }
+    }
+    Ok((saddr, daddr))
+}

@@ -1,0 +1,139 @@
+//! Per-socket and per-listener state: how long a socket stayed in a state,
+//! and who owns it.
+
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
+use tcp_trace_common::{counter, state, Listener, Owner, SockState};
+
+use crate::{count, record::Record, LISTENERS, SOCKETS};
+
+/// What the socket map says about the socket at this transition.
+pub(crate) struct Tracked {
+    pub(crate) owner: Owner,
+    /// Time spent in the old state; 0 unless `duration_known`.
+    pub(crate) duration_ns: u64,
+    pub(crate) duration_known: bool,
+    /// The program saw the socket connect (CLOSE -> SYN_SENT).
+    pub(crate) active_open: bool,
+}
+
+/// Times the socket's stay in its old state and keeps its owner: updates the
+/// socket map, or starts tracking the socket, and forgets it at CLOSE.
+#[inline(always)]
+pub(crate) fn track_socket(rec: &Record, now: u64, in_irq: bool) -> Tracked {
+    let tracked = match SOCKETS.get_ptr_mut(rec.skaddr) {
+        // SAFETY: the value pointer stays valid for this run (the map is
+        // preallocated and the program runs under RCU), and transitions of
+        // one socket are serialized by the kernel (socket lock), so no other
+        // run writes this entry meanwhile.
+        Some(sock) => follow_socket(unsafe { &mut *sock }, rec, now, in_irq),
+        None => start_tracking(rec, now, in_irq),
+    };
+    if rec.new_state == state::CLOSE {
+        let _ = SOCKETS.remove(rec.skaddr);
+    }
+    tracked
+}
+
+/// A socket the map knows: its time in the old state; it enters the new one now.
+#[inline(always)]
+pub(crate) fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> Tracked {
+    if sock.state != rec.old_state {
+        // A transition of this socket was skipped (the kernel does not run
+        // the program nested, and the ring may have been full): the time in
+        // the old state is unknown. A socket that begins anew at this address
+        // lost its CLOSE: it is a new socket.
+        count(counter::GAPS);
+        if rec.old_state == state::CLOSE || rec.old_state == state::LISTEN {
+            return start_tracking(rec, now, in_irq);
+        }
+    }
+    let duration_known = sock.state == rec.old_state;
+    let duration_ns = if duration_known {
+        now.wrapping_sub(sock.entered_ns)
+    } else {
+        0
+    };
+    sock.entered_ns = now;
+    sock.state = rec.new_state;
+    // A transition in process context names the socket's real owner.
+    if !in_irq {
+        sock.owner = current_owner();
+    }
+    Tracked {
+        owner: sock.owner,
+        duration_ns,
+        duration_known,
+        active_open: sock.active_open != 0,
+    }
+}
+
+pub(crate) fn start_tracking(rec: &Record, now: u64, in_irq: bool) -> Tracked {
+    let owner = if !in_irq {
+        current_owner()
+    } else if rec.old_state == state::LISTEN && rec.new_state == state::SYN_RECV {
+        // SAFETY: the owner is copied out at once. The map is preallocated, so
+        // the value's memory stays valid for this run; a concurrent update can
+        // at worst make the copy stale (plain data: any bytes are valid).
+        unsafe { LISTENERS.get(rec.sport) }
+            .map(|l| l.owner)
+            .unwrap_or_default()
+    } else {
+        Owner::default()
+    };
+    // First sight of a socket that did not just come to life: it was
+    // open before we started, or fell out of the LRU map.
+    if rec.old_state != state::CLOSE && rec.old_state != state::LISTEN {
+        count(counter::UNTRACKED);
+    }
+    let active_open = rec.old_state == state::CLOSE && rec.new_state == state::SYN_SENT;
+    if rec.new_state != state::CLOSE {
+        let sock = SockState {
+            entered_ns: now,
+            owner,
+            active_open: u32::from(active_open),
+            state: rec.new_state,
+            _pad: [0; 3],
+        };
+        if SOCKETS.insert(rec.skaddr, sock, 0).is_err() {
+            count(counter::MAP_UPDATE_FAILED);
+        }
+    }
+    Tracked {
+        owner,
+        duration_ns: 0,
+        duration_known: false,
+        active_open,
+    }
+}
+
+/// Listening sockets by port, so that sockets accepted in softirq can be
+/// charged to the listener's owner.
+#[inline(always)]
+pub(crate) fn track_listener(rec: &Record, owner: Owner) {
+    if rec.new_state == state::LISTEN {
+        let _ = LISTENERS.insert(
+            rec.sport,
+            Listener {
+                skaddr: rec.skaddr,
+                owner,
+            },
+            0,
+        );
+    } else if rec.old_state == state::LISTEN && rec.new_state == state::CLOSE {
+        // SAFETY: only `skaddr` is read, at once; as in `start_tracking`, the
+        // memory stays valid and a concurrent update makes it stale at worst.
+        if let Some(l) = unsafe { LISTENERS.get(rec.sport) } {
+            if l.skaddr == rec.skaddr {
+                let _ = LISTENERS.remove(rec.sport);
+            }
+        }
+    }
+}
+
+pub(crate) fn current_owner() -> Owner {
+    Owner {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        known: 1,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
+}
