@@ -1,0 +1,80 @@
+//! More live sockets than the kernel's socket map holds: the least recently
+//! active are evicted, their next transitions are counted as "first seen
+//! mid-life" with an unknown duration, and no duration is ever wrong.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use common::*;
+
+/// The smallest socket map the agent accepts.
+const MAP: &str = "1024";
+/// Connections held open at once: both ends are tracked, so three times the map.
+const HELD: usize = 1536;
+
+/// Lets this process hold a few thousand sockets.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit write to and read from our own struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max.min(65_536);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(limit.rlim_cur >= 2 * HELD as u64 + 64, "{}", limit.rlim_cur);
+}
+
+#[test]
+fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
+    raise_fd_limit();
+    let port = free_port();
+    let p = port.to_string();
+    let agent = Agent::start(&["--port", &p, "--max-sockets", MAP]);
+    let listener = TcpListener::bind(SocketAddr::new(loopback(false), port)).unwrap();
+    let mut held = Vec::with_capacity(HELD);
+    for _ in 0..HELD {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        held.push((client, server));
+    }
+    thread::sleep(Duration::from_millis(100));
+    drop(held);
+    drop(listener);
+    thread::sleep(Duration::from_millis(500));
+    let trace = agent.stop();
+
+    let mid_life: u64 = {
+        let summary = trace.summary();
+        let at = summary
+            .find(" transitions of sockets first seen mid-life")
+            .unwrap();
+        summary[..at].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(mid_life > 0, "no socket was evicted: {}", trace.summary());
+
+    let sockets = trace.sockets_on_port(port);
+    let mut unknown_after_eviction = 0;
+    for events in sockets.values() {
+        for pair in events.windows(2) {
+            let (before, after) = (&pair[0], &pair[1]);
+            match after.duration_ns {
+                // Known: exactly the time since the socket entered the state.
+                Some(d) => assert_eq!(d, after.ts_ns - before.ts_ns, "{events:#?}"),
+                None => unknown_after_eviction += 1,
+            }
+        }
+    }
+    assert!(
+        unknown_after_eviction > 0,
+        "evicted sockets' later transitions should be untimed: {}",
+        trace.summary()
+    );
+}
