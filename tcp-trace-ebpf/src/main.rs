@@ -7,7 +7,8 @@
 //!
 //! This file holds the globals, the maps and the handlers; `record` reads the
 //! tracepoint's record, `sockets` keeps per-socket state, `emit` builds and
-//! streams the event. Every step is `#[inline(always)]`: one program, no calls.
+//! streams the event. The steps are `#[inline(always)]`: one program, no
+//! BPF-to-BPF calls.
 #![no_std]
 #![no_main]
 #![warn(clippy::undocumented_unsafe_blocks)]

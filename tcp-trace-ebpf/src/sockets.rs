@@ -21,10 +21,13 @@ pub(crate) struct Tracked {
 #[inline(always)]
 pub(crate) fn track_socket(rec: &Record, now: u64, in_irq: bool) -> Tracked {
     let tracked = match SOCKETS.get_ptr_mut(rec.skaddr) {
-        // SAFETY: the value pointer stays valid for this run (the map is
-        // preallocated and the program runs under RCU), and transitions of
-        // one socket are serialized by the kernel (socket lock), so no other
-        // run writes this entry meanwhile.
+        // SAFETY: the value's memory stays valid for this run (the map is
+        // preallocated) and holds plain data, valid for any bytes.
+        // Transitions of one socket are serialized by the kernel (socket
+        // lock). An LRU map may recycle an evicted element at once, though:
+        // under eviction pressure another CPU can reuse this entry for
+        // another socket meanwhile, which can mistime this transition (the
+        // state check narrows it); it cannot make the access unsound.
         Some(sock) => follow_socket(unsafe { &mut *sock }, rec, now, in_irq),
         None => start_tracking(rec, now, in_irq),
     };
@@ -36,18 +39,21 @@ pub(crate) fn track_socket(rec: &Record, now: u64, in_irq: bool) -> Tracked {
 
 /// A socket the map knows: its time in the old state; it enters the new one now.
 #[inline(always)]
-pub(crate) fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> Tracked {
-    if sock.state != rec.old_state {
-        // A transition of this socket was skipped (the kernel does not run
-        // the program nested, and the ring may have been full): the time in
-        // the old state is unknown. A socket that begins anew at this address
-        // lost its CLOSE: it is a new socket.
+fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> Tracked {
+    let begins = rec.old_state == state::CLOSE
+        || (rec.old_state == state::LISTEN && rec.new_state == state::SYN_RECV);
+    if begins {
+        // Entries go at CLOSE: one for a socket only now coming to life
+        // belonged to a socket freed at this address whose CLOSE was skipped.
         count(counter::GAPS);
-        if rec.old_state == state::CLOSE || rec.old_state == state::LISTEN {
-            return start_tracking(rec, now, in_irq);
-        }
+        return start_tracking(rec, now, in_irq);
     }
+    // Otherwise a state it did not enter means a transition was skipped
+    // (the kernel does not run the program nested): the time is unknown.
     let duration_known = sock.state == rec.old_state;
+    if !duration_known {
+        count(counter::GAPS);
+    }
     let duration_ns = if duration_known {
         now.wrapping_sub(sock.entered_ns)
     } else {
@@ -67,7 +73,8 @@ pub(crate) fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq
     }
 }
 
-pub(crate) fn start_tracking(rec: &Record, now: u64, in_irq: bool) -> Tracked {
+#[inline(always)]
+fn start_tracking(rec: &Record, now: u64, in_irq: bool) -> Tracked {
     let owner = if !in_irq {
         current_owner()
     } else if rec.old_state == state::LISTEN && rec.new_state == state::SYN_RECV {
@@ -130,7 +137,8 @@ pub(crate) fn track_listener(rec: &Record, owner: Owner) {
     }
 }
 
-pub(crate) fn current_owner() -> Owner {
+#[inline(always)]
+fn current_owner() -> Owner {
     Owner {
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         known: 1,

@@ -336,8 +336,8 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
-        return Err(format!("`{s}` must be a positive number of seconds"));
+    if !secs.is_finite() || !(0.001..=1e9).contains(&secs) {
+        return Err(format!("`{s}` must be a number of seconds from 0.001 to 1e9"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -384,6 +384,8 @@ mod tests {
             &["stats", "--top", "0"],
             &["stats", "--interval", "0"],
             &["stats", "--from", "x", "--duration", "1"],
+            &["stats", "--interval", "1e-10"],
+            &["watch", "--duration", "NaN"],
             &["watch", "--ring-bytes", "5000"],
             &["watch", "--ring-bytes", "2048"],
             &["watch", "--ring-bytes", "x"],

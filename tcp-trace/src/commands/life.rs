@@ -126,30 +126,27 @@ impl Connections {
         }
     }
 
-    /// Follows `t`; returns the life it ends: its own connection's at a
-    /// `CLOSE`, or, when `t` begins a connection at the address of one whose
-    /// close was never seen, that older one.
-    pub fn event(&mut self, t: &Transition) -> Option<Life> {
-        // Listeners are not connections.
-        if t.new_state == TcpState::LISTEN || t.is(TcpState::LISTEN, TcpState::CLOSE) {
-            return None;
-        }
+    /// Follows `t`; returns the lives it ends: its own connection's at a
+    /// `CLOSE`, and, when `t` begins a socket at the address of a followed
+    /// connection, that one, whose `CLOSE` was never seen.
+    pub fn event(&mut self, t: &Transition) -> Vec<Life> {
+        let mut ended = Vec::new();
         let begins = t.old_state == TcpState::CLOSE || t.is(TcpState::LISTEN, TcpState::SYN_RECV);
         // Followed sockets leave the table at their CLOSE: one still here
         // when its address begins anew lost its CLOSE.
-        let unseen_close = if begins {
-            self.conns.remove(&t.sk)
-        } else {
-            None
-        };
-        let ended = unseen_close.map(|conn| {
+        if let Some(conn) = begins.then(|| self.conns.remove(&t.sk)).flatten() {
             let last = conn.last.clone();
-            conn.into_life(last, Ending::Unseen)
-        });
-        self.follow(t).or(ended)
+            ended.push(conn.into_life(last, Ending::Unseen));
+        }
+        // Listeners are not connections.
+        let listener = t.new_state == TcpState::LISTEN || t.is(TcpState::LISTEN, TcpState::CLOSE);
+        if !listener {
+            ended.extend(self.follow(t, begins));
+        }
+        ended
     }
 
-    fn follow(&mut self, t: &Transition) -> Option<Life> {
+    fn follow(&mut self, t: &Transition, begins: bool) -> Option<Life> {
         let is_close = t.new_state == TcpState::CLOSE;
         let conn = match self.conns.get_mut(&t.sk) {
             Some(c) => {
@@ -160,15 +157,14 @@ impl Connections {
                 c
             }
             None => {
-                let born =
-                    t.old_state == TcpState::CLOSE || t.is(TcpState::LISTEN, TcpState::SYN_RECV);
                 if !is_close && self.conns.len() >= self.capacity {
-                    self.overflow += 1;
+                    // Counted once per connection: at its birth.
+                    self.overflow += u64::from(begins);
                     return None;
                 }
                 let conn = Conn {
                     owner: t.owner.clone(),
-                    born,
+                    born: begins,
                     states: Vec::new(),
                     last: t.clone(),
                     gaps: 0,
@@ -189,7 +185,7 @@ impl Connections {
             // close) is one stay, not two.
             match conn.states.last_mut() {
                 Some((last, d)) if *last == t.old_state => {
-                    *d = d.zip(t.duration_ns).map(|(a, b)| a + b)
+                    *d = d.zip(t.duration_ns).map(|(a, b)| a.saturating_add(b))
                 }
                 _ => conn.states.push((t.old_state, t.duration_ns)),
             }
@@ -211,7 +207,11 @@ impl Conn {
         Life {
             ts_ns: last.ts_ns,
             owner: self.owner,
-            lifetime_ns: self.states.iter().filter_map(|(_, d)| *d).sum(),
+            lifetime_ns: self
+                .states
+                .iter()
+                .filter_map(|(_, d)| *d)
+                .fold(0, u64::saturating_add),
             complete: self.born && known && self.gaps == 0 && ending != Ending::Unseen,
             t: last,
             states: self.states,
@@ -300,15 +300,15 @@ impl Consumer for LifeCommand {
     }
 
     fn event(&mut self, t: &Transition) -> Result<()> {
-        let Some(life) = self.connections.event(t) else {
-            return Ok(());
-        };
-        if self.sink.is_json() {
-            self.sink.json_line(&json_line(&life))
-        } else {
-            let line = text_line(&life, &self.sink.clock);
-            self.sink.text(&format!("{line}\n"))
+        for life in self.connections.event(t) {
+            if self.sink.is_json() {
+                self.sink.json_line(&json_line(&life))?;
+            } else {
+                let line = text_line(&life, &self.sink.clock);
+                self.sink.text(&format!("{line}\n"))?;
+            }
         }
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -342,6 +342,18 @@ pub fn run(config: LifeConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one life a transition ended.
+    trait One {
+        fn one(self) -> Life;
+    }
+
+    impl One for Vec<Life> {
+        fn one(self) -> Life {
+            assert_eq!(self.len(), 1, "{self:?}");
+            self.into_iter().next().unwrap()
+        }
+    }
     use crate::model::{from_event, sample_event};
 
     fn ev(sk: u64, ts: u64, old: &str, new: &str, d: Option<u64>) -> Transition {
@@ -364,7 +376,7 @@ mod tests {
             ev(1, 5_400, "CLOSE_WAIT", "LAST_ACK", Some(100)),
         ];
         for t in &seq {
-            assert!(tr.event(t).is_none());
+            assert!(tr.event(t).is_empty());
         }
         let mut close = ev(1, 5_450, "LAST_ACK", "CLOSE", Some(50));
         close.sock = Some(SockFields {
@@ -372,7 +384,7 @@ mod tests {
             bytes_received: 2048,
             error: 0,
         });
-        let life = tr.event(&close).unwrap();
+        let life = tr.event(&close).one();
         assert_eq!(life.lifetime_ns, 5_350);
         assert_eq!(life.lifetime_ns, close.ts_ns - seq[0].ts_ns);
         assert!(life.complete);
@@ -397,9 +409,7 @@ mod tests {
         tr.event(&ev(4, 105, "ESTABLISHED", "FIN_WAIT1", Some(100)));
         tr.event(&ev(4, 115, "FIN_WAIT1", "FIN_WAIT1", Some(10)));
         tr.event(&ev(4, 135, "FIN_WAIT1", "FIN_WAIT2", Some(20)));
-        let life = tr
-            .event(&ev(4, 136, "FIN_WAIT2", "CLOSE", Some(1)))
-            .unwrap();
+        let life = tr.event(&ev(4, 136, "FIN_WAIT2", "CLOSE", Some(1))).one();
         let names: Vec<_> = life
             .states
             .iter()
@@ -423,7 +433,7 @@ mod tests {
         let mut tr = Connections::new(100);
         tr.event(&ev(2, 10, "ESTABLISHED", "FIN_WAIT1", None));
         tr.event(&ev(2, 20, "FIN_WAIT1", "FIN_WAIT2", Some(10)));
-        let life = tr.event(&ev(2, 25, "FIN_WAIT2", "CLOSE", Some(5))).unwrap();
+        let life = tr.event(&ev(2, 25, "FIN_WAIT2", "CLOSE", Some(5))).one();
         assert!(!life.complete);
         assert_eq!(life.ending, Ending::Active);
         assert!(text_line(&life, &Clock::with_offset(0)).contains(">=15ns"));
@@ -436,8 +446,8 @@ mod tests {
     #[test]
     fn listeners_are_not_connections() {
         let mut tr = Connections::new(100);
-        assert!(tr.event(&ev(3, 1, "CLOSE", "LISTEN", None)).is_none());
-        assert!(tr.event(&ev(3, 2, "LISTEN", "CLOSE", Some(1))).is_none());
+        assert!(tr.event(&ev(3, 1, "CLOSE", "LISTEN", None)).is_empty());
+        assert!(tr.event(&ev(3, 2, "LISTEN", "CLOSE", Some(1))).is_empty());
         assert!(tr.conns.is_empty());
     }
 
@@ -481,7 +491,7 @@ mod tests {
         tr.event(&ev(5, 0, "CLOSE", "SYN_SENT", None));
         tr.event(&ev(5, 10, "SYN_SENT", "ESTABLISHED", Some(10)));
         // ... its FIN_WAIT1 -> ... -> CLOSE were skipped; the address is reused.
-        let old = tr.event(&ev(5, 500, "CLOSE", "SYN_SENT", None)).unwrap();
+        let old = tr.event(&ev(5, 500, "CLOSE", "SYN_SENT", None)).one();
         assert_eq!(old.ending, Ending::Unseen);
         assert!(!old.complete);
         assert_eq!(old.ts_ns, 10, "ends at the last transition seen");
@@ -490,7 +500,7 @@ mod tests {
         tr.event(&ev(5, 520, "SYN_SENT", "ESTABLISHED", Some(20)));
         let new = tr
             .event(&ev(5, 600, "ESTABLISHED", "CLOSE", Some(80)))
-            .unwrap();
+            .one();
         assert_eq!((new.lifetime_ns, new.gaps), (100, 0));
     }
 
@@ -501,10 +511,19 @@ mod tests {
         tr.event(&ev(6, 10, "SYN_SENT", "ESTABLISHED", Some(10)));
         // ESTABLISHED -> FIN_WAIT1 was skipped.
         tr.event(&ev(6, 90, "FIN_WAIT1", "FIN_WAIT2", None));
-        let life = tr.event(&ev(6, 95, "FIN_WAIT2", "CLOSE", Some(5))).unwrap();
+        let life = tr.event(&ev(6, 95, "FIN_WAIT2", "CLOSE", Some(5))).one();
         assert_eq!(life.gaps, 1);
         assert!(!life.complete);
         assert_eq!(json_line(&life)["missed_transitions"], 1);
+    }
+
+    #[test]
+    fn a_reused_address_ends_the_old_life_even_when_it_becomes_a_listener() {
+        let mut tr = Connections::new(100);
+        tr.event(&ev(8, 0, "CLOSE", "SYN_SENT", None));
+        let ended = tr.event(&ev(8, 50, "CLOSE", "LISTEN", None));
+        assert_eq!(ended.one().ending, Ending::Unseen);
+        assert!(tr.conns.is_empty());
     }
 
     #[test]

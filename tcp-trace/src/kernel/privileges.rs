@@ -39,24 +39,28 @@ pub fn raise_memlock_limit() {
 }
 
 /// Once attached, the agent needs only to read its maps (`bpf()` on fds it
-/// holds): it keeps CAP_BPF (CAP_SYS_ADMIN on kernels that predate CAP_BPF)
-/// and gives up every other capability, for this thread and every thread it
-/// starts later. It never executes another program; no_new_privs makes sure
-/// nothing it could execute would gain privileges either.
+/// holds): it keeps CAP_BPF, or CAP_SYS_ADMIN where that is what it was given
+/// (kernels before 5.8, or a process holding only CAP_SYS_ADMIN), and gives up
+/// every other capability, for this thread and every thread it starts later.
+/// It never executes another program; no_new_privs makes sure nothing it
+/// could execute would gain privileges either.
 pub fn drop_privileges() -> Result<()> {
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes plain integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
     }
     let permitted = caps::read(None, CapSet::Permitted).context("reading our capabilities")?;
-    let needed = if caps::runtime::thread_all_supported().contains(&Capability::CAP_BPF) {
+    let effective = caps::read(None, CapSet::Effective).context("reading our capabilities")?;
+    let knows_bpf = caps::runtime::thread_all_supported().contains(&Capability::CAP_BPF);
+    let needed = if knows_bpf && permitted.contains(&Capability::CAP_BPF) {
         Capability::CAP_BPF
     } else {
         Capability::CAP_SYS_ADMIN
     };
     let keep: CapsHashSet = permitted.iter().copied().filter(|&c| c == needed).collect();
-    // The bounding set first: dropping from it needs CAP_SETPCAP, given up next.
-    if permitted.contains(&Capability::CAP_SETPCAP) {
+    // The bounding set first: dropping from it needs CAP_SETPCAP in effect,
+    // and that is given up next.
+    if effective.contains(&Capability::CAP_SETPCAP) {
         for cap in caps::read(None, CapSet::Bounding).context("reading our bounding set")? {
             if cap != needed {
                 caps::drop(None, CapSet::Bounding, cap)

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
@@ -69,8 +69,8 @@ pub struct Counters {
     /// Transitions lost because a read of kernel memory failed mid-run.
     pub read_failed: u64,
     /// Transitions the kernel did not run the program for, because a tracing
-    /// program was already running on that CPU (`recursion_misses`, Linux
-    /// 5.12+; 0 where the kernel does not report it).
+    /// program was already running on that CPU (`recursion_misses`, counted
+    /// for tracepoint programs since Linux 6.7; 0 before, as start-up says).
     pub skipped: u64,
 }
 
@@ -99,25 +99,19 @@ impl Program {
         // The calibration's own sockets (and anything else before this point)
         // precede the start of tracing: discard them.
         while events.next().is_some() {}
-        let skipped_before_start = match skipped_runs(&ebpf, MAIN_PROGRAM)? {
-            Some(n) => {
-                probe.found(SKIP_COUNT);
-                n
-            }
-            None => {
-                probe.missing(
-                    SKIP_COUNT,
-                    "the kernel does not report `recursion_misses` (Linux 5.12+)",
-                );
-                0
-            }
-        };
-        let counters = per_cpu_array(&mut ebpf, "COUNTERS")?;
+        let skipped_before_start = skipped_runs(&ebpf, MAIN_PROGRAM)?;
+        probe.check(
+            SKIP_COUNT,
+            skip_count_missing(skipped_before_start.is_some()),
+        );
+        let mut counters = per_cpu_array(&mut ebpf, "COUNTERS")?;
+        reset(&mut counters, counter::COUNT)?;
         let histograms = if settings.aggregate {
-            Some((
-                per_cpu_array(&mut ebpf, "HISTOGRAMS")?,
-                per_cpu_array(&mut ebpf, "MAX_NS")?,
-            ))
+            let mut buckets = per_cpu_array(&mut ebpf, "HISTOGRAMS")?;
+            let mut maxima = per_cpu_array(&mut ebpf, "MAX_NS")?;
+            reset(&mut buckets, hist::STATES * hist::BUCKETS)?;
+            reset(&mut maxima, hist::STATES)?;
+            Some((buckets, maxima))
         } else {
             None
         };
@@ -130,31 +124,35 @@ impl Program {
                 ebpf,
                 counters,
                 histograms,
-                skipped_before_start,
+                skipped_before_start: skipped_before_start.unwrap_or(0),
             },
             events,
         ))
     }
 
+    /// The counters so far, the program still attached.
     pub fn counters(&self) -> Result<Counters> {
-        let sum = |index: u32| -> Result<u64> {
-            let values = self
-                .counters
-                .get(&index, 0)
-                .context("reading the kernel's counters")?;
-            Ok(values.iter().sum())
-        };
         Ok(Counters {
-            ringbuf_full: sum(counter::RINGBUF_FULL)?,
-            untracked: sum(counter::UNTRACKED)?,
-            map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
-            aggregated: sum(counter::AGGREGATED)?,
-            gaps: sum(counter::GAPS)?,
-            read_failed: sum(counter::READ_FAILED)?,
-            skipped: skipped_runs(&self.ebpf, MAIN_PROGRAM)?
-                .unwrap_or(0)
-                .saturating_sub(self.skipped_before_start),
+            skipped: self.skipped()?,
+            ..read_counters(&self.counters)?
         })
+    }
+
+    /// Detaches the program, then reads the final counters (the count of
+    /// skipped runs comes from the program, so it is read just before).
+    pub fn stop(self) -> Result<Counters> {
+        let skipped = self.skipped()?;
+        let Program { ebpf, counters, .. } = self;
+        drop(ebpf);
+        Ok(Counters {
+            skipped,
+            ..read_counters(&counters)?
+        })
+    }
+
+    fn skipped(&self) -> Result<u64> {
+        let now = skipped_runs(&self.ebpf, MAIN_PROGRAM)?.unwrap_or(0);
+        Ok(now.saturating_sub(self.skipped_before_start))
     }
 
     /// The kernel's histograms (aggregating mode), summed over CPUs.
@@ -265,6 +263,62 @@ fn attach_programs(ebpf: &mut Ebpf, synack: bool) -> Result<()> {
             .context("attaching to tcp:tcp_retransmit_synack")?;
     }
     Ok(())
+}
+
+/// The per-CPU counters, summed (`skipped` comes from the program's fdinfo).
+fn read_counters(counters: &PerCpuArray<MapData, u64>) -> Result<Counters> {
+    let sum = |index: u32| -> Result<u64> {
+        let values = counters
+            .get(&index, 0)
+            .context("reading the kernel's counters")?;
+        Ok(values.iter().sum())
+    };
+    Ok(Counters {
+        ringbuf_full: sum(counter::RINGBUF_FULL)?,
+        untracked: sum(counter::UNTRACKED)?,
+        map_update_failed: sum(counter::MAP_UPDATE_FAILED)?,
+        aggregated: sum(counter::AGGREGATED)?,
+        gaps: sum(counter::GAPS)?,
+        read_failed: sum(counter::READ_FAILED)?,
+        skipped: 0,
+    })
+}
+
+/// Zeroes slots `0..len` on every CPU: what calibration (or anything before
+/// tracing began) counted is not part of the run.
+fn reset(array: &mut PerCpuArray<MapData, u64>, len: u32) -> Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?;
+    for index in 0..len {
+        let zeros = PerCpuValues::try_from(vec![0u64; cpus]).context("per-CPU zeros")?;
+        array
+            .set(index, zeros, 0)
+            .context("resetting the kernel's counters")?;
+    }
+    Ok(())
+}
+
+/// Why skipped runs cannot be counted here, if they cannot: the fdinfo field
+/// exists since Linux 5.12, but runs of tracepoint programs are counted in it
+/// only since 6.7 (before, the kernel skips them without a trace).
+fn skip_count_missing(reported: bool) -> Option<String> {
+    if !reported {
+        return Some("the kernel reports no `recursion_misses` (Linux 6.7+)".into());
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    match kernel_version(&release) {
+        Some(version) if version >= (6, 7) => None,
+        _ => Some(format!(
+            "Linux {} does not count skipped tracepoint runs (6.7+ does): \
+             transitions the kernel skips go uncounted",
+            release.trim()
+        )),
+    }
+}
+
+/// `(major, minor)` of a kernel release such as `6.18.44-fc-v669`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 fn per_cpu_array(ebpf: &mut Ebpf, name: &str) -> Result<PerCpuArray<MapData, u64>> {
@@ -405,5 +459,14 @@ mod tests {
             super::fdinfo_field("prog_type:\t5\n", "recursion_misses"),
             None
         );
+    }
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(super::kernel_version("6.18.44-fc-v669\n"), Some((6, 18)));
+        assert_eq!(super::kernel_version("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(super::kernel_version("5.15.0"), Some((5, 15)));
+        assert_eq!(super::kernel_version("garbage"), None);
+        assert!(super::kernel_version("6.6.9").unwrap() < (6, 7));
     }
 }

@@ -55,13 +55,14 @@ pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consu
                 _ = stop.wait() => break,
             }
         }
-        // Whatever was queued before the stop still belongs to the output.
-        drain(events.get_mut(), consumer, &mut totals)
+        Ok(())
     }
     .await;
 
-    let counters = program.counters();
-    drop(program); // detach before reporting
+    // Detach first: then the counters are final, and the last drain holds
+    // everything the program streamed.
+    let counters = program.stop();
+    let streamed = streamed.and_then(|()| drain(events.get_mut(), consumer, &mut totals));
     totals.kernel = counters?;
     let finished = streamed.and_then(|()| consumer.finish(&totals));
     eprintln!("{}", totals.summary());

@@ -27,10 +27,11 @@ pub fn replay(
             return Ok(());
         }
         if let Some(period) = period {
-            let due = *next_report.get_or_insert(t.ts_ns + period);
+            let due = *next_report.get_or_insert(t.ts_ns.saturating_add(period));
             if t.ts_ns >= due {
                 consumer.interval(due, &totals)?;
-                next_report = Some(due + period * ((t.ts_ns - due) / period + 1));
+                let periods = (t.ts_ns - due) / period + 1;
+                next_report = Some(due.saturating_add(period.saturating_mul(periods)));
             }
         }
         totals.received += 1;

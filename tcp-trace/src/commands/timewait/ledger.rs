@@ -22,6 +22,9 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub const CANDIDATE_POLLS: u32 = 3;
 /// Processes kept apart; later new ones are counted together.
 const PROCESS_ROWS: usize = 4096;
+/// Remote ends counted apart per process (for its top remotes); entries to
+/// later new ones still count in `entered`.
+const REMOTES_PER_ROW: usize = 256;
 
 /// Owner as a table key: pid and last known name.
 pub type ProcessKey = (u32, Vec<u8>);
@@ -62,12 +65,24 @@ impl Merge for ProcessRow {
         self.without_timewait += other.without_timewait;
         self.stay.merge(&other.stay);
         for (remote, n) in &other.remotes {
-            *self.remotes.entry(*remote).or_default() += n;
+            self.count_remote(*remote, *n);
         }
     }
 }
 
 impl ProcessRow {
+    /// `n` more entries to `remote`, within the bound on remotes kept.
+    fn count_remote(&mut self, remote: RemoteKey, n: u64) {
+        let len = self.remotes.len();
+        match self.remotes.get_mut(&remote) {
+            Some(count) => *count += n,
+            None if len < REMOTES_PER_ROW => {
+                self.remotes.insert(remote, n);
+            }
+            None => {}
+        }
+    }
+
     /// The busiest remote ends, most entries first.
     pub fn top_remotes(&self, n: usize) -> Vec<(RemoteKey, u64)> {
         let mut remotes: Vec<(RemoteKey, u64)> =
@@ -202,7 +217,7 @@ impl Ledger {
         let owner = l.owner.clone();
         let row = self.row(&owner);
         row.entered += 1;
-        *row.remotes.entry(remote).or_default() += 1;
+        row.count_remote(remote, 1);
     }
 
     /// Sockets gone from the table: their stay is over (an exit between two
