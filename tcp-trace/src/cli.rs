@@ -337,7 +337,9 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !secs.is_finite() || !(0.001..=1e9).contains(&secs) {
-        return Err(format!("`{s}` must be a number of seconds from 0.001 to 1e9"));
+        return Err(format!(
+            "`{s}` must be a number of seconds from 0.001 to 1e9"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
