@@ -153,6 +153,7 @@ impl Agent {
             received: number_before(" events received"),
             dropped: number_before(" dropped"),
             skipped: number_before(" skipped by the kernel"),
+            ring_full: number_before(" ring buffer full"),
             mid_life: number_before(" transitions of sockets first seen mid-life"),
         })
     }
@@ -165,5 +166,7 @@ pub struct Summary {
     pub dropped: u64,
     /// Runs the kernel skipped (part of `dropped`).
     pub skipped: u64,
+    /// Records lost to a full ring buffer (part of `dropped`).
+    pub ring_full: u64,
     pub mid_life: u64,
 }

@@ -273,12 +273,14 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
         let Summary {
             received,
             dropped,
+            skipped,
+            ring_full,
             mid_life,
-            ..
         } = agent.stop()?;
         lines.push_str(&format!(
             "- `tcp-trace {}`: maps {:.1} MiB (memlock, fixed at load: the LRU socket map is \
-             preallocated), agent peak RSS {:.1} MiB; {received} events received, {dropped} dropped, \
+             preallocated), agent peak RSS {:.1} MiB; {received} events received, {dropped} dropped \
+             ({skipped} skipped by the kernel, {ring_full} ring buffer full), \
              {mid_life} transitions of sockets the map had evicted or never saw.\n",
             args.join(" "),
             memlock as f64 / 1048576.0,
