@@ -129,9 +129,10 @@ impl Agent {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = wait_timeout(&mut self.child, Duration::from_secs(60));
-        // The reader ends at EOF, which follows the exit.
+        // Both readers end at EOF, which follows the exit: wait for every line
+        // of both (the summary is often stderr's last).
         let lines: Vec<String> = self.stdout.iter().collect();
-        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        let stderr: Vec<String> = self.stderr.iter().collect();
         assert!(
             status.success(),
             "tcp-trace exited with {status}: {stderr:?}"
