@@ -32,6 +32,20 @@ pub const TRANSITIONS_PER_CONNECTION: u64 = 10;
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("burst") {
+        let number = |i: usize| args.get(i).and_then(|s| s.parse::<u64>().ok());
+        let (Some(connections), Some(threads)) = (number(1), number(2)) else {
+            eprintln!("usage: churn burst CONNECTIONS THREADS");
+            return ExitCode::from(2);
+        };
+        return match burst(connections, threads.max(1)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("churn burst: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.first().map(String::as_str) == Some("hold") {
         let count = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         return match hold(count) {
@@ -122,6 +136,44 @@ fn run(duration: Duration, rate: u64, port: u16) -> std::io::Result<()> {
         failed.load(Ordering::Relaxed),
         connections as f64 / elapsed,
         connections * TRANSITIONS_PER_CONNECTION
+    );
+    Ok(())
+}
+
+/// `churn burst N THREADS`: N connections from THREADS threads at once on one
+/// listener, each thread connecting, accepting whichever connection comes,
+/// closing its client and then the accepted end once its peer has (ten
+/// transitions each). Concurrency like this is what makes the kernel skip
+/// tracing programs' runs. Prints one JSON object.
+fn burst(connections: u64, threads: u64) -> std::io::Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let server = listener.local_addr()?;
+    let start = Instant::now();
+    thread::scope(|scope| -> std::io::Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> std::io::Result<()> {
+                    for _ in 0..connections / threads {
+                        let client = TcpStream::connect(server)?;
+                        let (mut accepted, _) = listener.accept()?;
+                        drop(client);
+                        let mut buf = [0u8; 1];
+                        while accepted.read(&mut buf)? > 0 {}
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("a burst thread panicked")?;
+        }
+        Ok(())
+    })?;
+    let made = connections / threads * threads;
+    println!(
+        "{{\"connections\":{made},\"seconds\":{:.3},\"transitions\":{}}}",
+        start.elapsed().as_secs_f64(),
+        made * TRANSITIONS_PER_CONNECTION + 2
     );
     Ok(())
 }
