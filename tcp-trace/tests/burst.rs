@@ -30,25 +30,12 @@ const PER_CONNECTION: u64 = 10;
 /// The listener's CLOSE -> LISTEN and LISTEN -> CLOSE.
 const LISTENER: u64 = 2;
 
-/// As fast as one thread can: connect, accept, the client closes first, the
-/// server reads the end of stream and closes.
-fn burst(port: u16) {
-    let listener = TcpListener::bind(SocketAddr::new(loopback(false), port)).unwrap();
-    for _ in 0..CONNECTIONS {
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
-        drop(client);
-        let mut buf = [0u8; 1];
-        assert_eq!(server.read(&mut buf).unwrap(), 0);
-    }
-}
-
-/// The same connections from `threads` threads at once, on one listener:
-/// each thread connects, accepts whichever connection comes, closes its
-/// client, and closes the accepted end once its peer has. Transitions that
+/// The burst's connections, as fast as `threads` threads can, on one
+/// listener: each thread connects, accepts whichever connection comes, closes
+/// its client first, and closes the accepted end once its peer has. Transitions that
 /// softirqs make on one CPU while a program runs there in a syscall are what
 /// the kernel skips.
-fn concurrent_burst(port: u16, threads: u64) {
+fn burst(port: u16, threads: u64) {
     let listener = TcpListener::bind(SocketAddr::new(loopback(false), port)).unwrap();
     thread::scope(|scope| {
         for _ in 0..threads {
@@ -73,29 +60,9 @@ fn accounting(agent: Agent) -> (u64, u64, u64, String) {
         .find(|l| l.contains("events received"))
         .unwrap_or_else(|| panic!("no summary: {stderr:?}"))
         .clone();
-    let number_before = |word: &str| -> u64 {
-        let at = summary.find(word).unwrap();
-        summary[..at]
-            .split_whitespace()
-            .last()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let received = number_before(" events received");
-    let dropped = number_before(" dropped (");
+    let received = summary_count(&summary, " events received");
+    let dropped = summary_count(&summary, " dropped (");
     (lines.len() as u64, received, dropped, summary)
-}
-
-/// The ring-buffer-full count of a summary.
-fn ring_full(summary: &str) -> u64 {
-    let at = summary.find(" ring buffer full").unwrap();
-    summary[..at]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -116,7 +83,7 @@ fn every_transition_of_a_burst_is_printed_or_counted_dropped() {
                 Agent::start(&args)
             })
             .collect();
-        burst(port);
+        burst(port, 1);
         thread::sleep(Duration::from_millis(300));
         for (agent, extra) in running.into_iter().zip(agents) {
             let (printed, received, dropped, summary) = accounting(agent);
@@ -124,24 +91,12 @@ fn every_transition_of_a_burst_is_printed_or_counted_dropped() {
             assert_eq!(received + dropped, truth, "{agents:?}: {summary}");
             if !extra.is_empty() {
                 assert!(
-                    ring_full(&summary) > 0,
+                    summary_count(&summary, " ring buffer full") > 0,
                     "a one-page ring kept up: {summary}"
                 );
             }
         }
     }
-}
-
-/// The skipped-by-the-kernel count of a summary.
-fn skipped(summary: &str) -> u64 {
-    let at = summary.find(" skipped by the kernel").unwrap();
-    summary[..at]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .trim_start_matches('(')
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -155,14 +110,14 @@ fn transitions_the_kernel_skips_are_counted_so_the_totals_still_balance() {
         let port = free_port();
         let p = port.to_string();
         let agents = [Agent::start(&["--port", &p]), Agent::start(&["--port", &p])];
-        concurrent_burst(port, 8);
+        burst(port, 8);
         thread::sleep(Duration::from_millis(300));
         let mut skipped_here = Vec::new();
         for agent in agents {
             let (printed, received, dropped, summary) = accounting(agent);
             assert_eq!(printed, received, "{summary}");
             assert_eq!(received + dropped, truth, "{summary}");
-            skipped_here.push(skipped(&summary));
+            skipped_here.push(summary_count(&summary, " skipped by the kernel"));
         }
         // One guard per CPU for every tracepoint program: both agents' programs
         // are skipped together.

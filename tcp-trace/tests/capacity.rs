@@ -51,13 +51,10 @@ fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
     thread::sleep(Duration::from_millis(500));
     let trace = agent.stop();
 
-    let mid_life: u64 = {
-        let summary = trace.summary();
-        let at = summary
-            .find(" transitions of sockets first seen mid-life")
-            .unwrap();
-        summary[..at].rsplit(' ').next().unwrap().parse().unwrap()
-    };
+    let mid_life = summary_count(
+        trace.summary(),
+        " transitions of sockets first seen mid-life",
+    );
     assert!(mid_life > 0, "no socket was evicted: {}", trace.summary());
 
     let sockets = trace.sockets_on_port(port);

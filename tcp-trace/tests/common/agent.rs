@@ -174,6 +174,18 @@ impl AgentOutput {
     }
 }
 
+/// The number the exit summary gives just before `label` (for example
+/// `" events received"` or `" skipped by the kernel"`).
+pub fn summary_count(summary: &str, label: &str) -> u64 {
+    let at = summary
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {summary:?}"));
+    let word = summary[..at].split_whitespace().last().unwrap_or_default();
+    word.trim_start_matches('(')
+        .parse()
+        .unwrap_or_else(|_| panic!("no count before {label:?} in {summary:?}"))
+}
+
 /// Sends each line read from `from` down a channel, from a thread of its own,
 /// so the test can wait on a pipe with a timeout; ends at EOF or when the
 /// receiver is dropped.
