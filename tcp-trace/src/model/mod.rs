@@ -5,7 +5,7 @@ pub mod errno;
 pub mod recording;
 mod transition;
 
-pub use transition::{decode, Owner, SockFields, TcpState, Transition};
+pub use transition::{decode, family, Owner, SockFields, TcpState, Transition};
 
 #[cfg(test)]
 pub use transition::{from_event, tests::sample_event};

@@ -72,6 +72,15 @@ pub struct Owner {
     pub comm: Vec<u8>,
 }
 
+/// `AF_INET` or `AF_INET6`, as the kernel's filters name an address's family.
+pub fn family(addr: IpAddr) -> u16 {
+    if addr.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    }
+}
+
 /// One decoded transition.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -101,13 +110,8 @@ impl Transition {
         self.laddr.is_ipv4()
     }
 
-    /// `AF_INET` or `AF_INET6`, as the kernel's filters name families.
     pub fn family(&self) -> u16 {
-        if self.is_ipv4() {
-            AF_INET
-        } else {
-            AF_INET6
-        }
+        family(self.laddr)
     }
 
     /// Whether the kernel's filters let this transition through (for

@@ -11,7 +11,7 @@ use tcp_trace_common::Filter;
 
 use crate::{
     aggregate::{BoundedGroups, Histogram, Merge},
-    model::{Owner, TcpState, Transition},
+    model::{family, Owner, TcpState, Transition},
     system::sock_diag::{Endpoints, TimewaitSocket},
 };
 
@@ -165,12 +165,8 @@ impl Ledger {
             .iter()
             .filter(|s| {
                 let e = &s.endpoints;
-                let family = if e.laddr.is_ipv4() {
-                    tcp_trace_common::AF_INET
-                } else {
-                    tcp_trace_common::AF_INET6
-                };
-                self.filter.matches_endpoints(family, e.lport, e.rport)
+                self.filter
+                    .matches_endpoints(family(e.laddr), e.lport, e.rport)
             })
             .collect();
         // Listed sockets have no owner: under --pid only candidates count.
