@@ -45,6 +45,23 @@ pub const FLAG_RETRANS: u8 = 1 << 5;
 /// `Event::flags`: `handshake_ns` holds the server's handshake time (at
 /// SYN_RECV -> ESTABLISHED): from its first SYN-ACK to the final ACK.
 pub const FLAG_HANDSHAKE: u8 = 1 << 6;
+/// `Event::flags`: not a state change but `accept()` handing the socket to
+/// its owner; `duration_ns` is the time it waited in the accept queue (from
+/// SYN_RECV -> ESTABLISHED), with `FLAG_DURATION_KNOWN`.
+pub const FLAG_ACCEPT: u8 = 1 << 7;
+
+/// Where the kernel program learnt a socket's owner (`Owner::source`).
+pub mod owner_source {
+    pub const UNKNOWN: u8 = 0;
+    /// The owner made a transition of the socket in its own process context.
+    pub const TASK: u8 = 1;
+    /// The owner accepted the socket.
+    pub const ACCEPT: u8 = 2;
+    /// Inherited from the listening socket the connection arrived on.
+    pub const LISTENER: u8 = 3;
+    /// Found by userspace's start-up scan (sock_diag and /proc).
+    pub const SCAN: u8 = 4;
+}
 
 /// One TCP state transition, as streamed through the ring buffer.
 #[repr(C)]
@@ -75,7 +92,8 @@ pub struct Event {
     pub sk_err: u16,
     /// `tcp_sock.total_retrans` (`FLAG_RETRANS`).
     pub total_retrans: u32,
-    pub _pad: u32,
+    /// Inode number of the socket's network namespace; 0 when unknown.
+    pub netns: u32,
     /// Server handshake time (`FLAG_HANDSHAKE`).
     pub handshake_ns: u64,
     /// Owner's command name, NUL padded; meaningful only with `FLAG_OWNER_KNOWN`.
@@ -83,6 +101,11 @@ pub struct Event {
     /// Source address: IPv4 in the first 4 bytes, or IPv6.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    /// Owner's cgroup v2 id (`FLAG_OWNER_KNOWN`); 0 when unknown.
+    pub cgroup_id: u64,
+    /// Where the owner was learnt: an `owner_source` constant.
+    pub owner_source: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Size of one `Event` record in the ring buffer.
@@ -90,12 +113,24 @@ pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
 
 /// Owner of a socket as the kernel program remembers it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Owner {
+    /// cgroup v2 id of the owner (0 when unknown).
+    pub cgroup_id: u64,
     pub pid: u32,
-    /// 1 when `pid`/`comm` are known.
-    pub known: u32,
+    /// Where the owner was learnt (`owner_source`); `UNKNOWN`: no owner.
+    pub source: u8,
+    /// 1 when the owner runs inside the `--cgroup` filter's subtree.
+    pub in_cgroup: u8,
+    pub _pad: [u8; 2],
     pub comm: [u8; COMM_LEN],
+}
+
+impl Owner {
+    #[inline(always)]
+    pub fn is_known(&self) -> bool {
+        self.source != owner_source::UNKNOWN
+    }
 }
 
 /// What the kernel program keeps per live socket.
@@ -104,19 +139,39 @@ pub struct Owner {
 pub struct SockState {
     /// When the socket entered its current state.
     pub entered_ns: u64,
+    /// When the socket became ESTABLISHED (0: not seen), for the accept-queue
+    /// wait measured when `accept()` returns it.
+    pub established_ns: u64,
     pub owner: Owner,
-    /// 1 when the program saw the socket connect (CLOSE -> SYN_SENT).
-    pub active_open: u32,
     /// The state the program saw the socket enter: a later event whose old
-    /// state differs followed a transition the program missed.
+    /// state differs followed a transition the program missed. 0: unknown
+    /// (an entry made by `accept()` for a socket the program had not seen).
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// 1 when the program saw the socket connect (CLOSE -> SYN_SENT).
+    pub active_open: u8,
+    /// Local port, to find the listener an accepted socket came through.
+    pub lport: u16,
+    pub _pad: u32,
+}
+
+/// A connection by its endpoints: how userspace's start-up scan names the
+/// owners of connections that were open before the program was attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
+    /// IPv4 in the first 4 bytes.
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
 }
 
 /// What the kernel program keeps per listening port, to charge accepted
 /// sockets (created in softirq) to the listener's owner.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Listener {
     pub skaddr: u64,
     pub owner: Owner,
@@ -175,6 +230,36 @@ pub struct SockOffsets {
     pub srtt_us: u32,
     /// `tcp_request_sock.snt_synack`: when the first SYN-ACK left (us).
     pub snt_synack: u32,
+    /// `sock.__sk_common.skc_net.net`: the socket's network namespace.
+    pub skc_net: u32,
+    /// `net.ns.inum`: the namespace's inode number.
+    pub net_inum: u32,
+}
+
+/// Offsets the `accept()` exit handler follows, from the new file descriptor
+/// to its socket (`task_struct.files->fdt->fd[fd]->private_data->sk`), then
+/// the socket's endpoints; all from the kernel's BTF. `task_files` 0: not
+/// attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcceptOffsets {
+    /// Offset of `ret` in the `syscalls:sys_exit_accept*` record.
+    pub ret: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_file: u32,
+    pub socket_sk: u32,
+    /// `sock.__sk_common` fields.
+    pub skc_family: u32,
+    pub skc_num: u32,
+    pub skc_dport: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
 }
 
 /// Offsets in the `tcp:tcp_retransmit_synack` record (from its format file).
@@ -222,6 +307,10 @@ pub const KNOWN_LAYOUT: TracepointLayout = TracepointLayout {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
+    /// Nonzero: only sockets whose owner runs in this cgroup v2 or below it,
+    /// which sits `cgroup_level` levels below the root.
+    pub cgroup_id: u64,
+    pub cgroup_level: u32,
     pub pid: u32,
     /// Matches either end.
     pub port: u16,
@@ -232,7 +321,7 @@ pub struct Filter {
     /// Nonzero: stream only transitions to CLOSE whose old state's bit
     /// (`1 << state`) is set here (`timewait` needs no others).
     pub close_from: u16,
-    pub _pad: u16,
+    pub _pad: [u16; 3],
 }
 
 impl Filter {
@@ -256,6 +345,12 @@ impl Filter {
     #[inline(always)]
     pub fn matches(&self, family: u16, lport: u16, rport: u16, pid: Option<u32>) -> bool {
         self.matches_endpoints(family, lport, rport) && (self.pid == 0 || pid == Some(self.pid))
+    }
+
+    /// The cgroup filter, given whether the owner runs inside its subtree.
+    #[inline(always)]
+    pub fn matches_cgroup(&self, in_cgroup: bool) -> bool {
+        self.cgroup_id == 0 || in_cgroup
     }
 }
 
@@ -452,4 +547,8 @@ mod user {
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::SynackLayout {}
+    unsafe impl aya::Pod for super::AcceptOffsets {}
+    unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::Listener {}
+    unsafe impl aya::Pod for super::ConnKey {}
 }

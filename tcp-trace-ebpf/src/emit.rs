@@ -4,126 +4,77 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_probe_read_kernel,
+    programs::TracePointContext,
 };
 use tcp_trace_common::{
-    counter, hist, state, Event, HalfOpenKey, SockOffsets, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN,
-    FLAG_HANDSHAKE, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS,
+    counter, hist, state, Event, HalfOpenKey, TracepointLayout, AF_INET, FLAG_ACTIVE_OPEN,
+    FLAG_DURATION_KNOWN, FLAG_HANDSHAKE, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, FLAG_RETRANS,
+    FLAG_SOCK_FIELDS,
 };
 
 use crate::{
-    count, global, record::Record, sockets::Tracked, EVENTS, FIRST_SYNACK, HISTOGRAMS, MAX_NS,
-    WAKEUP_BYTES,
+    count, global,
+    record::{read_addresses_into, Record},
+    sockets::Tracked,
+    EVENTS, FIRST_SYNACK, HISTOGRAMS, MAX_NS, SOCK_OFFSETS, WAKEUP_BYTES,
 };
 
-/// `tcp_sock`/`sock` fields read at a transition to CLOSE.
-pub(crate) struct CloseFields {
-    pub(crate) bytes_acked: u64,
-    pub(crate) bytes_received: u64,
-    pub(crate) sk_err: u16,
-    pub(crate) sock_flags: u8,
+/// A `SOCK_OFFSETS` field (one at a time: a copy of the whole struct costs
+/// stack the main program does not have).
+macro_rules! offset {
+    ($field:ident) => {
+        global(&SOCK_OFFSETS.$field) as usize
+    };
 }
 
-/// What only a streamed event carries; `None` where not read.
-pub(crate) struct Details {
-    pub(crate) close: Option<CloseFields>,
-    pub(crate) total_retrans: Option<u32>,
-    pub(crate) handshake_ns: Option<u64>,
-    pub(crate) saddr: [u8; 16],
-    pub(crate) daddr: [u8; 16],
-}
-
-/// At a transition to CLOSE: the socket's byte counters, error and flags,
-/// when the kernel's BTF gave their offsets.
+/// A checked read of a `T` at `offset` bytes into the kernel object at `base`.
+///
+/// # Safety
+///
+/// `T` must be a plain integer (any bit pattern valid); the read itself is
+/// checked by `bpf_probe_read_kernel`, which fails instead of faulting.
 #[inline(always)]
-pub(crate) fn close_fields(
-    rec: &Record,
-    offsets: &SockOffsets,
-) -> Result<Option<CloseFields>, i32> {
-    if rec.new_state != state::CLOSE || offsets.bytes_acked == 0 {
-        return Ok(None);
-    }
-    let sk = rec.skaddr as *const u8;
-    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of
-    // faulting; `sk` is the kernel's own socket and the offsets come from its
-    // BTF, so they stay inside the `tcp_sock`.
-    unsafe {
-        Ok(Some(CloseFields {
-            bytes_acked: bpf_probe_read_kernel(sk.add(offsets.bytes_acked as usize) as *const u64)?,
-            bytes_received: bpf_probe_read_kernel(
-                sk.add(offsets.bytes_received as usize) as *const u64
-            )?,
-            sk_err: bpf_probe_read_kernel(sk.add(offsets.sk_err as usize) as *const i32)? as u16,
-            // Low byte of the unsigned long, on little-endian targets.
-            sock_flags: bpf_probe_read_kernel(sk.add(offsets.sk_flags as usize))?,
-        }))
-    }
+pub(crate) unsafe fn read_at<T>(base: u64, offset: usize) -> Result<T, i32> {
+    // SAFETY: the caller's contract (see above).
+    unsafe { bpf_probe_read_kernel((base as *const u8).wrapping_add(offset) as *const T) }
 }
 
-/// Leaving SYN_SENT or SYN_RECV: `tcp_sock.total_retrans`, the handshake's
-/// SYN (or SYN-ACK) retransmissions.
+/// Streams one transition: its record is reserved in the ring buffer and
+/// filled in place (an `Event` built on the stack would not fit beside the
+/// rest in BPF's 512 bytes). A failed read discards it.
 #[inline(always)]
-pub(crate) fn handshake_retrans(rec: &Record, offsets: &SockOffsets) -> Result<Option<u32>, i32> {
-    let in_handshake = rec.old_state == state::SYN_SENT || rec.old_state == state::SYN_RECV;
-    if !in_handshake || offsets.total_retrans == 0 {
-        return Ok(None);
-    }
-    let sk = rec.skaddr as *const u8;
-    // SAFETY: as in `close_fields`: a checked read at a BTF offset.
-    let total_retrans =
-        unsafe { bpf_probe_read_kernel(sk.add(offsets.total_retrans as usize) as *const u32)? };
-    Ok(Some(total_retrans))
-}
-
-/// At SYN_RECV -> ESTABLISHED with the retransmissions known: the server's
-/// handshake time, from its first SYN-ACK to the final ACK.
-#[inline(always)]
-pub(crate) fn server_handshake(
+pub(crate) fn emit(
+    ctx: &TracePointContext,
+    direct: bool,
+    layout: &TracepointLayout,
     rec: &Record,
     now: u64,
-    total_retrans: Option<u32>,
-    daddr: &[u8; 16],
-    offsets: &SockOffsets,
-) -> Result<Option<u64>, i32> {
-    let Some(total_retrans) = total_retrans else {
-        return Ok(None);
-    };
-    if rec.old_state != state::SYN_RECV || rec.new_state != state::ESTABLISHED {
-        return Ok(None);
-    }
-    if total_retrans == 0 && offsets.srtt_us != 0 {
-        // The kernel's first RTT sample: first SYN-ACK to final ACK.
-        let sk = rec.skaddr as *const u8;
-        // SAFETY: as in `close_fields`: a checked read at a BTF offset.
-        let srtt_us: u32 =
-            unsafe { bpf_probe_read_kernel(sk.add(offsets.srtt_us as usize) as *const u32)? };
-        return Ok((srtt_us != 0).then(|| u64::from(srtt_us >> 3) * 1000));
-    }
-    if total_retrans == 0 {
-        return Ok(None);
-    }
-    // SYN-ACKs were retransmitted: `tcp_retransmit_synack` kept the first.
-    let key = HalfOpenKey {
-        lport: rec.sport,
-        rport: rec.dport,
-        family: rec.family,
-        _pad: 0,
-        raddr: *daddr,
-    };
-    // SAFETY: the value is copied out at once; as in `start_tracking`, the
-    // memory stays valid and a concurrent update makes it stale at worst.
-    let first = unsafe { FIRST_SYNACK.get(key) }.map(|first| now.saturating_sub(*first));
-    let _ = FIRST_SYNACK.remove(key);
-    Ok(first)
+    tracked: &Tracked,
+    in_irq: bool,
+) -> Result<(), i32> {
+    submit(|ev| fill(ev, ctx, direct, layout, rec, now, tracked, in_irq))
 }
 
-/// Streams one event; wakes the reader only once `WAKEUP_BYTES` are queued.
+/// Reserves one event, lets `fill` write it, and submits it, waking the
+/// reader only once `WAKEUP_BYTES` are queued; discards it if `fill` fails.
 #[inline(always)]
-pub(crate) fn emit(rec: &Record, now: u64, tracked: &Tracked, in_irq: bool, details: &Details) {
+pub(crate) fn submit(fill: impl FnOnce(&mut Event) -> Result<(), i32>) -> Result<(), i32> {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::RINGBUF_FULL);
-        return;
+        return Ok(());
     };
-    entry.write(event(rec, now, tracked, in_irq, details));
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at the reserved record, valid and ours until
+    // submitted or discarded; zeroing it first makes it a valid `Event`
+    // (plain integers) before a reference to it is made.
+    let ev = unsafe {
+        ev.write_bytes(0, 1);
+        &mut *ev
+    };
+    if let Err(err) = fill(ev) {
+        entry.discard(0);
+        return Err(err);
+    }
     let queued = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     let wake = if queued >= global(&WAKEUP_BYTES) {
         BPF_RB_FORCE_WAKEUP
@@ -131,46 +82,131 @@ pub(crate) fn emit(rec: &Record, now: u64, tracked: &Tracked, in_irq: bool, deta
         BPF_RB_NO_WAKEUP
     };
     entry.submit(wake as u64);
+    Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn event(
+fn fill(
+    ev: &mut Event,
+    ctx: &TracePointContext,
+    direct: bool,
+    layout: &TracepointLayout,
     rec: &Record,
     now: u64,
     tracked: &Tracked,
     in_irq: bool,
-    details: &Details,
-) -> Event {
-    let close = details.close.as_ref();
+) -> Result<(), i32> {
     let flag = |set: bool, flag: u8| if set { flag } else { 0 };
-    let flags = flag(in_irq, FLAG_IRQ_CONTEXT)
+    ev.flags = flag(in_irq, FLAG_IRQ_CONTEXT)
         | flag(tracked.duration_known, FLAG_DURATION_KNOWN)
-        | flag(tracked.owner.known != 0, FLAG_OWNER_KNOWN)
-        | flag(tracked.active_open, FLAG_ACTIVE_OPEN)
-        | flag(close.is_some(), FLAG_SOCK_FIELDS)
-        | flag(details.total_retrans.is_some(), FLAG_RETRANS)
-        | flag(details.handshake_ns.is_some(), FLAG_HANDSHAKE);
-    Event {
-        ts_ns: now,
-        skaddr: rec.skaddr,
-        duration_ns: tracked.duration_ns,
-        bytes_acked: close.map_or(0, |c| c.bytes_acked),
-        bytes_received: close.map_or(0, |c| c.bytes_received),
-        pid: tracked.owner.pid,
-        sport: rec.sport,
-        dport: rec.dport,
+        | flag(tracked.owner.is_known(), FLAG_OWNER_KNOWN)
+        | flag(tracked.active_open, FLAG_ACTIVE_OPEN);
+    ev.ts_ns = now;
+    ev.skaddr = rec.skaddr;
+    ev.duration_ns = tracked.duration_ns;
+    ev.pid = tracked.owner.pid;
+    ev.sport = rec.sport;
+    ev.dport = rec.dport;
+    ev.family = rec.family;
+    ev.old_state = rec.old_state;
+    ev.new_state = rec.new_state;
+    ev.comm = tracked.owner.comm;
+    ev.cgroup_id = tracked.owner.cgroup_id;
+    ev.owner_source = tracked.owner.source;
+    read_addresses_into(
+        ctx,
+        direct,
+        layout,
+        rec.family == AF_INET,
+        &mut ev.saddr,
+        &mut ev.daddr,
+    )?;
+    ev.netns = netns(rec.skaddr)?;
+    close_fields(ev, rec)?;
+    handshake_fields(ev, rec, now)
+}
+
+/// At a transition to CLOSE: the socket's byte counters, error and flags,
+/// when the kernel's BTF gave their offsets.
+#[inline(always)]
+fn close_fields(ev: &mut Event, rec: &Record) -> Result<(), i32> {
+    if rec.new_state != state::CLOSE || offset!(bytes_acked) == 0 {
+        return Ok(());
+    }
+    let sk = rec.skaddr;
+    // SAFETY: checked reads of plain integers; `sk` is the kernel's own
+    // socket and the offsets come from its BTF, so they stay inside the
+    // `tcp_sock`.
+    unsafe {
+        ev.bytes_acked = read_at(sk, offset!(bytes_acked))?;
+        ev.bytes_received = read_at(sk, offset!(bytes_received))?;
+        ev.sk_err = read_at::<i32>(sk, offset!(sk_err))? as u16;
+        // Low byte of the unsigned long, on little-endian targets.
+        ev.sock_flags = read_at(sk, offset!(sk_flags))?;
+    }
+    ev.flags |= FLAG_SOCK_FIELDS;
+    Ok(())
+}
+
+/// Leaving SYN_SENT or SYN_RECV: `tcp_sock.total_retrans`, the handshake's
+/// SYN (or SYN-ACK) retransmissions; at the server's SYN_RECV -> ESTABLISHED,
+/// its handshake time, from its first SYN-ACK to the final ACK.
+#[inline(always)]
+fn handshake_fields(ev: &mut Event, rec: &Record, now: u64) -> Result<(), i32> {
+    let in_handshake = rec.old_state == state::SYN_SENT || rec.old_state == state::SYN_RECV;
+    if !in_handshake || offset!(total_retrans) == 0 {
+        return Ok(());
+    }
+    // SAFETY: as in `close_fields`: a checked read at a BTF offset.
+    ev.total_retrans = unsafe { read_at(rec.skaddr, offset!(total_retrans))? };
+    ev.flags |= FLAG_RETRANS;
+    if rec.old_state != state::SYN_RECV || rec.new_state != state::ESTABLISHED {
+        return Ok(());
+    }
+    if ev.total_retrans == 0 {
+        if offset!(srtt_us) == 0 {
+            return Ok(());
+        }
+        // The kernel's first RTT sample: first SYN-ACK to final ACK.
+        // SAFETY: as in `close_fields`: a checked read at a BTF offset.
+        let srtt_us: u32 = unsafe { read_at(rec.skaddr, offset!(srtt_us))? };
+        if srtt_us != 0 {
+            ev.handshake_ns = u64::from(srtt_us >> 3) * 1000;
+            ev.flags |= FLAG_HANDSHAKE;
+        }
+        return Ok(());
+    }
+    // SYN-ACKs were retransmitted: `tcp_retransmit_synack` kept the first.
+    let key = HalfOpenKey {
+        lport: rec.sport,
+        rport: rec.dport,
         family: rec.family,
-        old_state: rec.old_state,
-        new_state: rec.new_state,
-        flags,
-        sock_flags: close.map_or(0, |c| c.sock_flags),
-        sk_err: close.map_or(0, |c| c.sk_err),
-        total_retrans: details.total_retrans.unwrap_or(0),
         _pad: 0,
-        handshake_ns: details.handshake_ns.unwrap_or(0),
-        comm: tracked.owner.comm,
-        saddr: details.saddr,
-        daddr: details.daddr,
+        raddr: ev.daddr,
+    };
+    // SAFETY: the value is copied out at once; as in `start_tracking`, the
+    // memory stays valid and a concurrent update makes it stale at worst.
+    if let Some(first) = unsafe { FIRST_SYNACK.get(key) } {
+        ev.handshake_ns = now.saturating_sub(*first);
+        ev.flags |= FLAG_HANDSHAKE;
+    }
+    let _ = FIRST_SYNACK.remove(key);
+    Ok(())
+}
+
+/// The inode number of socket `sk`'s network namespace; 0 where the kernel's
+/// BTF did not say where to find it.
+#[inline(always)]
+pub(crate) fn netns(sk: u64) -> Result<u32, i32> {
+    if offset!(net_inum) == 0 {
+        return Ok(0);
+    }
+    // SAFETY: checked reads at BTF offsets: the socket's `struct net`
+    // pointer, then the namespace's inode number inside it.
+    unsafe {
+        let net: u64 = read_at(sk, offset!(skc_net))?;
+        read_at(net, offset!(net_inum))
     }
 }
 

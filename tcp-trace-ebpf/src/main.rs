@@ -14,24 +14,26 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod emit;
+mod owners;
 mod record;
 mod sockets;
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext as _,
 };
 use tcp_trace_common::{
-    counter, hist, state, Filter, HalfOpenKey, Listener, SockOffsets, SockState, SynackLayout,
-    TracepointLayout, AF_INET, IPPROTO_TCP, KNOWN_LAYOUT,
+    counter, hist, state, AcceptOffsets, ConnKey, Filter, HalfOpenKey, Listener, Owner,
+    SockOffsets, SockState, SynackLayout, TracepointLayout, AF_INET, IPPROTO_TCP, KNOWN_LAYOUT,
 };
 
 use crate::{
-    emit::{aggregate, close_fields, emit, handshake_retrans, server_handshake, Details},
-    record::{in_task_context, read_addresses, read_record, Record},
+    emit::{aggregate, emit},
+    owners::seeded_owner,
+    record::{in_task_context, read_record, Record},
     sockets::{track_listener, track_socket},
 };
 
@@ -54,13 +56,15 @@ static DIRECT: u8 = 0;
 /// The user's filters; zero fields match everything.
 #[no_mangle]
 static FILTER: Filter = Filter {
+    cgroup_id: 0,
+    cgroup_level: 0,
     pid: 0,
     port: 0,
     lport: 0,
     rport: 0,
     family: 0,
     close_from: 0,
-    _pad: 0,
+    _pad: [0; 3],
 };
 
 /// Offsets of `tcp_sock`/`sock` fields from the running kernel's BTF; zero
@@ -74,6 +78,29 @@ static SOCK_OFFSETS: SockOffsets = SockOffsets {
     total_retrans: 0,
     srtt_us: 0,
     snt_synack: 0,
+    skc_net: 0,
+    net_inum: 0,
+};
+
+/// Offsets the `accept()` exit handler follows; `task_files` 0 when the
+/// kernel's BTF did not give them (the handler is then not attached).
+#[no_mangle]
+static ACCEPT_OFFSETS: AcceptOffsets = AcceptOffsets {
+    ret: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_private_data: 0,
+    socket_file: 0,
+    socket_sk: 0,
+    skc_family: 0,
+    skc_num: 0,
+    skc_dport: 0,
+    skc_rcv_saddr: 0,
+    skc_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_v6_daddr: 0,
 };
 
 /// Field offsets of `tcp:tcp_retransmit_synack`; `req` 0 when not attached.
@@ -109,6 +136,26 @@ static SOCKETS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(131_07
 #[map]
 static LISTENERS: LruHashMap<u16, Listener> = LruHashMap::with_max_entries(8192, 0);
 
+/// Processes that own a listener (the value is unused): when one exits,
+/// `owner_exit` notes it in `EXITED_OWNERS` for userspace to find the
+/// listener's remaining holders (a daemon's parent exits after forking).
+#[map]
+static LISTENER_OWNERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(8192, 0);
+
+/// Listener owners that exited, with when (ns); userspace drains it.
+#[map]
+static EXITED_OWNERS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1024, 0);
+
+/// Owners of connections open before the program was attached, by endpoints,
+/// from userspace's start-up scan; taken out at the socket's first event.
+/// Not preallocated: it costs only what the scan puts in.
+#[map]
+static SEEDS: HashMap<ConnKey, Owner> = HashMap::with_max_entries(131_072, BPF_F_NO_PREALLOC);
+
+/// Per CPU, where a seed's key is built.
+#[map]
+static SEED_KEY: PerCpuArray<ConnKey> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per CPU, the `pt_regs` pointer the kernel hands a tracepoint program in
 /// task (process) context. The kernel stores `&__perf_regs[context]` in the
 /// record's first 8 bytes, one slot per context level (task, softirq, hardirq,
@@ -134,6 +181,9 @@ static FIRST_SYNACK: LruHashMap<HalfOpenKey, u64> = LruHashMap::with_max_entries
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// `BPF_F_NO_PREALLOC` (uapi bpf.h): hash map elements allocated on update.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -237,13 +287,19 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: a helper without arguments that only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let in_irq = !in_task_context(ctx, rec.old_state, rec.new_state)?;
-    let tracked = track_socket(&rec, now, in_irq);
+    let tracked = track_socket(&rec, now, in_irq, || {
+        seeded_owner(ctx, direct, &layout, &rec)
+    });
     track_listener(&rec, tracked.owner);
 
     // Emission filters come after tracking so that durations and owners stay
     // right for sockets whose ports are not known yet (port 0 at connect).
-    let pid = (tracked.owner.known != 0).then_some(tracked.owner.pid);
-    if !filter.matches(rec.family, rec.sport, rec.dport, pid) || !closes_from(&filter, &rec) {
+    let owner = tracked.owner;
+    let pid = owner.is_known().then_some(owner.pid);
+    if !filter.matches(rec.family, rec.sport, rec.dport, pid)
+        || !filter.matches_cgroup(owner.in_cgroup != 0)
+        || !closes_from(&filter, &rec)
+    {
         return Ok(());
     }
     if global(&AGGREGATE) != 0 {
@@ -254,20 +310,7 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
 
-    let offsets = global(&SOCK_OFFSETS);
-    let close = close_fields(&rec, &offsets)?;
-    let total_retrans = handshake_retrans(&rec, &offsets)?;
-    let (saddr, daddr) = read_addresses(ctx, direct, &layout, rec.family == AF_INET)?;
-    let handshake_ns = server_handshake(&rec, now, total_retrans, &daddr, &offsets)?;
-    let details = Details {
-        close,
-        total_retrans,
-        handshake_ns,
-        saddr,
-        daddr,
-    };
-    emit(&rec, now, &tracked, in_irq, &details);
-    Ok(())
+    emit(ctx, direct, &layout, &rec, now, &tracked, in_irq)
 }
 
 /// The `close_from` filter (kernel only): nonzero streams only transitions to

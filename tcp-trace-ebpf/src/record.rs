@@ -103,16 +103,18 @@ pub(crate) fn read_record(
     })
 }
 
-/// Source and destination addresses (IPv4 in the first 4 bytes).
+/// Source and destination addresses, into buffers the caller has (the ring
+/// buffer's record, or map memory: the stack has no room); IPv4 fills only
+/// the first 4 bytes of each.
 #[inline(always)]
-pub(crate) fn read_addresses(
+pub(crate) fn read_addresses_into(
     ctx: &TracePointContext,
     direct: bool,
     layout: &TracepointLayout,
     ipv4: bool,
-) -> Result<([u8; 16], [u8; 16]), i32> {
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
+    saddr: &mut [u8; 16],
+    daddr: &mut [u8; 16],
+) -> Result<(), i32> {
     let base = ctx.as_ptr() as *const u8;
     if direct {
         let l = KNOWN_LAYOUT;
@@ -129,7 +131,7 @@ pub(crate) fn read_addresses(
                 daddr[8..].copy_from_slice(&load::<u64>(base, l.daddr_v6 + 8).to_ne_bytes());
             }
         }
-        return Ok((saddr, daddr));
+        return Ok(());
     }
     // SAFETY: bpf_probe_read_kernel_buf checks the source and fails instead
     // of faulting, and writes only within the slice it is given; the offsets
@@ -139,9 +141,9 @@ pub(crate) fn read_addresses(
             bpf_probe_read_kernel_buf(base.add(layout.saddr as usize), &mut saddr[..4])?;
             bpf_probe_read_kernel_buf(base.add(layout.daddr as usize), &mut daddr[..4])?;
         } else {
-            bpf_probe_read_kernel_buf(base.add(layout.saddr_v6 as usize), &mut saddr)?;
-            bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), &mut daddr)?;
+            bpf_probe_read_kernel_buf(base.add(layout.saddr_v6 as usize), saddr)?;
+            bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), daddr)?;
         }
     }
-    Ok((saddr, daddr))
+    Ok(())
 }

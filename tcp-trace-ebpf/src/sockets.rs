@@ -1,10 +1,13 @@
 //! Per-socket and per-listener state: how long a socket stayed in a state,
 //! and who owns it.
 
-use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
-use tcp_trace_common::{counter, state, Listener, Owner, SockState};
+use aya_ebpf::helpers::{
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+    bpf_get_current_pid_tgid,
+};
+use tcp_trace_common::{counter, owner_source, state, Listener, Owner, SockState};
 
-use crate::{count, record::Record, LISTENERS, SOCKETS};
+use crate::{count, global, record::Record, FILTER, LISTENERS, LISTENER_OWNERS, SOCKETS};
 
 /// What the socket map says about the socket at this transition.
 pub(crate) struct Tracked {
@@ -18,8 +21,15 @@ pub(crate) struct Tracked {
 
 /// Times the socket's stay in its old state and keeps its owner: updates the
 /// socket map, or starts tracking the socket, and forgets it at CLOSE.
+/// `seeded` names the owner of a socket first seen mid-life, if userspace's
+/// start-up scan found it.
 #[inline(always)]
-pub(crate) fn track_socket(rec: &Record, now: u64, in_irq: bool) -> Tracked {
+pub(crate) fn track_socket(
+    rec: &Record,
+    now: u64,
+    in_irq: bool,
+    seeded: impl FnOnce() -> Option<Owner>,
+) -> Tracked {
     let tracked = match SOCKETS.get_ptr_mut(rec.skaddr) {
         // SAFETY: the value's memory stays valid for this run (the map is
         // preallocated) and holds plain data, valid for any bytes.
@@ -29,7 +39,7 @@ pub(crate) fn track_socket(rec: &Record, now: u64, in_irq: bool) -> Tracked {
         // another socket meanwhile, which can mistime this transition (the
         // state check narrows it); it cannot make the access unsound.
         Some(sock) => follow_socket(unsafe { &mut *sock }, rec, now, in_irq),
-        None => start_tracking(rec, now, in_irq),
+        None => start_tracking(rec, now, in_irq, seeded),
     };
     if rec.new_state == state::CLOSE {
         let _ = SOCKETS.remove(rec.skaddr);
@@ -46,12 +56,13 @@ fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> 
         // Entries go at CLOSE: one for a socket only now coming to life
         // belonged to a socket freed at this address whose CLOSE was skipped.
         count(counter::GAPS);
-        return start_tracking(rec, now, in_irq);
+        return start_tracking(rec, now, in_irq, || None);
     }
     // Otherwise a state it did not enter means a transition was skipped
     // (the kernel does not run the program nested): the time is unknown.
+    // State 0: `accept()` made the entry, the state was never seen.
     let duration_known = sock.state == rec.old_state;
-    if !duration_known {
+    if !duration_known && sock.state != 0 {
         count(counter::GAPS);
     }
     let duration_ns = if duration_known {
@@ -61,6 +72,10 @@ fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> 
     };
     sock.entered_ns = now;
     sock.state = rec.new_state;
+    sock.lport = rec.sport;
+    if rec.new_state == state::ESTABLISHED {
+        sock.established_ns = now;
+    }
     // A transition in process context names the socket's real owner.
     if !in_irq {
         sock.owner = current_owner();
@@ -74,32 +89,41 @@ fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> 
 }
 
 #[inline(always)]
-fn start_tracking(rec: &Record, now: u64, in_irq: bool) -> Tracked {
+fn start_tracking(
+    rec: &Record,
+    now: u64,
+    in_irq: bool,
+    seeded: impl FnOnce() -> Option<Owner>,
+) -> Tracked {
+    let born = rec.old_state == state::CLOSE || rec.old_state == state::LISTEN;
     let owner = if !in_irq {
         current_owner()
     } else if rec.old_state == state::LISTEN && rec.new_state == state::SYN_RECV {
-        // SAFETY: the owner is copied out at once. The map is preallocated, so
-        // the value's memory stays valid for this run; a concurrent update can
-        // at worst make the copy stale (plain data: any bytes are valid).
-        unsafe { LISTENERS.get(rec.sport) }
-            .map(|l| l.owner)
-            .unwrap_or_default()
+        listener_owner(rec.sport)
+    } else if !born {
+        seeded().unwrap_or_default()
     } else {
         Owner::default()
     };
     // First sight of a socket that did not just come to life: it was
     // open before we started, or fell out of the LRU map.
-    if rec.old_state != state::CLOSE && rec.old_state != state::LISTEN {
+    if !born {
         count(counter::UNTRACKED);
     }
     let active_open = rec.old_state == state::CLOSE && rec.new_state == state::SYN_SENT;
     if rec.new_state != state::CLOSE {
         let sock = SockState {
             entered_ns: now,
+            established_ns: if rec.new_state == state::ESTABLISHED {
+                now
+            } else {
+                0
+            },
             owner,
-            active_open: u32::from(active_open),
             state: rec.new_state,
-            _pad: [0; 3],
+            active_open: u8::from(active_open),
+            lport: rec.sport,
+            _pad: 0,
         };
         if SOCKETS.insert(rec.skaddr, sock, 0).is_err() {
             count(counter::MAP_UPDATE_FAILED);
@@ -110,6 +134,21 @@ fn start_tracking(rec: &Record, now: u64, in_irq: bool) -> Tracked {
         duration_ns: 0,
         duration_known: false,
         active_open,
+    }
+}
+
+/// The owner a connection arriving on listening port `port` inherits.
+#[inline(always)]
+fn listener_owner(port: u16) -> Owner {
+    // SAFETY: the owner is copied out at once. The map is preallocated, so
+    // the value's memory stays valid for this run; a concurrent update can
+    // at worst make the copy stale (plain data: any bytes are valid).
+    match unsafe { LISTENERS.get(port) } {
+        Some(listener) if listener.owner.is_known() => Owner {
+            source: owner_source::LISTENER,
+            ..listener.owner
+        },
+        _ => Owner::default(),
     }
 }
 
@@ -126,22 +165,47 @@ pub(crate) fn track_listener(rec: &Record, owner: Owner) {
             },
             0,
         );
+        remember_listener_owner(owner.pid);
     } else if rec.old_state == state::LISTEN && rec.new_state == state::CLOSE {
         // SAFETY: only `skaddr` is read, at once; as in `start_tracking`, the
         // memory stays valid and a concurrent update makes it stale at worst.
         if let Some(l) = unsafe { LISTENERS.get(rec.sport) } {
-            if l.skaddr == rec.skaddr {
+            // Address 0: a listener the start-up scan found (sock_diag gives no address).
+            if l.skaddr == rec.skaddr || l.skaddr == 0 {
                 let _ = LISTENERS.remove(rec.sport);
             }
         }
     }
 }
 
+/// Marks `pid` as owning a listener, so that its exit is reported to
+/// userspace, which then finds the processes that still hold the listener.
 #[inline(always)]
-fn current_owner() -> Owner {
+pub(crate) fn remember_listener_owner(pid: u32) {
+    let _ = LISTENER_OWNERS.insert(pid, 0, 0);
+}
+
+/// The task running now, as a socket's owner learnt from `source`.
+#[inline(always)]
+pub(crate) fn current_owner_from(source: u8) -> Owner {
+    // Two fields, not the whole filter: the stack is tight.
+    let (cgroup_id, cgroup_level) = (global(&FILTER.cgroup_id), global(&FILTER.cgroup_level));
+    // SAFETY: helpers without pointer arguments that only read the current
+    // task's cgroup.
+    let in_cgroup = cgroup_id != 0
+        && unsafe { bpf_get_current_ancestor_cgroup_id(cgroup_level as i32) } == cgroup_id;
     Owner {
+        // SAFETY: as above.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        known: 1,
+        source,
+        in_cgroup: u8::from(in_cgroup),
+        _pad: [0; 2],
         comm: bpf_get_current_comm().unwrap_or_default(),
     }
+}
+
+#[inline(always)]
+fn current_owner() -> Owner {
+    current_owner_from(owner_source::TASK)
 }

@@ -74,7 +74,7 @@ impl FilterArgs {
                 _ => 0,
             },
             close_from: 0,
-            _pad: 0,
+            ..Filter::default()
         }
     }
 }

@@ -66,10 +66,7 @@ mod tests {
         assert_eq!(name(GroupBy::Raddr, None), "10.1.2.3");
         assert_eq!(name(GroupBy::Lport, None), "45678");
         assert_eq!(GroupBy::Rport.name(), "rport");
-        let hostile = Owner {
-            pid: 7,
-            comm: b"\x1b[2Jx".to_vec(),
-        };
+        let hostile = Owner::process(7, b"\x1b[2Jx", crate::model::OwnerSource::Task);
         assert_eq!(name(GroupBy::Process, Some(&hostile)), "7 \u{1b}[2Jx");
     }
 }

@@ -12,6 +12,7 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
@@ -91,8 +92,8 @@ impl Btf {
                 3 => 12,                 // ARRAY
                 6 | 13 => vlen * 8,      // ENUM, FUNC_PROTO
                 15 | 19 => vlen * 12,    // DATASEC, ENUM64
-                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
-                | KIND_TYPE_TAG => 0,
+                KIND_PTR | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12
+                | 16 | KIND_TYPE_TAG => 0,
                 other => bail!("unknown BTF kind {other} at type {}", index.len()),
             };
             at += 12 + extra;
@@ -183,12 +184,16 @@ impl Btf {
                     return Some(found);
                 }
             } else if self.name(m.name_off) == member {
-                if !bits.is_multiple_of(8)
-                    || !matches!(target.kind, KIND_INT | KIND_STRUCT | KIND_UNION)
-                {
+                if !bits.is_multiple_of(8) {
                     return None;
                 }
-                return Some((bits / 8, target.size_or_type));
+                let size = match target.kind {
+                    KIND_INT | KIND_STRUCT | KIND_UNION => target.size_or_type,
+                    // Pointers are 8 bytes on every 64-bit kernel BTF describes.
+                    KIND_PTR => 8,
+                    _ => return None,
+                };
+                return Some((bits / 8, size));
             }
         }
         None
@@ -275,5 +280,8 @@ pub mod tests {
         let (_, flags) = btf.member("sock_common", "skc_flags").unwrap();
         assert!(btf.member("sock", "__sk_common").is_some());
         assert_eq!((acked, received, err, flags), (8, 8, 4, 8));
+        // Pointer members, followed by the accept handler.
+        assert_eq!(btf.member("task_struct", "files").map(|m| m.1), Some(8));
+        assert_eq!(btf.member("socket", "sk").map(|m| m.1), Some(8));
     }
 }

@@ -3,6 +3,7 @@
 
 mod btf;
 mod calibrate;
+mod owners;
 mod privileges;
 mod probe;
 mod program;

@@ -16,7 +16,7 @@ use tcp_trace_common::{counter, hist, Filter, SockOffsets, TracepointLayout, KNO
 
 use super::{
     btf::Btf,
-    calibrate,
+    calibrate, owners,
     privileges::{check_privileges, drop_privileges, raise_memlock_limit},
     probe::Probe,
     tracefs,
@@ -84,8 +84,8 @@ impl Program {
         raise_memlock_limit();
         let tracefs = tracefs::tracefs_root()?;
         let mut probe = Probe::default();
-        let (mut ebpf, synack) = load(settings, &tracefs, &mut probe)?;
-        attach_programs(&mut ebpf, synack)?;
+        let (mut ebpf, optional) = load(settings, &tracefs, &mut probe)?;
+        attach_programs(&mut ebpf, &optional)?;
 
         let mut events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)
             .context("EVENTS is not a ring buffer")?;
@@ -189,10 +189,17 @@ impl Program {
 /// Loads the BPF object with the settings, layouts and offsets this kernel
 /// needs as globals; returns it, and whether SYN-ACK retransmissions can be
 /// traced here.
-fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf, bool)> {
+fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf, Attachments)> {
     let layout = tracefs::read_layout(tracefs)?;
     let direct = direct_reads(&layout, probe);
-    let offsets = sock_offsets(probe);
+    let btf = Btf::from_sys_fs()
+        .map_err(|err| probe.missing("kernel BTF", format!("{err:#}")))
+        .ok();
+    let offsets = btf
+        .as_ref()
+        .map_or_else(SockOffsets::default, |btf| sock_offsets(btf, probe));
+    let accept = owners::accept_offsets(btf.as_ref(), tracefs, probe);
+    drop(btf);
     let synack = match tracefs::read_synack_layout(tracefs) {
         Ok(layout) => {
             probe.found(SYNACK_TIMING);
@@ -217,6 +224,7 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .override_global("FILTER", &settings.filter, true)
         .override_global("SOCK_OFFSETS", &offsets, true)
         .override_global("SYNACK_LAYOUT", &synack.unwrap_or_default(), true)
+        .override_global("ACCEPT_OFFSETS", &accept.unwrap_or_default(), true)
         .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
         // Wake the reader when an eighth of the ring is queued; it drains on
         // a timer otherwise (see source/live.rs).
@@ -226,12 +234,22 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .map_max_entries("HISTOGRAMS", histogram_slots)
         .load(PROGRAM)
         .context("loading the BPF program into the kernel")?;
-    Ok((ebpf, synack.is_some()))
+    let attachments = Attachments {
+        synack: synack.is_some(),
+        accept: accept.is_some(),
+    };
+    Ok((ebpf, attachments))
 }
 
-/// Verifies and attaches the main program, and the SYN-ACK one where the
-/// kernel has its tracepoint.
-fn attach_programs(ebpf: &mut Ebpf, synack: bool) -> Result<()> {
+/// The optional programs this kernel can run.
+struct Attachments {
+    synack: bool,
+    accept: bool,
+}
+
+/// Verifies and attaches the main program, and the optional ones where the
+/// kernel has their tracepoints.
+fn attach_programs(ebpf: &mut Ebpf, optional: &Attachments) -> Result<()> {
     let program: &mut TracePoint = ebpf
         .program_mut(MAIN_PROGRAM)
         .context("the BPF object has no program inet_sock_set_state")?
@@ -251,16 +269,30 @@ fn attach_programs(ebpf: &mut Ebpf, synack: bool) -> Result<()> {
         })?;
     // SYN-ACK retransmissions are rare and time the server's handshake
     // when they happen; kernels without the tracepoint go without.
-    if synack {
-        let program: &mut TracePoint = ebpf
-            .program_mut("tcp_retransmit_synack")
-            .context("the BPF object has no program tcp_retransmit_synack")?
-            .try_into()
-            .context("tcp_retransmit_synack is not a tracepoint program")?;
-        program.load().context("loading tcp_retransmit_synack")?;
+    if optional.synack {
+        attach_tracepoint(
+            ebpf,
+            "tcp_retransmit_synack",
+            &[("tcp", "tcp_retransmit_synack")],
+        )?;
+    }
+    owners::attach(ebpf, optional.accept)
+}
+
+/// Loads program `name` and attaches it to each `(category, event)`.
+pub(super) fn attach_tracepoint(ebpf: &mut Ebpf, name: &str, to: &[(&str, &str)]) -> Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the BPF object has no program {name}"))?
+        .try_into()
+        .with_context(|| format!("{name} is not a tracepoint program"))?;
+    program
+        .load()
+        .with_context(|| format!("the kernel's verifier rejected {name}"))?;
+    for (category, event) in to {
         program
-            .attach("tcp", "tcp_retransmit_synack")
-            .context("attaching to tcp:tcp_retransmit_synack")?;
+            .attach(category, event)
+            .with_context(|| format!("attaching {name} to {category}:{event}"))?;
     }
     Ok(())
 }
@@ -359,14 +391,7 @@ fn fdinfo_field(info: &str, name: &str) -> Option<u64> {
 
 /// Where the socket fields the program reads live in this kernel; zeros (and
 /// the fields reported as unknown) where its BTF does not say.
-fn sock_offsets(probe: &mut Probe) -> SockOffsets {
-    let btf = match Btf::from_sys_fs() {
-        Ok(btf) => btf,
-        Err(err) => {
-            probe.missing("kernel BTF", format!("{err:#}"));
-            return SockOffsets::default();
-        }
-    };
+fn sock_offsets(btf: &Btf, probe: &mut Probe) -> SockOffsets {
     let mut field = |ty: &str, name: &str, size: u32, feature: &'static str| {
         let found = btf
             .member(ty, name)
@@ -391,10 +416,13 @@ fn sock_offsets(probe: &mut Probe) -> SockOffsets {
         .member("sock", "__sk_common")
         .zip(field("sock_common", "skc_flags", 8, SOCK_FIELDS))
         .map(|((common, _), flags)| common + flags);
+    let (skc_net, net_inum) = owners::netns_offsets(btf, probe).unwrap_or_default();
     let partial = SockOffsets {
         total_retrans: total_retrans.unwrap_or(0),
         srtt_us: srtt_us.unwrap_or(0),
         snt_synack: snt_synack.unwrap_or(0),
+        skc_net,
+        net_inum,
         ..SockOffsets::default()
     };
     match (bytes_acked, bytes_received, sk_err, sk_flags) {

@@ -143,6 +143,20 @@ pub fn read_synack_layout(tracefs: &Path) -> Result<SynackLayout> {
     })
 }
 
+/// Offset of `ret` in the record of `syscalls:sys_exit_accept4` (the same in
+/// every syscall exit record); an error says why there is none to use.
+pub fn read_accept_ret(tracefs: &Path) -> Result<u32> {
+    let path = tracefs.join("events/syscalls/sys_exit_accept4/format");
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (the kernel needs CONFIG_FTRACE_SYSCALLS)",
+            path.display()
+        )
+    })?;
+    let ret = finder(&text)("ret", 8);
+    ret
+}
+
 /// Parses a format file into the offsets the kernel program reads, checking
 /// that every field it needs is there with the size it expects.
 pub fn parse_layout(format: &str) -> Result<TracepointLayout> {

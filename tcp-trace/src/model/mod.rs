@@ -2,10 +2,12 @@
 //! kernel's record or read back from a recording.
 
 pub mod errno;
+mod owner;
 pub mod recording;
 mod transition;
 
-pub use transition::{decode, family, Owner, SockFields, TcpState, Transition};
+pub use owner::{Owner, OwnerSource, Placement};
+pub use transition::{decode, family, SockFields, TcpState, Transition};
 
 #[cfg(test)]
 pub use transition::{from_event, tests::sample_event};

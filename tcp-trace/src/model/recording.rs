@@ -10,7 +10,7 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde::Deserialize;
 
-use super::{errno, Owner, SockFields, TcpState, Transition};
+use super::{errno, Owner, OwnerSource, Placement, SockFields, TcpState, Transition};
 
 /// The longest line a recording may hold. A real one is under 400 bytes;
 /// the bound keeps memory fixed whatever the input (`--from /dev/zero`).
@@ -18,17 +18,32 @@ pub const MAX_LINE: usize = 64 * 1024;
 
 /// One line of the recording, as read back. Field names are documented in
 /// README.md; `format_line` writes the same shape. Every field must be
-/// present: `null` is a value, a missing field is an error.
+/// present (`null` is a value, a missing field is an error), except those
+/// added in 0.3, which recordings made before lack: those default to unknown.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Record<'a> {
     ts_ns: u64,
     #[serde(borrow)]
     sk: Cow<'a, str>,
+    #[serde(default, borrow)]
+    event: Option<Cow<'a, str>>,
     #[serde(deserialize_with = "present")]
     pid: Option<u32>,
     #[serde(borrow, deserialize_with = "present")]
     comm: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    owner_source: Option<Cow<'a, str>>,
+    #[serde(default)]
+    cgroup: Option<String>,
+    #[serde(default)]
+    unit: Option<String>,
+    #[serde(default)]
+    container: Option<String>,
+    #[serde(default)]
+    pod_uid: Option<String>,
+    #[serde(default)]
+    netns: Option<u32>,
     #[serde(borrow)]
     family: Cow<'a, str>,
     laddr: IpAddr,
@@ -81,15 +96,39 @@ fn format_line(line: &mut String, t: &Transition) {
     number(line, t.ts_ns);
     line.push_str(r#","sk":"0x"#);
     hex(line, t.sk);
-    line.push_str(r#"","pid":"#);
+    line.push_str(if t.accept {
+        r#"","event":"accept","pid":"#
+    } else {
+        r#"","event":"transition","pid":"#
+    });
     match &t.owner {
         Some(o) => {
             number(line, u64::from(o.pid));
             line.push_str(r#","comm":"#);
             json_string(line, &String::from_utf8_lossy(&o.comm));
+            line.push_str(r#","owner_source":""#);
+            line.push_str(o.source.name());
+            line.push('"');
         }
-        None => line.push_str(r#"null,"comm":null"#),
+        None => line.push_str(r#"null,"comm":null,"owner_source":null"#),
     }
+    let placement = t.owner.as_ref().and_then(|o| o.placement.as_deref());
+    for (name, value) in [
+        ("cgroup", placement.map(|p| p.cgroup.as_str())),
+        ("unit", placement.and_then(|p| p.unit.as_deref())),
+        ("container", placement.and_then(|p| p.container.as_deref())),
+        ("pod_uid", placement.and_then(|p| p.pod_uid.as_deref())),
+    ] {
+        line.push_str(",\"");
+        line.push_str(name);
+        line.push_str("\":");
+        match value {
+            Some(v) => json_string(line, v),
+            None => line.push_str("null"),
+        }
+    }
+    line.push_str(r#","netns":"#);
+    optional(line, t.netns.map(u64::from));
     line.push_str(if t.is_ipv4() {
         r#","family":"ipv4","laddr":""#
     } else {
@@ -199,11 +238,32 @@ fn parse_line(line: &str) -> Result<Transition> {
         "addresses do not match family `{}`",
         r.family
     );
+    let accept = match r.event.as_deref() {
+        None | Some("transition") => false,
+        Some("accept") => true,
+        Some(other) => bail!("unknown event `{other}`"),
+    };
     let owner = match (r.pid, r.comm) {
-        (Some(pid), Some(comm)) => Some(Owner {
-            pid,
-            comm: comm.into_owned().into_bytes(),
-        }),
+        (Some(pid), Some(comm)) => {
+            let source = match r.owner_source.as_deref() {
+                // Recordings before 0.3: owners were seen making transitions.
+                None => OwnerSource::Task,
+                Some(name) => OwnerSource::from_name(name)
+                    .ok_or_else(|| anyhow!("unknown owner_source `{name}`"))?,
+            };
+            let placement = r.cgroup.map(|cgroup| {
+                std::sync::Arc::new(Placement {
+                    cgroup,
+                    unit: r.unit,
+                    container: r.container,
+                    pod_uid: r.pod_uid,
+                })
+            });
+            Some(Owner {
+                placement,
+                ..Owner::process(pid, comm.as_bytes(), source)
+            })
+        }
         (None, None) => None,
         _ => bail!("`pid` and `comm` must both be set or both be null"),
     };
@@ -240,16 +300,25 @@ fn parse_line(line: &str) -> Result<Transition> {
             );
         }
     }
+    let (old_state, new_state) = (state(&r.old_state)?, state(&r.new_state)?);
+    ensure!(
+        !accept || old_state == new_state,
+        "an accept changing state {} -> {}",
+        r.old_state,
+        r.new_state
+    );
     Ok(Transition {
         ts_ns: r.ts_ns,
         sk,
         owner,
+        accept,
+        netns: r.netns,
         laddr: r.laddr,
         lport: r.lport,
         raddr: r.raddr,
         rport: r.rport,
-        old_state: state(&r.old_state)?,
-        new_state: state(&r.new_state)?,
+        old_state,
+        new_state,
         duration_ns: r.duration_ns,
         sock,
         retransmits: r.retransmits,
@@ -309,14 +378,60 @@ mod tests {
         assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let want = serde_json::json!({
-            "ts_ns": 1_000_000_000u64, "sk": "0xffff888012345678", "pid": 4242, "comm": "curl",
-            "family": "ipv4", "laddr": "127.0.0.1", "lport": 45678,
+            "ts_ns": 1_000_000_000u64, "sk": "0xffff888012345678", "event": "transition",
+            "pid": 4242, "comm": "curl", "owner_source": "task",
+            "cgroup": null, "unit": null, "container": null, "pod_uid": null,
+            "netns": 4026531840u64, "family": "ipv4", "laddr": "127.0.0.1", "lport": 45678,
             "raddr": "10.1.2.3", "rport": 80,
             "old_state": "SYN_SENT", "new_state": "ESTABLISHED", "duration_ns": 317000,
             "bytes_sent": null, "bytes_received": null, "error": null, "retransmits": null,
             "handshake_ns": null
         });
         assert_eq!(v, want);
+    }
+
+    #[test]
+    fn accepts_round_trip_and_older_recordings_still_read() {
+        let mut ev = sample_event();
+        ev.flags |= tcp_trace_common::FLAG_ACCEPT;
+        ev.old_state = 1;
+        ev.new_state = 1;
+        ev.owner_source = tcp_trace_common::owner_source::ACCEPT;
+        ev.cgroup_id = 0;
+        let t = from_event(&ev).unwrap();
+        let line = to_line(&t);
+        assert!(line.contains(r#""event":"accept""#), "{line}");
+        let mut back = Vec::new();
+        read(line.as_bytes(), "rec", |t| {
+            back.push(t);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(back, [t]);
+
+        // Before 0.3: no event, owner_source, placement or netns fields.
+        let old = r#"{"ts_ns":5,"sk":"0x1","pid":9,"comm":"nc","family":"ipv4","laddr":"127.0.0.1","lport":1,"raddr":"127.0.0.1","rport":2,"old_state":"SYN_SENT","new_state":"ESTABLISHED","duration_ns":3,"bytes_sent":null,"bytes_received":null,"error":null,"retransmits":null,"handshake_ns":null}"#;
+        let mut back = Vec::new();
+        read(old.as_bytes(), "old", |t| {
+            back.push(t);
+            Ok(())
+        })
+        .unwrap();
+        let owner = back[0].owner.as_ref().unwrap();
+        assert_eq!(
+            (owner.source, back[0].accept, back[0].netns),
+            (OwnerSource::Task, false, None)
+        );
+
+        let bad = old.replace(r#""sk":"0x1","#, r#""sk":"0x1","event":"connect","#);
+        assert!(read(bad.as_bytes(), "bad", |_| Ok(())).is_err());
+        let bad = old.replace(r#""comm":"nc","#, r#""comm":"nc","owner_source":"guess","#);
+        assert!(read(bad.as_bytes(), "bad", |_| Ok(())).is_err());
+        let bad = old.replace(r#""sk":"0x1","#, r#""sk":"0x1","event":"accept","#);
+        assert!(
+            read(bad.as_bytes(), "bad", |_| Ok(())).is_err(),
+            "an accept never changes state"
+        );
     }
 
     #[test]
@@ -342,7 +457,15 @@ mod tests {
         ev.bytes_received = 99;
         ev.sk_err = 104;
         ev.flags |= tcp_trace_common::FLAG_SOCK_FIELDS;
-        let t = from_event(&ev).unwrap();
+        // A recording keeps where the owner runs, not the cgroup's id.
+        ev.cgroup_id = 0;
+        let mut t = from_event(&ev).unwrap();
+        t.owner.as_mut().unwrap().placement = Some(std::sync::Arc::new(Placement {
+            cgroup: "/kubepods.slice/x\"y".into(),
+            unit: Some("cri-containerd-ab.scope".into()),
+            container: Some("ab".into()),
+            pod_uid: Some("1-2".into()),
+        }));
         let line = to_line(&t);
         assert!(line.contains(r#""error":"ECONNRESET""#), "{line}");
         let mut back = Vec::new();

@@ -4,9 +4,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 use tcp_trace_common::{
-    state, Event, Filter, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_ACTIVE_OPEN,
+    state, Event, Filter, AF_INET, AF_INET6, COMM_LEN, EVENT_SIZE, FLAG_ACCEPT, FLAG_ACTIVE_OPEN,
     FLAG_DURATION_KNOWN, FLAG_HANDSHAKE, FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS,
 };
+
+use super::{Owner, OwnerSource};
 
 /// A TCP state, named as the kernel names it without the `TCP_` prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,14 +66,6 @@ pub struct SockFields {
     pub error: u16,
 }
 
-/// The process that owns a socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    /// Raw `comm` bytes up to the first NUL; may hold anything a process chose.
-    pub comm: Vec<u8>,
-}
-
 /// `AF_INET` or `AF_INET6`, as the kernel's filters name an address's family.
 pub fn family(addr: IpAddr) -> u16 {
     if addr.is_ipv4() {
@@ -81,12 +75,18 @@ pub fn family(addr: IpAddr) -> u16 {
     }
 }
 
-/// One decoded transition.
+/// One decoded transition, or an accept (see `accept`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub ts_ns: u64,
     pub sk: u64,
     pub owner: Option<Owner>,
+    /// Not a state change: `accept()` handed the connection to `owner`, in
+    /// state `old_state` (= `new_state`); `duration_ns` is the time it waited
+    /// in the accept queue since it became ESTABLISHED.
+    pub accept: bool,
+    /// Inode number of the socket's network namespace, when known.
+    pub netns: Option<u32>,
     pub laddr: IpAddr,
     pub lport: u16,
     pub raddr: IpAddr,
@@ -152,14 +152,31 @@ pub fn from_event(ev: &Event) -> Result<Transition> {
     if !old_state.is_valid() || !new_state.is_valid() {
         bail!("unknown TCP state {} -> {}", ev.old_state, ev.new_state);
     }
-    let owner = (ev.flags & FLAG_OWNER_KNOWN != 0).then(|| Owner {
-        pid: ev.pid,
-        comm: comm_bytes(&ev.comm).to_vec(),
-    });
+    let owner = if ev.flags & FLAG_OWNER_KNOWN != 0 {
+        let Some(source) = OwnerSource::from_kernel(ev.owner_source) else {
+            bail!("unknown owner source {}", ev.owner_source);
+        };
+        Some(Owner {
+            cgroup_id: ev.cgroup_id,
+            ..Owner::process(ev.pid, comm_bytes(&ev.comm), source)
+        })
+    } else {
+        None
+    };
+    let accept = ev.flags & FLAG_ACCEPT != 0;
+    if accept && old_state != new_state {
+        bail!(
+            "an accept changing state {} -> {}",
+            ev.old_state,
+            ev.new_state
+        );
+    }
     Ok(Transition {
         ts_ns: ev.ts_ns,
         sk: ev.skaddr,
         owner,
+        accept,
+        netns: (ev.netns != 0).then_some(ev.netns),
         laddr,
         lport: ev.sport,
         raddr,
@@ -234,11 +251,14 @@ pub mod tests {
             sock_flags: 0,
             sk_err: 0,
             total_retrans: 0,
-            _pad: 0,
+            netns: 4026531840,
             handshake_ns: 0,
             comm,
             saddr,
             daddr,
+            cgroup_id: 77,
+            owner_source: tcp_trace_common::owner_source::TASK,
+            _pad: [0; 7],
         }
     }
 
@@ -259,13 +279,37 @@ pub mod tests {
             ("SYN_SENT", "ESTABLISHED")
         );
         assert_eq!(t.duration_ns, Some(317_000));
-        assert_eq!(
-            t.owner,
-            Some(Owner {
-                pid: 4242,
-                comm: b"curl".to_vec()
-            })
+        let owner = t.owner.unwrap();
+        assert_eq!((owner.pid, &owner.comm[..]), (4242, &b"curl"[..]));
+        assert_eq!((owner.source, owner.cgroup_id), (OwnerSource::Task, 77));
+        assert_eq!(t.netns, Some(4026531840));
+        assert!(!t.accept);
+    }
+
+    #[test]
+    fn decodes_an_accept() {
+        let mut ev = sample_event();
+        ev.flags |= FLAG_ACCEPT;
+        ev.old_state = state::ESTABLISHED;
+        ev.new_state = state::ESTABLISHED;
+        ev.owner_source = tcp_trace_common::owner_source::ACCEPT;
+        let t = decode(&bytes_of(&ev)).unwrap();
+        assert!(t.accept);
+        assert_eq!(t.owner.unwrap().source, OwnerSource::Accept);
+        ev.new_state = state::CLOSE_WAIT;
+        assert!(
+            decode(&bytes_of(&ev)).is_err(),
+            "an accept never changes state"
         );
+    }
+
+    #[test]
+    fn a_known_owner_needs_a_known_source() {
+        let mut ev = sample_event();
+        ev.owner_source = 0;
+        assert!(decode(&bytes_of(&ev)).is_err());
+        ev.flags &= !FLAG_OWNER_KNOWN;
+        assert_eq!(decode(&bytes_of(&ev)).unwrap().owner, None);
     }
 
     #[test]

@@ -72,12 +72,17 @@ impl TextColumns {
         let duration = t
             .duration_ns
             .map_or_else(|| "-".to_string(), human_duration);
+        // An accept changes no state: its duration is the accept-queue wait.
+        let new_state = if t.accept {
+            "(accepted)"
+        } else {
+            t.new_state.name()
+        };
         writeln!(
             out,
-            "{:<12} {pid:>7} {comm:<16} {local:<w$} {remote:<w$} {:<11} -> {:<11} {duration:>8}",
+            "{:<12} {pid:>7} {comm:<16} {local:<w$} {remote:<w$} {:<11} -> {new_state:<11} {duration:>8}",
             self.clock.local_time(t.ts_ns),
             t.old_state.name(),
-            t.new_state.name(),
         )
     }
 }

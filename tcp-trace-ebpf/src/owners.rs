@@ -1,0 +1,241 @@
+//! Owners learnt outside state transitions: `accept()` handing a connection
+//! to the process that serves it, listener owners exiting, and the owners
+//! userspace's start-up scan found.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use tcp_trace_common::{
+    counter, owner_source, state, AcceptOffsets, Owner, SockState, TracepointLayout, AF_INET,
+    FLAG_ACCEPT, FLAG_DURATION_KNOWN, FLAG_OWNER_KNOWN,
+};
+
+use crate::{
+    count,
+    emit::{netns, read_at, submit},
+    field, global,
+    record::{read_addresses_into, Record},
+    sockets::{current_owner_from, remember_listener_owner},
+    ACCEPT_OFFSETS, AGGREGATE, EXITED_OWNERS, FILTER, LISTENERS, LISTENER_OWNERS, SEEDS, SEED_KEY,
+    SOCKETS,
+};
+
+/// The owner userspace's start-up scan found for a connection the program
+/// meets mid-life; the seed is used once. The key is built in per-CPU map
+/// memory: the main program's stack has no room for it.
+#[inline(always)]
+pub(crate) fn seeded_owner(
+    ctx: &TracePointContext,
+    direct: bool,
+    layout: &TracepointLayout,
+    rec: &Record,
+) -> Option<Owner> {
+    let key = SEED_KEY.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU array value, valid for this run and only this CPU's
+    // (the kernel does not nest a program run on one CPU); plain data.
+    let key = unsafe { &mut *key };
+    key.family = rec.family;
+    key.lport = rec.sport;
+    key.rport = rec.dport;
+    key.laddr = [0; 16];
+    key.raddr = [0; 16];
+    let ipv4 = rec.family == AF_INET;
+    read_addresses_into(ctx, direct, layout, ipv4, &mut key.laddr, &mut key.raddr).ok()?;
+    // By reference: a copy of the key would take the stack it was moved off.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    // SAFETY: the owner is copied out at once; an element of a hash map is
+    // freed only after an RCU grace period, so it stays valid for this run,
+    // and it is plain data, valid for any bytes.
+    let owner = unsafe { SEEDS.get(&*key) }.copied()?;
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let _ = SEEDS.remove(&*key);
+    Some(owner)
+}
+
+/// `accept()` or `accept4()` returned: the calling process now owns the
+/// connection, and the connection's wait in the accept queue ends.
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    if try_accept(&ctx).is_err() {
+        count(counter::READ_FAILED);
+    }
+    0
+}
+
+/// A listener owner exited: note it for userspace, which re-resolves the
+/// listener's owner from the processes still holding it (a daemon's
+/// original process exits once it has forked).
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn owner_exit(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    // Only the thread-group leader's exit: other threads leave the process.
+    // SAFETY: only whether the entry exists is used.
+    if tgid == pid && unsafe { LISTENER_OWNERS.get(tgid) }.is_some() {
+        let _ = LISTENER_OWNERS.remove(tgid);
+        // SAFETY: a helper without arguments that only reads the clock.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = EXITED_OWNERS.insert(tgid, now, 0);
+    }
+    0
+}
+
+fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
+    let offsets = global(&ACCEPT_OFFSETS);
+    if offsets.task_files == 0 {
+        return Ok(());
+    }
+    let fd: i64 = field(ctx, offsets.ret)?;
+    if fd < 0 {
+        return Ok(());
+    }
+    let sk = socket_of(fd as u64, &offsets)?;
+    if sk == 0 {
+        return Ok(());
+    }
+    // SAFETY: a helper without arguments that only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let owner = current_owner_from(owner_source::ACCEPT);
+    let (wait_ns, sock_state) = match SOCKETS.get_ptr_mut(sk) {
+        Some(sock) => {
+            // SAFETY: as in `track_socket`: preallocated map memory holding
+            // plain data, valid for this run.
+            let sock = unsafe { &mut *sock };
+            sock.owner = owner;
+            let wait = (sock.established_ns != 0).then(|| now.saturating_sub(sock.established_ns));
+            (wait, sock.state)
+        }
+        None => {
+            // Accepted, but its handshake was not seen (before attach, or
+            // evicted): keep its owner; state 0 says the state is unknown.
+            let sock = SockState {
+                owner,
+                ..SockState::default()
+            };
+            if SOCKETS.insert(sk, sock, 0).is_err() {
+                count(counter::MAP_UPDATE_FAILED);
+            }
+            (None, 0)
+        }
+    };
+    let ends = endpoints(sk, &offsets)?;
+    adopt_listener(ends.lport, owner);
+
+    let filter = global(&FILTER);
+    let streams = global(&AGGREGATE) == 0 && filter.close_from == 0;
+    if !streams
+        || !filter.matches(ends.family, ends.lport, ends.rport, Some(owner.pid))
+        || !filter.matches_cgroup(owner.in_cgroup != 0)
+    {
+        return Ok(());
+    }
+    let state = if sock_state == 0 {
+        state::ESTABLISHED
+    } else {
+        sock_state
+    };
+    let duration_flag = if wait_ns.is_some() {
+        FLAG_DURATION_KNOWN
+    } else {
+        0
+    };
+    submit(|ev| {
+        ev.ts_ns = now;
+        ev.skaddr = sk;
+        ev.duration_ns = wait_ns.unwrap_or(0);
+        ev.pid = owner.pid;
+        ev.sport = ends.lport;
+        ev.dport = ends.rport;
+        ev.family = ends.family;
+        ev.old_state = state;
+        ev.new_state = state;
+        ev.flags = FLAG_ACCEPT | FLAG_OWNER_KNOWN | duration_flag;
+        ev.netns = netns(sk)?;
+        ev.comm = owner.comm;
+        ev.saddr = ends.saddr;
+        ev.daddr = ends.daddr;
+        ev.cgroup_id = owner.cgroup_id;
+        ev.owner_source = owner.source;
+        Ok(())
+    })
+}
+
+/// The process that accepts on a listener holds it: later connections
+/// arriving on it are charged to that process until another one accepts.
+#[inline(always)]
+fn adopt_listener(lport: u16, owner: Owner) {
+    if let Some(listener) = LISTENERS.get_ptr_mut(lport) {
+        // SAFETY: preallocated map memory holding plain data, valid for this
+        // run; a concurrent update can at worst interleave two owners' bytes
+        // of the same kind, which the next accept corrects.
+        unsafe { (*listener).owner = owner };
+        remember_listener_owner(owner.pid);
+    }
+}
+
+/// The `struct sock` behind file descriptor `fd` of the current task, or 0
+/// when `fd` is not a socket (closed and reused by another thread already).
+#[inline(always)]
+fn socket_of(fd: u64, offsets: &AcceptOffsets) -> Result<u64, i32> {
+    // SAFETY: checked reads of pointers and integers along
+    // `current->files->fdt->fd[fd]->private_data->sk`, at offsets from the
+    // kernel's BTF; `fd` is bounded by the table's `max_fds` first.
+    unsafe {
+        let task = bpf_get_current_task();
+        let files: u64 = read_at(task, offsets.task_files as usize)?;
+        let fdt: u64 = read_at(files, offsets.files_fdt as usize)?;
+        let max_fds: u32 = read_at(fdt, offsets.fdt_max_fds as usize)?;
+        if fd >= u64::from(max_fds) {
+            return Ok(0);
+        }
+        let fds: u64 = read_at(fdt, offsets.fdt_fd as usize)?;
+        let file: u64 = read_at(fds, fd as usize * 8)?;
+        let socket: u64 = read_at(file, offsets.file_private_data as usize)?;
+        // A socket's file points back at the socket: anything else is not one.
+        let back: u64 = read_at(socket, offsets.socket_file as usize)?;
+        if back != file {
+            return Ok(0);
+        }
+        read_at(socket, offsets.socket_sk as usize)
+    }
+}
+
+/// A connection's endpoints, read from its socket.
+struct Endpoints {
+    family: u16,
+    lport: u16,
+    rport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[inline(always)]
+fn endpoints(sk: u64, offsets: &AcceptOffsets) -> Result<Endpoints, i32> {
+    let at = |offset: u32| (sk as *const u8).wrapping_add(offset as usize);
+    let mut ends = Endpoints {
+        family: 0,
+        lport: 0,
+        rport: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    // SAFETY: checked reads of `sock_common` fields at BTF offsets; the
+    // buffer reads write only within the slices they are given.
+    unsafe {
+        ends.family = read_at(sk, offsets.skc_family as usize)?;
+        ends.lport = read_at(sk, offsets.skc_num as usize)?;
+        ends.rport = u16::from_be(read_at(sk, offsets.skc_dport as usize)?);
+        if ends.family == AF_INET {
+            bpf_probe_read_kernel_buf(at(offsets.skc_rcv_saddr), &mut ends.saddr[..4])?;
+            bpf_probe_read_kernel_buf(at(offsets.skc_daddr), &mut ends.daddr[..4])?;
+        } else {
+            bpf_probe_read_kernel_buf(at(offsets.skc_v6_rcv_saddr), &mut ends.saddr)?;
+            bpf_probe_read_kernel_buf(at(offsets.skc_v6_daddr), &mut ends.daddr)?;
+        }
+    }
+    Ok(ends)
+}
