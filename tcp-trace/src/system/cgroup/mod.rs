@@ -3,6 +3,7 @@
 
 mod mount;
 mod path;
+mod resolver;
 
 use std::fs;
 
@@ -11,6 +12,7 @@ use anyhow::{Context, Result};
 pub use self::{
     mount::{CgroupFs, CgroupRef},
     path::{placement_of, Placement},
+    resolver::{CgroupStats, Cgroups},
 };
 
 /// The cgroup v2 path of process `pid`; `None` when it has none (a host
