@@ -59,6 +59,10 @@ pub struct FilterArgs {
     /// Only IPv6 sockets.
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
+    /// Only sockets whose owner runs in this cgroup v2 or below it: a path
+    /// below the cgroup2 root, e.g. /system.slice/nginx.service.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
 }
 
 impl FilterArgs {
@@ -98,9 +102,12 @@ pub struct TracingArgs {
 }
 
 /// The plain form of `TracingArgs`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Tracing {
     pub filter: Filter,
+    /// `--cgroup`: the kernel filter's cgroup id and level are resolved from
+    /// it when the program is loaded.
+    pub cgroup: Option<String>,
     pub max_sockets: u32,
     pub ring_bytes: u32,
     pub duration: Option<Duration>,
@@ -111,6 +118,7 @@ impl Tracing {
     pub fn streaming(&self) -> Settings {
         Settings {
             filter: self.filter,
+            cgroup: self.cgroup.clone(),
             max_sockets: self.max_sockets,
             ring_bytes: self.ring_bytes,
             aggregate: false,
@@ -122,6 +130,7 @@ impl TracingArgs {
     fn to_tracing(&self) -> Tracing {
         Tracing {
             filter: self.filter.to_filter(),
+            cgroup: self.filter.cgroup.clone(),
             max_sockets: self.max_sockets,
             ring_bytes: self.ring_bytes,
             duration: self.duration,

@@ -332,7 +332,13 @@ pub fn run(config: LifeConfig) -> Result<()> {
         sink: Sink::stdout(config.json),
     };
     if let Some(path) = &config.from {
-        return source::replay(path, &config.tracing.filter, None, &mut command);
+        return source::replay(
+            path,
+            &config.tracing.filter,
+            config.tracing.cgroup.as_deref(),
+            None,
+            &mut command,
+        );
     }
     let settings = config.tracing.streaming();
     let timing = Timing::until(config.tracing.duration);

@@ -51,7 +51,13 @@ pub fn run(config: StatsConfig) -> Result<()> {
             stats: Stats::new(Mode::Replay, config.by, config.top),
             report: &mut report,
         };
-        return source::replay(path, &config.tracing.filter, config.interval, &mut consumer);
+        return source::replay(
+            path,
+            &config.tracing.filter,
+            config.tracing.cgroup.as_deref(),
+            config.interval,
+            &mut consumer,
+        );
     }
     let settings = Settings {
         aggregate: config.by.is_none(),

@@ -24,6 +24,7 @@ use super::{
 use crate::{
     aggregate::{Histogram, StateHistograms},
     model::TcpState,
+    system::cgroup::CgroupFs,
 };
 
 /// Default size of the event ring buffer in bytes (a power of two, as the
@@ -36,6 +37,8 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/t
 /// What a tracing command asks of the kernel program.
 pub struct Settings {
     pub filter: Filter,
+    /// `--cgroup`: only owners in this cgroup v2 subtree.
+    pub cgroup: Option<String>,
     pub max_sockets: u32,
     /// Size of the event ring buffer (a power of two, at least a page).
     pub ring_bytes: u32,
@@ -221,7 +224,7 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .btf(None)
         .override_global("LAYOUT", &layout, true)
         .override_global("DIRECT", &u8::from(direct), true)
-        .override_global("FILTER", &settings.filter, true)
+        .override_global("FILTER", &with_cgroup(settings)?, true)
         .override_global("SOCK_OFFSETS", &offsets, true)
         .override_global("SYNACK_LAYOUT", &synack.unwrap_or_default(), true)
         .override_global("ACCEPT_OFFSETS", &accept.unwrap_or_default(), true)
@@ -239,6 +242,21 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         accept: accept.is_some(),
     };
     Ok((ebpf, attachments))
+}
+
+/// The filter with `--cgroup` resolved to the cgroup's id and level.
+fn with_cgroup(settings: &Settings) -> Result<Filter> {
+    let Some(path) = &settings.cgroup else {
+        return Ok(settings.filter);
+    };
+    let cgroup = CgroupFs::find()
+        .and_then(|fs| fs.lookup(path))
+        .with_context(|| format!("--cgroup {path}"))?;
+    Ok(Filter {
+        cgroup_id: cgroup.id,
+        cgroup_level: cgroup.level,
+        ..settings.filter
+    })
 }
 
 /// The optional programs this kernel can run.

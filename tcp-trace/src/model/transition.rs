@@ -121,6 +121,21 @@ impl Transition {
         filter.matches(self.family(), self.lport, self.rport, pid)
     }
 
+    /// Whether the owner runs in cgroup `path` or below it, by its recorded
+    /// cgroup path (for transitions read back from a recording).
+    pub fn owner_in_cgroup(&self, path: &str) -> bool {
+        let Some(placement) = self.owner.as_ref().and_then(|o| o.placement.as_ref()) else {
+            return false;
+        };
+        let subtree = path.trim_end_matches('/');
+        let cgroup = placement.cgroup.as_str();
+        subtree.is_empty()
+            || cgroup == subtree
+            || cgroup
+                .strip_prefix(subtree)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+
     /// The transition `old -> new`.
     pub fn is(&self, old: TcpState, new: TcpState) -> bool {
         self.old_state == old && self.new_state == new
@@ -284,6 +299,27 @@ pub mod tests {
         assert_eq!((owner.source, owner.cgroup_id), (OwnerSource::Task, 77));
         assert_eq!(t.netns, Some(4026531840));
         assert!(!t.accept);
+    }
+
+    #[test]
+    fn cgroup_subtrees_match_whole_components() {
+        let mut t = decode(&bytes_of(&sample_event())).unwrap();
+        assert!(!t.owner_in_cgroup("/"), "no placement: not in any subtree");
+        t.owner.as_mut().unwrap().placement = Some(std::sync::Arc::new(crate::model::Placement {
+            cgroup: "/system.slice/nginx.service".into(),
+            ..Default::default()
+        }));
+        for inside in [
+            "/",
+            "/system.slice",
+            "/system.slice/",
+            "/system.slice/nginx.service",
+        ] {
+            assert!(t.owner_in_cgroup(inside), "{inside}");
+        }
+        for outside in ["/system", "/system.slice/nginx", "/user.slice"] {
+            assert!(!t.owner_in_cgroup(outside), "{outside}");
+        }
     }
 
     #[test]

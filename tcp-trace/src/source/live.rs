@@ -15,6 +15,7 @@ use crate::{
     kernel::{Program, Settings},
     model,
     output::monotonic_ns,
+    system::cgroup::Cgroups,
 };
 
 /// How often the reader drains the ring buffer without being woken. The kernel
@@ -34,6 +35,9 @@ pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consu
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut report_tick = ticker(timing.interval);
     let mut totals = Totals::default();
+    let mut reader = Reader {
+        cgroups: Cgroups::new(),
+    };
     announce();
 
     let streamed: Result<()> = async {
@@ -44,11 +48,11 @@ pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consu
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
                     guard.clear_ready();
-                    drain(guard.get_inner_mut(), consumer, &mut totals)?;
+                    reader.drain(guard.get_inner_mut(), consumer, &mut totals)?;
                 }
-                _ = drain_tick.tick() => drain(events.get_mut(), consumer, &mut totals)?,
+                _ = drain_tick.tick() => reader.drain(events.get_mut(), consumer, &mut totals)?,
                 _ = next_tick(&mut report_tick) => {
-                    drain(events.get_mut(), consumer, &mut totals)?;
+                    reader.drain(events.get_mut(), consumer, &mut totals)?;
                     totals.kernel = program.counters()?;
                     consumer.interval(monotonic_ns(), &totals)?;
                 }
@@ -62,31 +66,43 @@ pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consu
     // Detach first: then the counters are final, and the last drain holds
     // everything the program streamed.
     let counters = program.stop();
-    let streamed = streamed.and_then(|()| drain(events.get_mut(), consumer, &mut totals));
+    let streamed = streamed.and_then(|()| reader.drain(events.get_mut(), consumer, &mut totals));
     totals.kernel = counters?;
     let finished = streamed.and_then(|()| consumer.finish(&totals));
     eprintln!("{}", totals.summary());
     finished
 }
 
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    consumer: &mut impl Consumer,
-    totals: &mut Totals,
-) -> Result<()> {
-    let mut any = false;
-    while let Some(record) = ring.next() {
-        any = true;
-        match model::decode(&record) {
-            Ok(t) => {
-                totals.received += 1;
-                consumer.event(&t)?;
+/// Turns ring-buffer records into transitions with their owners resolved.
+struct Reader {
+    /// Owners' cgroup ids to where they run.
+    cgroups: Cgroups,
+}
+
+impl Reader {
+    fn drain(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        consumer: &mut impl Consumer,
+        totals: &mut Totals,
+    ) -> Result<()> {
+        let mut any = false;
+        while let Some(record) = ring.next() {
+            any = true;
+            match model::decode(&record) {
+                Ok(mut t) => {
+                    totals.received += 1;
+                    if let Some(owner) = t.owner.as_mut() {
+                        owner.placement = self.cgroups.resolve(owner.cgroup_id);
+                    }
+                    consumer.event(&t)?;
+                }
+                Err(_) => totals.undecodable += 1,
             }
-            Err(_) => totals.undecodable += 1,
         }
+        if any {
+            consumer.flush()?;
+        }
+        Ok(())
     }
-    if any {
-        consumer.flush()?;
-    }
-    Ok(())
 }

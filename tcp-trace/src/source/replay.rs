@@ -8,11 +8,13 @@ use tcp_trace_common::Filter;
 use super::{Consumer, Totals};
 use crate::model::recording;
 
-/// Feeds a recording into `consumer`, applying the kernel's filters; interval
-/// reports follow the events' own clock, starting at the first event.
+/// Feeds a recording into `consumer`, applying the kernel's filters (and
+/// `--cgroup` to the owners' recorded cgroup paths); interval reports follow
+/// the events' own clock, starting at the first event.
 pub fn replay(
     path: &Path,
     filter: &Filter,
+    cgroup: Option<&str>,
     interval: Option<Duration>,
     consumer: &mut impl Consumer,
 ) -> Result<()> {
@@ -23,7 +25,7 @@ pub fn replay(
     let mut totals = Totals::default();
     consumer.start()?;
     recording::read(BufReader::new(file), &name, |t| {
-        if !t.passes(filter) {
+        if !t.passes(filter) || !cgroup.is_none_or(|c| t.owner_in_cgroup(c)) {
             return Ok(());
         }
         if let Some(period) = period {

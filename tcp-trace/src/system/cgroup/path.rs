@@ -3,18 +3,7 @@
 //! Only shapes that runtimes and kubelet really create are read; anything
 //! else leaves the field `None` rather than guessing.
 
-/// What a cgroup v2 path says about the processes in it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Placement {
-    /// Path relative to the cgroup2 root, starting with `/` (`/` for the root).
-    pub cgroup: String,
-    /// The innermost systemd unit (`.service` or `.scope`) on the path.
-    pub unit: Option<String>,
-    /// A container's 64-hex-digit id, from the runtime's naming.
-    pub container: Option<String>,
-    /// A Kubernetes pod's uid, dashed (`1b4e28ba-2fa1-11d2-883f-0016d3cca427`).
-    pub pod_uid: Option<String>,
-}
+pub use crate::model::Placement;
 
 /// Reads the unit, container and pod out of a cgroup path (pure parsing).
 pub fn placement_of(path: &str) -> Placement {
