@@ -2,7 +2,8 @@
 //!
 //! The binary's `main` calls `run`, which only wires: flags to a command's
 //! config, the command's result to one error line and an exit code. The event
-//! model is public for the fuzz targets (`fuzz/`).
+//! model is public for the fuzz targets (`fuzz/`); `owners`, the start-up scan
+//! of who holds each TCP socket, for callers outside the commands.
 
 mod aggregate;
 mod cli;
@@ -12,6 +13,8 @@ pub mod model;
 mod output;
 mod source;
 mod system;
+
+pub use system::owners;
 
 use std::{io, process::ExitCode};
 

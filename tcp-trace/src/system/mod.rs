@@ -1,6 +1,8 @@
-//! Readers of the kernel's own tables and settings: sock_diag, sysctls and
-//! the cgroup hierarchy.
+//! Readers of the kernel's own tables and settings: sock_diag, sysctls, the
+//! cgroup hierarchy, and the owners of sockets found through `/proc`.
 
 pub mod cgroup;
+mod dir;
+pub mod owners;
 pub mod sock_diag;
 pub mod sysctl;
