@@ -1,14 +1,22 @@
 //! The kernel side of owners beyond transitions: the `accept()` exit handler
-//! and its offsets, the listener-owner exit handler, and the network
-//! namespace offsets.
+//! and its offsets, the listener-owner exit handler, the network namespace
+//! offsets, and seeding the program's maps with the start-up scan's owners.
 
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
-use anyhow::Result;
-use aya::Ebpf;
-use tcp_trace_common::AcceptOffsets;
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::{HashMap, MapData, MapError},
+    Ebpf,
+};
+use tcp_trace_common::{owner_source, state, AcceptOffsets, ConnKey, Listener, Owner, COMM_LEN};
 
 use super::{btf::Btf, probe::Probe, program::attach_tracepoint, tracefs};
+use crate::system::{
+    cgroup::{proc_cgroup, CgroupFs},
+    owners::{socket_holders, Holder, Scan},
+    sock_diag::{tcp_sockets, TcpSocket},
+};
 
 /// Names of the optional features, as the start-up notes print them.
 const ACCEPT_OWNERS: &str = "owners and accept-queue wait from accept()";
@@ -107,4 +115,205 @@ pub(super) fn attach(ebpf: &mut Ebpf, accept: bool) -> Result<()> {
         )?;
     }
     attach_tracepoint(ebpf, "owner_exit", &[("sched", "sched_process_exit")])
+}
+
+/// Puts the start-up scan's owners in the kernel's maps, so that sockets
+/// that existed before the program was attached are charged to them:
+/// listeners by port (connections arriving later inherit their owner),
+/// connections by endpoints (taken at their first event). Listeners the
+/// program has already seen listen keep what it saw.
+pub(super) fn seed(ebpf: &mut Ebpf, scan: &Scan, cgroup_filter: Option<&str>) -> Result<Seeded> {
+    let mut owners = ScanOwners::new(cgroup_filter);
+    let mut listeners: HashMap<&mut MapData, u16, Listener> = HashMap::try_from(
+        ebpf.map_mut("LISTENERS")
+            .context("the BPF object has no map LISTENERS")?,
+    )?;
+    let mut seeded = Seeded::default();
+    for owned in &scan.listeners {
+        let listener = Listener {
+            // sock_diag gives no kernel address; the program accepts 0.
+            skaddr: 0,
+            owner: owners.owner(&owned.holder),
+        };
+        match listeners.insert(owned.socket.endpoints.lport, listener, BPF_NOEXIST) {
+            Ok(()) => seeded.listeners += 1,
+            Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(EEXIST) => {}
+            Err(err) => return Err(err).context("seeding the kernel's listener map"),
+        }
+    }
+    let mut seeds: HashMap<&mut MapData, ConnKey, Owner> = HashMap::try_from(
+        ebpf.map_mut("SEEDS")
+            .context("the BPF object has no map SEEDS")?,
+    )?;
+    for owned in &scan.connections {
+        let ends = &owned.socket.endpoints;
+        let key = ConnKey {
+            family: owned.socket.family,
+            lport: ends.lport,
+            rport: ends.rport,
+            _pad: 0,
+            laddr: address_bytes(ends.laddr),
+            raddr: address_bytes(ends.raddr),
+        };
+        match seeds.insert(key, owners.owner(&owned.holder), 0) {
+            Ok(()) => seeded.connections += 1,
+            Err(_) => seeded.not_seeded += 1,
+        }
+    }
+    Ok(seeded)
+}
+
+/// What `seed` put in the kernel's maps.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seeded {
+    pub listeners: usize,
+    pub connections: usize,
+    /// Connections the seed map had no room for: their owners stay unknown.
+    pub not_seeded: usize,
+}
+
+/// `BPF_NOEXIST` (uapi bpf.h): insert only where no entry is.
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+/// An address as the kernel program keys it: IPv4 in the first 4 bytes.
+fn address_bytes(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Scanned holders as the kernel program's owners, with each process's
+/// cgroup looked up once.
+struct ScanOwners<'a> {
+    cgroup_filter: Option<&'a str>,
+    cgroups: Option<CgroupFs>,
+    by_pid: std::collections::HashMap<u32, Owner>,
+}
+
+impl<'a> ScanOwners<'a> {
+    fn new(cgroup_filter: Option<&'a str>) -> Self {
+        ScanOwners {
+            cgroup_filter,
+            cgroups: CgroupFs::find().ok(),
+            by_pid: std::collections::HashMap::new(),
+        }
+    }
+
+    fn owner(&mut self, holder: &Holder) -> Owner {
+        if let Some(owner) = self.by_pid.get(&holder.pid) {
+            return *owner;
+        }
+        let path = proc_cgroup(holder.pid).ok().flatten();
+        let cgroup_id = match (&self.cgroups, &path) {
+            (Some(fs), Some(path)) => fs.lookup(path).map_or(0, |c| c.id),
+            _ => 0,
+        };
+        let in_cgroup = match (self.cgroup_filter, &path) {
+            (Some(filter), Some(path)) => in_subtree(path, filter),
+            _ => false,
+        };
+        let mut comm = [0u8; COMM_LEN];
+        let name = holder.comm.as_bytes();
+        let len = name.len().min(COMM_LEN - 1);
+        comm[..len].copy_from_slice(&name[..len]);
+        let owner = Owner {
+            cgroup_id,
+            pid: holder.pid,
+            source: owner_source::SCAN,
+            in_cgroup: u8::from(in_cgroup),
+            _pad: [0; 2],
+            comm,
+        };
+        self.by_pid.insert(holder.pid, owner);
+        owner
+    }
+}
+
+/// Whether cgroup `path` is `subtree` or below it.
+pub fn in_subtree(path: &str, subtree: &str) -> bool {
+    let subtree = subtree.trim_end_matches('/');
+    subtree.is_empty()
+        || path == subtree
+        || path
+            .strip_prefix(subtree)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Listener owners that exited, drained from the kernel; each listener they
+/// owned is charged to the oldest process still holding it (a daemon's
+/// original process exits once it has forked; its children keep the socket).
+pub struct ExitedOwners {
+    exited: HashMap<MapData, u32, u64>,
+    listeners: HashMap<MapData, u16, Listener>,
+    cgroup_filter: Option<String>,
+}
+
+impl ExitedOwners {
+    pub(super) fn take(ebpf: &mut Ebpf, cgroup_filter: Option<String>) -> Result<Self> {
+        let mut map = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the BPF object has no map {name}"))
+        };
+        Ok(ExitedOwners {
+            exited: HashMap::try_from(map("EXITED_OWNERS")?)?,
+            listeners: HashMap::try_from(map("LISTENERS")?)?,
+            cgroup_filter,
+        })
+    }
+
+    /// Re-resolves the listeners of owners that exited since the last call;
+    /// returns how many listeners got a new owner.
+    pub fn poll(&mut self) -> Result<usize> {
+        let exited: Vec<u32> = self.exited.keys().filter_map(Result::ok).collect();
+        if exited.is_empty() {
+            return Ok(0);
+        }
+        for pid in &exited {
+            let _ = self.exited.remove(pid);
+        }
+        let orphaned: Vec<u16> = self
+            .listeners
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, l)| exited.contains(&l.owner.pid))
+            .map(|(port, _)| port)
+            .collect();
+        if orphaned.is_empty() {
+            return Ok(0);
+        }
+        let listening: Vec<TcpSocket> = tcp_sockets()
+            .context("listing listeners via sock_diag")?
+            .into_iter()
+            .filter(|s| s.state == state::LISTEN && orphaned.contains(&s.endpoints.lport))
+            .collect();
+        let inodes = listening
+            .iter()
+            .map(|s| s.inode)
+            .filter(|&i| i != 0)
+            .collect();
+        let holders = socket_holders(&inodes)?;
+        let mut owners = ScanOwners::new(self.cgroup_filter.as_deref());
+        let mut reassigned = 0;
+        for socket in &listening {
+            let Some(holder) = holders.holder(socket.inode) else {
+                continue;
+            };
+            let port = socket.endpoints.lport;
+            let Ok(mut listener) = self.listeners.get(&port, 0) else {
+                continue;
+            };
+            listener.owner = owners.owner(holder);
+            self.listeners
+                .insert(port, listener, 0)
+                .context("updating the kernel's listener map")?;
+            reassigned += 1;
+        }
+        Ok(reassigned)
+    }
 }

@@ -16,7 +16,8 @@ use tcp_trace_common::{counter, hist, Filter, SockOffsets, TracepointLayout, KNO
 
 use super::{
     btf::Btf,
-    calibrate, owners,
+    calibrate,
+    owners::{self, ExitedOwners},
     privileges::{check_privileges, drop_privileges, raise_memlock_limit},
     probe::Probe,
     tracefs,
@@ -24,7 +25,7 @@ use super::{
 use crate::{
     aggregate::{Histogram, StateHistograms},
     model::TcpState,
-    system::cgroup::CgroupFs,
+    system::{cgroup::CgroupFs, owners::scan},
 };
 
 /// Default size of the event ring buffer in bytes (a power of two, as the
@@ -53,6 +54,7 @@ pub struct Program {
     histograms: Option<(PerCpuArray<MapData, u64>, PerCpuArray<MapData, u64>)>,
     /// Runs of the main program the kernel had skipped when tracing began.
     skipped_before_start: u64,
+    exited_owners: ExitedOwners,
 }
 
 /// The program that sees every transition: each run the kernel skips is a
@@ -121,6 +123,8 @@ impl Program {
         for note in probe.notes() {
             eprintln!("{note}");
         }
+        seed_from_scan(&mut ebpf, settings.cgroup.as_deref());
+        let exited_owners = ExitedOwners::take(&mut ebpf, settings.cgroup.clone())?;
         drop_privileges()?;
         Ok((
             Self {
@@ -128,9 +132,19 @@ impl Program {
                 counters,
                 histograms,
                 skipped_before_start: skipped_before_start.unwrap_or(0),
+                exited_owners,
             },
             events,
         ))
+    }
+
+    /// Charges the listeners of owners that exited to the processes still
+    /// holding them. A failure is reported once per call, not fatal: those
+    /// listeners keep their old owner.
+    pub fn poll_owners(&mut self) {
+        if let Err(err) = self.exited_owners.poll() {
+            eprintln!("tcp-trace: warning: re-resolving listener owners: {err:#}");
+        }
     }
 
     /// The counters so far, the program still attached.
@@ -242,6 +256,36 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         accept: accept.is_some(),
     };
     Ok((ebpf, attachments))
+}
+
+/// Seeds the kernel's maps with the owners of sockets that existed before the
+/// program was attached (after attaching, so no socket falls between). A
+/// failed scan is a warning: those sockets' owners stay unknown.
+fn seed_from_scan(ebpf: &mut Ebpf, cgroup_filter: Option<&str>) {
+    let seeded = scan().and_then(|scan| {
+        let seeded = owners::seed(ebpf, &scan, cgroup_filter)?;
+        Ok((scan.stats, seeded))
+    });
+    match seeded {
+        Ok((stats, seeded)) => eprintln!(
+            "tcp-trace: start-up scan: owners of {} listeners and {} connections found \
+             among {} processes in {:.1} ms ({} processes unreadable{})",
+            seeded.listeners,
+            seeded.connections,
+            stats.processes,
+            stats.elapsed.as_secs_f64() * 1000.0,
+            stats.unreadable,
+            if seeded.not_seeded > 0 {
+                format!(", {} connections not seeded: map full", seeded.not_seeded)
+            } else {
+                String::new()
+            },
+        ),
+        Err(err) => eprintln!(
+            "tcp-trace: warning: start-up scan failed, owners of sockets opened \
+             before start stay unknown: {err:#}"
+        ),
+    }
 }
 
 /// The filter with `--cgroup` resolved to the cgroup's id and level.

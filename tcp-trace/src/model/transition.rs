@@ -127,13 +127,7 @@ impl Transition {
         let Some(placement) = self.owner.as_ref().and_then(|o| o.placement.as_ref()) else {
             return false;
         };
-        let subtree = path.trim_end_matches('/');
-        let cgroup = placement.cgroup.as_str();
-        subtree.is_empty()
-            || cgroup == subtree
-            || cgroup
-                .strip_prefix(subtree)
-                .is_some_and(|rest| rest.starts_with('/'))
+        crate::kernel::in_subtree(&placement.cgroup, path)
     }
 
     /// The transition `old -> new`.

@@ -26,7 +26,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 /// Streams live transitions into `consumer` until stopped, then prints the
 /// summary on stderr.
 pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consumer) -> Result<()> {
-    let (program, events) = Program::attach(settings)?;
+    let (mut program, events) = Program::attach(settings)?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
     // for as long as the AsyncFd holds it.
     let mut events = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
@@ -50,7 +50,10 @@ pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consu
                     guard.clear_ready();
                     reader.drain(guard.get_inner_mut(), consumer, &mut totals)?;
                 }
-                _ = drain_tick.tick() => reader.drain(events.get_mut(), consumer, &mut totals)?,
+                _ = drain_tick.tick() => {
+                    reader.drain(events.get_mut(), consumer, &mut totals)?;
+                    program.poll_owners();
+                }
                 _ = next_tick(&mut report_tick) => {
                     reader.drain(events.get_mut(), consumer, &mut totals)?;
                     totals.kernel = program.counters()?;

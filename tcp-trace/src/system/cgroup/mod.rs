@@ -9,11 +9,7 @@ use std::fs;
 
 use anyhow::{Context, Result};
 
-pub use self::{
-    mount::{CgroupFs, CgroupRef},
-    path::{placement_of, Placement},
-    resolver::{CgroupStats, Cgroups},
-};
+pub use self::{mount::CgroupFs, resolver::Cgroups};
 
 /// The cgroup v2 path of process `pid`; `None` when it has none (a host
 /// with cgroup v1 only).

@@ -3,7 +3,7 @@
 //! Only shapes that runtimes and kubelet really create are read; anything
 //! else leaves the field `None` rather than guessing.
 
-pub use crate::model::Placement;
+use crate::model::Placement;
 
 /// Reads the unit, container and pod out of a cgroup path (pure parsing).
 pub fn placement_of(path: &str) -> Placement {

@@ -9,7 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{mount::CgroupFs, path::placement_of, Placement};
+use super::{mount::CgroupFs, path::placement_of};
+use crate::model::Placement;
 
 /// Most cgroups remembered: hosts have hundreds to a few thousand.
 const MAX_ENTRIES: usize = 65_536;
@@ -31,7 +32,8 @@ pub struct Cgroups {
     dropped: u64,
 }
 
-/// How much resolving has cost, for a summary.
+/// How much resolving has cost.
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupStats {
     /// Walks of the hierarchy so far.
@@ -54,6 +56,7 @@ impl Cgroups {
     }
 
     /// A resolver over the hierarchy at `root`.
+    #[cfg(test)]
     pub fn with_root(root: impl Into<PathBuf>) -> Cgroups {
         Self::over(Some(root.into()))
     }
@@ -75,6 +78,7 @@ impl Cgroups {
         self.resolve_at(id, Instant::now())
     }
 
+    #[cfg(test)]
     pub fn stats(&self) -> CgroupStats {
         CgroupStats {
             walks: self.walks,
