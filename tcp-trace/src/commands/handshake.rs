@@ -7,6 +7,8 @@
 //! computed: from the server's first SYN-ACK to the final ACK (the kernel's
 //! own first RTT sample, or, after SYN-ACK retransmissions, the first SYN-ACK's
 //! time kept by the request socket), with the SYN-ACK retransmissions.
+//! A server line waits for `accept()`: it names the process that accepted
+//! the connection and how long the connection waited in the accept queue.
 
 use std::{collections::HashMap, fmt::Write as _, net::IpAddr, time::Duration};
 
@@ -21,6 +23,7 @@ use crate::{
         Owner, TcpState, Transition,
     },
     output::{
+        add_owner_origin,
         bars::bars,
         monotonic_ns, owner_json, quantiles_json,
         text::{
@@ -63,7 +66,14 @@ pub struct Handshake {
     pub duration_ns: Option<u64>,
     pub retransmits: Option<u32>,
     pub outcome: String,
+    /// Server side: from ESTABLISHED to `accept()` returning the connection;
+    /// `None` until accepted (or never accepted).
+    pub accept_wait_ns: Option<u64>,
 }
+
+/// Server handshakes waiting for their `accept()`, at most this many; past
+/// it they are reported at once, without accept figures.
+const AWAITING_ACCEPT: usize = 65_536;
 
 /// The handshake a transition ends, if it ends one.
 pub fn handshake(t: &Transition) -> Option<Handshake> {
@@ -97,6 +107,7 @@ pub fn handshake(t: &Transition) -> Option<Handshake> {
         duration_ns,
         retransmits: t.retransmits,
         outcome,
+        accept_wait_ns: None,
     })
 }
 
@@ -104,6 +115,8 @@ pub fn handshake(t: &Transition) -> Option<Handshake> {
 #[derive(Clone, Default, Debug)]
 struct Summary {
     durations: Histogram,
+    /// Server side: time in the accept queue.
+    accept_waits: Histogram,
     untimed: u64,
     retransmits: u64,
     outcomes: HashMap<String, u64>,
@@ -112,6 +125,7 @@ struct Summary {
 impl Merge for Summary {
     fn merge(&mut self, other: &Summary) {
         self.durations.merge(&other.durations);
+        self.accept_waits.merge(&other.accept_waits);
         self.untimed += other.untimed;
         self.retransmits += other.retransmits;
         for (k, v) in &other.outcomes {
@@ -125,6 +139,9 @@ impl Summary {
         match h.duration_ns {
             Some(d) => self.durations.record(d),
             None => self.untimed += 1,
+        }
+        if let Some(wait) = h.accept_wait_ns {
+            self.accept_waits.record(wait);
         }
         self.retransmits += u64::from(h.retransmits.unwrap_or(0));
         *self.outcomes.entry(h.outcome.clone()).or_default() += 1;
@@ -145,6 +162,7 @@ impl Summary {
         v["timed"] = json!(self.durations.count());
         v["retransmits"] = json!(self.retransmits);
         v["outcomes"] = Value::Object(outcomes);
+        v["accept_wait"] = quantiles_json(&self.accept_waits);
         v
     }
 
@@ -165,13 +183,46 @@ struct HandshakeCommand {
     sides: HashMap<Side, Summary>,
     /// Per side, with --by: the busiest groups of that side's handshakes.
     groups: HashMap<Side, BoundedGroups<String, Summary>>,
+    /// Server handshakes by socket, until their `accept()`.
+    awaiting_accept: HashMap<u64, Handshake>,
 }
 
 impl HandshakeCommand {
+    /// Counts a finished handshake and prints it if it is slow enough.
+    fn done(&mut self, h: Handshake) -> Result<()> {
+        self.sides.entry(h.side).or_default().add(&h);
+        if let Some(by) = self.by {
+            let key = group_name(by, h.owner.as_ref(), h.lport, h.rport, h.raddr);
+            let top = self.top;
+            self.groups
+                .entry(h.side)
+                .or_insert_with(|| BoundedGroups::for_top(top))
+                .entry(key)
+                .add(&h);
+        }
+        let slow_enough = match (self.slow_ns, h.duration_ns) {
+            (None, _) => true,
+            (Some(min), Some(d)) => d >= min,
+            (Some(_), None) => false,
+        };
+        if slow_enough {
+            self.line(&h)?;
+        }
+        Ok(())
+    }
+
+    /// Server handshakes still waiting for `accept()` at the end: reported
+    /// without accept figures.
+    fn flush_awaiting(&mut self) -> Result<()> {
+        let mut waiting: Vec<Handshake> = self.awaiting_accept.drain().map(|(_, h)| h).collect();
+        waiting.sort_by_key(|h| h.ts_ns);
+        waiting.into_iter().try_for_each(|h| self.done(h))
+    }
+
     fn line(&mut self, h: &Handshake) -> Result<()> {
         if self.sink.is_json() {
             let (pid, comm) = owner_json(h.owner.as_ref());
-            return self.sink.json_line(&json!({
+            let mut line = json!({
                 "type": "handshake",
                 "ts_ns": h.ts_ns,
                 "side": h.side.name(),
@@ -185,17 +236,21 @@ impl HandshakeCommand {
                 "duration_ns": h.duration_ns,
                 "retransmits": h.retransmits,
                 "outcome": h.outcome,
-            }));
+                "accept_wait_ns": h.accept_wait_ns,
+            });
+            add_owner_origin(&mut line, h.owner.as_ref());
+            return self.sink.json_line(&line);
         }
         let (pid, comm) = owner_cells(h.owner.as_ref());
         let line = format!(
-            "{:<12} {pid:>7} {comm:<16} {:<6} {:<21} {:<21} {:>9} {:>7} {}\n",
+            "{:<12} {pid:>7} {comm:<16} {:<6} {:<21} {:<21} {:>9} {:>7} {:>11} {}\n",
             self.sink.clock.local_time(h.ts_ns),
             h.side.name(),
             endpoint(h.laddr, h.lport),
             endpoint(h.raddr, h.rport),
             h.duration_ns.map_or("unmeasured".into(), human_duration),
             h.retransmits.map_or("-".into(), |r| r.to_string()),
+            h.accept_wait_ns.map_or("-".into(), human_duration),
             h.outcome,
         );
         self.sink.text(&line)
@@ -287,6 +342,21 @@ fn report_text(
             summary.outcome_cells()
         );
     }
+    // The server's wait in the accept queue, after its handshake.
+    if let Some(waits) = sides.get(&Side::Server).map(|s| &s.accept_waits) {
+        if waits.count() > 0 {
+            let _ = writeln!(
+                s,
+                "{:<28} {:>7} {:>9} {:>9} {:>9} {:>9}",
+                "server accept-queue wait",
+                waits.count(),
+                quantile_cell(waits, 0.5),
+                quantile_cell(waits, 0.9),
+                quantile_cell(waits, 0.99),
+                max_cell(waits),
+            );
+        }
+    }
     for side in Side::BOTH {
         if let Some(summary) = sides.get(&side) {
             let _ = writeln!(s, "\n{} handshakes", side.name());
@@ -302,33 +372,34 @@ impl Consumer for HandshakeCommand {
             return Ok(());
         }
         let header = format!(
-            "{:<12} {:>7} {:<16} {:<6} {:<21} {:<21} {:>9} {:>7} OUTCOME\n",
-            "TIME", "PID", "COMM", "SIDE", "LOCAL", "REMOTE", "DURATION", "RETRANS"
+            "{:<12} {:>7} {:<16} {:<6} {:<21} {:<21} {:>9} {:>7} {:>11} OUTCOME\n",
+            "TIME", "PID", "COMM", "SIDE", "LOCAL", "REMOTE", "DURATION", "RETRANS", "ACCEPT-WAIT"
         );
         self.sink.text(&header)
     }
 
     fn event(&mut self, t: &Transition) -> Result<()> {
+        if t.accept {
+            if let Some(mut h) = self.awaiting_accept.remove(&t.sk) {
+                // The accepting process served the connection: name it.
+                h.owner.clone_from(&t.owner);
+                h.accept_wait_ns = t.duration_ns;
+                self.done(h)?;
+            }
+            return Ok(());
+        }
+        if t.new_state == TcpState::CLOSE {
+            // Gone without being accepted.
+            if let Some(h) = self.awaiting_accept.remove(&t.sk) {
+                self.done(h)?;
+            }
+        }
         let Some(h) = handshake(t) else { return Ok(()) };
-        self.sides.entry(h.side).or_default().add(&h);
-        if let Some(by) = self.by {
-            let key = group_name(by, h.owner.as_ref(), h.lport, h.rport, h.raddr);
-            let top = self.top;
-            self.groups
-                .entry(h.side)
-                .or_insert_with(|| BoundedGroups::for_top(top))
-                .entry(key)
-                .add(&h);
+        if h.side == Side::Server && self.awaiting_accept.len() < AWAITING_ACCEPT {
+            self.awaiting_accept.insert(t.sk, h);
+            return Ok(());
         }
-        let slow_enough = match (self.slow_ns, h.duration_ns) {
-            (None, _) => true,
-            (Some(min), Some(d)) => d >= min,
-            (Some(_), None) => false,
-        };
-        if slow_enough {
-            self.line(&h)?;
-        }
-        Ok(())
+        self.done(h)
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -340,6 +411,7 @@ impl Consumer for HandshakeCommand {
     }
 
     fn finish(&mut self, _totals: &Totals) -> Result<()> {
+        self.flush_awaiting()?;
         self.report(monotonic_ns(), true)
     }
 }
@@ -352,6 +424,7 @@ pub fn run(config: HandshakeConfig) -> Result<()> {
         top: config.top,
         sides: HashMap::new(),
         groups: HashMap::new(),
+        awaiting_accept: HashMap::new(),
     };
     let settings = config.tracing.streaming();
     let timing = Timing {

@@ -12,7 +12,7 @@ use crate::{
         Owner, SockFields, TcpState, Transition,
     },
     output::{
-        owner_json,
+        add_owner_origin, owner_json,
         text::{endpoint, human_duration, owner_cells},
         Clock, Sink,
     },
@@ -23,6 +23,8 @@ use crate::{
 #[derive(Debug, Clone)]
 struct Conn {
     owner: Option<Owner>,
+    /// Time in the accept queue, when the program saw `accept()` return it.
+    accept_wait_ns: Option<u64>,
     /// Whether we saw it born (`CLOSE -> SYN_SENT`, or `LISTEN -> SYN_RECV`).
     born: bool,
     /// States it left, with the time spent in each (None: unknown).
@@ -98,6 +100,8 @@ pub fn ending(passed: &[TcpState], last_old: TcpState, sock: Option<SockFields>)
 pub struct Life {
     pub ts_ns: u64,
     pub owner: Option<Owner>,
+    /// Time the connection waited in the accept queue (accepted sockets).
+    pub accept_wait_ns: Option<u64>,
     pub t: Transition,
     /// Sum of the state durations; a lower bound when `complete` is false.
     pub lifetime_ns: u64,
@@ -138,6 +142,15 @@ impl Connections {
             let last = conn.last.clone();
             ended.push(conn.into_life(last, Ending::Unseen));
         }
+        if t.accept {
+            // Not a state change: the connection's owner from now on, and
+            // its wait in the accept queue.
+            if let Some(conn) = self.conns.get_mut(&t.sk) {
+                conn.owner.clone_from(&t.owner);
+                conn.accept_wait_ns = t.duration_ns;
+            }
+            return ended;
+        }
         // Listeners are not connections.
         let listener = t.new_state == TcpState::LISTEN || t.is(TcpState::LISTEN, TcpState::CLOSE);
         if !listener {
@@ -164,6 +177,7 @@ impl Connections {
                 }
                 let conn = Conn {
                     owner: t.owner.clone(),
+                    accept_wait_ns: None,
                     born: begins,
                     states: Vec::new(),
                     last: t.clone(),
@@ -207,6 +221,7 @@ impl Conn {
         Life {
             ts_ns: last.ts_ns,
             owner: self.owner,
+            accept_wait_ns: self.accept_wait_ns,
             lifetime_ns: self
                 .states
                 .iter()
@@ -265,7 +280,7 @@ pub fn json_line(life: &Life) -> serde_json::Value {
         .map(|(s, d)| json!({"state": s.name(), "duration_ns": d}))
         .collect();
     let (pid, comm) = owner_json(life.owner.as_ref());
-    json!({
+    let mut line = json!({
         "ts_ns": life.ts_ns,
         "sk": format!("{:#x}", life.t.sk),
         "pid": pid,
@@ -283,7 +298,10 @@ pub fn json_line(life: &Life) -> serde_json::Value {
         "error": life.t.sock.filter(|s| s.error != 0).map(|s| errno::name(s.error)),
         "bytes_sent": life.t.sock.map(|s| s.bytes_sent),
         "bytes_received": life.t.sock.map(|s| s.bytes_received),
-    })
+        "accept_wait_ns": life.accept_wait_ns,
+    });
+    add_owner_origin(&mut line, life.owner.as_ref());
+    line
 }
 
 struct LifeCommand {
@@ -360,7 +378,7 @@ mod tests {
             self.into_iter().next().unwrap()
         }
     }
-    use crate::model::{from_event, sample_event};
+    use crate::model::{from_event, sample_event, OwnerSource};
 
     fn ev(sk: u64, ts: u64, old: &str, new: &str, d: Option<u64>) -> Transition {
         let mut t = from_event(&sample_event()).unwrap();
@@ -370,6 +388,30 @@ mod tests {
         t.new_state = TcpState::from_name(new).unwrap();
         t.duration_ns = d;
         t
+    }
+
+    #[test]
+    fn an_accepted_life_belongs_to_its_acceptor_and_counts_its_stay_once() {
+        let mut tr = Connections::new(100);
+        let mut listener_owned = ev(2, 100, "LISTEN", "SYN_RECV", None);
+        listener_owned.owner = Some(Owner::process(10, b"nginx", OwnerSource::Listener));
+        let mut established = ev(2, 110, "SYN_RECV", "ESTABLISHED", Some(10));
+        established.owner.clone_from(&listener_owned.owner);
+        let mut accept = ev(2, 4_110, "ESTABLISHED", "ESTABLISHED", Some(4_000));
+        accept.accept = true;
+        accept.owner = Some(Owner::process(11, b"worker", OwnerSource::Accept));
+        for t in [&listener_owned, &established, &accept] {
+            assert!(tr.event(t).is_empty());
+        }
+        let mut close = ev(2, 10_110, "ESTABLISHED", "CLOSE", Some(10_000));
+        close.owner = None;
+        let life = tr.event(&close).one();
+        assert_eq!(life.lifetime_ns, 10_010, "the accept is not a second stay");
+        assert_eq!(life.accept_wait_ns, Some(4_000));
+        assert_eq!(life.owner.as_ref().map(|o| o.pid), Some(11));
+        let line = json_line(&life);
+        assert_eq!(line["owner_source"], "accept");
+        assert_eq!(line["accept_wait_ns"], 4_000);
     }
 
     #[test]

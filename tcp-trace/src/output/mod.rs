@@ -98,3 +98,15 @@ pub fn owner_json(owner: Option<&crate::model::Owner>) -> (Value, Value) {
         None => (Value::Null, Value::Null),
     }
 }
+
+/// Adds where an owner came from and where it runs to a JSON object:
+/// `owner_source`, `cgroup`, `unit`, `container`, `pod_uid` (`null` when
+/// unknown), the fields `watch --json` carries too.
+pub fn add_owner_origin(line: &mut Value, owner: Option<&crate::model::Owner>) {
+    let placement = owner.and_then(|o| o.placement.as_deref());
+    line["owner_source"] = json!(owner.map(|o| o.source.name()));
+    line["cgroup"] = json!(placement.map(|p| &p.cgroup));
+    line["unit"] = json!(placement.and_then(|p| p.unit.as_ref()));
+    line["container"] = json!(placement.and_then(|p| p.container.as_ref()));
+    line["pod_uid"] = json!(placement.and_then(|p| p.pod_uid.as_ref()));
+}
