@@ -25,8 +25,9 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Connections per burst.
 const CONNECTIONS: u64 = 10_000;
 /// Client: CLOSE -> SYN_SENT -> ESTABLISHED -> FIN_WAIT1 -> FIN_WAIT2 -> CLOSE;
-/// accepted socket: LISTEN -> SYN_RECV -> ESTABLISHED -> CLOSE_WAIT -> LAST_ACK -> CLOSE.
-const PER_CONNECTION: u64 = 10;
+/// accepted socket: LISTEN -> SYN_RECV -> ESTABLISHED -> CLOSE_WAIT -> LAST_ACK -> CLOSE;
+/// and its accept event.
+const PER_CONNECTION: u64 = 11;
 /// The listener's CLOSE -> LISTEN and LISTEN -> CLOSE.
 const LISTENER: u64 = 2;
 

@@ -60,6 +60,8 @@ pub struct Program {
 /// The program that sees every transition: each run the kernel skips is a
 /// transition lost.
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
+/// The programs that stream events: a skipped run of either is an event lost.
+const STREAMING_PROGRAMS: [&str; 2] = [MAIN_PROGRAM, "accept_exit"];
 
 /// Counters kept by the kernel program, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,7 +106,7 @@ impl Program {
         // The calibration's own sockets (and anything else before this point)
         // precede the start of tracing: discard them.
         while events.next().is_some() {}
-        let skipped_before_start = skipped_runs(&ebpf, MAIN_PROGRAM)?;
+        let skipped_before_start = skipped_runs(&ebpf)?;
         probe.check(
             SKIP_COUNT,
             skip_count_missing(skipped_before_start.is_some()),
@@ -168,7 +170,7 @@ impl Program {
     }
 
     fn skipped(&self) -> Result<u64> {
-        let now = skipped_runs(&self.ebpf, MAIN_PROGRAM)?.unwrap_or(0);
+        let now = skipped_runs(&self.ebpf)?.unwrap_or(0);
         Ok(now.saturating_sub(self.skipped_before_start))
     }
 
@@ -428,19 +430,22 @@ const DIRECT_READS: &str = "direct tracepoint record reads";
 const SOCK_FIELDS: &str = "byte counts and errors at close";
 const SKIP_COUNT: &str = "a count of transitions the kernel skipped";
 
-/// How many runs of `name` the kernel skipped since it was loaded, from the
-/// program's fdinfo; `None` when the kernel does not say.
-fn skipped_runs(ebpf: &Ebpf, name: &str) -> Result<Option<u64>> {
-    let fd = ebpf
-        .program(name)
-        .with_context(|| format!("the BPF object has no program {name}"))?
-        .fd()
-        .with_context(|| format!("{name} is not loaded"))?
-        .as_fd()
-        .as_raw_fd();
-    let path = format!("/proc/self/fdinfo/{fd}");
-    let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    Ok(fdinfo_field(&info, "recursion_misses"))
+/// How many runs of the streaming programs the kernel skipped since they
+/// were loaded, from their fdinfo; `None` when the kernel does not say.
+fn skipped_runs(ebpf: &Ebpf) -> Result<Option<u64>> {
+    let mut total = None;
+    for name in STREAMING_PROGRAMS {
+        // The accept handler is not loaded where the kernel lacks its offsets.
+        let Some(fd) = ebpf.program(name).and_then(|p| p.fd().ok()) else {
+            continue;
+        };
+        let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+        let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        if let Some(skipped) = fdinfo_field(&info, "recursion_misses") {
+            *total.get_or_insert(0) += skipped;
+        }
+    }
+    Ok(total)
 }
 
 /// A numeric `name:\tvalue` line of an fdinfo file.
