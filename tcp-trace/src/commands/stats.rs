@@ -120,7 +120,10 @@ struct Aggregating<'a> {
 
 impl Consumer for Aggregating<'_> {
     fn event(&mut self, t: &Transition) -> Result<()> {
-        self.stats.record(t);
+        // An accept is no stay in a state: the kernel's aggregation skips it too.
+        if !t.accept {
+            self.stats.record(t);
+        }
         Ok(())
     }
 

@@ -19,6 +19,8 @@ pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_tcp-trace");
 pub struct Ev {
     pub ts_ns: u64,
     pub sk: String,
+    /// `"transition"`, or `"accept"` (not a state change).
+    pub event: String,
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub family: String,

@@ -203,10 +203,11 @@ pub fn exchanges(
     pids
 }
 
-/// The sequence of `OLD->NEW` of one socket's events.
+/// The sequence of `OLD->NEW` of one socket's transitions (accepts change no state).
 pub fn sequence(events: &[Ev]) -> Vec<String> {
     events
         .iter()
+        .filter(|e| e.event != "accept")
         .map(|e| format!("{}->{}", e.old_state, e.new_state))
         .collect()
 }

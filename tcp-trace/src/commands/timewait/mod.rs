@@ -89,7 +89,10 @@ impl Consumer for TimewaitCommand {
     }
 
     fn event(&mut self, t: &Transition) -> Result<()> {
-        self.ledger.event(t);
+        // An accept changes no state; the close carries the acceptor.
+        if !t.accept {
+            self.ledger.event(t);
+        }
         Ok(())
     }
 
