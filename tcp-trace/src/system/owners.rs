@@ -42,7 +42,8 @@ pub struct ScanStats {
     pub owned: usize,
     /// Processes whose descriptors were read.
     pub processes: usize,
-    /// Processes whose descriptors could not be read (permissions).
+    /// Processes whose descriptors or stat could not be read (permissions,
+    /// or a stat not understood).
     pub unreadable: usize,
     /// Processes that exited during the walk.
     pub vanished: usize,
