@@ -42,7 +42,8 @@ pub struct ScanStats {
     pub owned: usize,
     /// Processes whose descriptors were read.
     pub processes: usize,
-    /// Processes whose descriptors could not be read (permissions).
+    /// Processes whose descriptors or stat could not be read (permissions,
+    /// or a stat not understood).
     pub unreadable: usize,
     /// Processes that exited during the walk.
     pub vanished: usize,
@@ -61,12 +62,8 @@ pub struct Scan {
 pub fn scan() -> Result<Scan> {
     let started = Instant::now();
     let sockets = super::sock_diag::tcp_sockets()?;
-    let wanted: HashSet<u64> = sockets
-        .iter()
-        .map(|s| s.inode)
-        .filter(|&i| i != 0)
-        .collect();
-    let holders = socket_holders(&wanted)?;
+    // A temporary, dropped once walked: at 100,000 sockets it is a megabyte.
+    let holders = socket_holders(&inodes(&sockets))?;
     let mut scan = Scan::default();
     for socket in sockets.iter() {
         let Some(holder) = holders.holder(socket.inode) else {
@@ -92,6 +89,15 @@ pub fn scan() -> Result<Scan> {
         elapsed: started.elapsed(),
     };
     Ok(scan)
+}
+
+/// The inodes of `sockets` that a file may hold (0 is none).
+fn inodes(sockets: &[TcpSocket]) -> HashSet<u64> {
+    sockets
+        .iter()
+        .map(|s| s.inode)
+        .filter(|&i| i != 0)
+        .collect()
 }
 
 /// What a walk of `/proc` met.
