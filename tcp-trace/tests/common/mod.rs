@@ -11,8 +11,9 @@ mod agent;
 mod net;
 mod nft;
 mod peer;
+mod scratch;
 
 // Flat re-exports keep the tests' `use common::...` lines short; a binary that
 // uses nothing from one module would otherwise warn about its glob.
 #[allow(unused_imports)]
-pub use {agent::*, net::*, nft::*, peer::*};
+pub use {agent::*, net::*, nft::*, peer::*, scratch::*};
