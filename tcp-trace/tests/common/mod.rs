@@ -10,10 +10,11 @@
 mod agent;
 mod net;
 mod nft;
+mod nginx;
 mod peer;
 mod scratch;
 
 // Flat re-exports keep the tests' `use common::...` lines short; a binary that
 // uses nothing from one module would otherwise warn about its glob.
 #[allow(unused_imports)]
-pub use {agent::*, net::*, nft::*, peer::*, scratch::*};
+pub use {agent::*, net::*, nft::*, nginx::*, peer::*, scratch::*};
