@@ -1,10 +1,10 @@
 //! The fixtures of the owner tests, checked against the real system without
-//! the agent: nginx as Debian ships it, and ab. Each test asserts what a
-//! later owner test will take for granted.
+//! the agent: nginx as Debian ships it, ab, and cgroups shaped like real
+//! hosts'. Each test asserts what a later owner test will take for granted.
 
 mod common;
 
-use std::{fs, net::TcpListener};
+use std::{fs, net::TcpListener, os::unix::fs::MetadataExt as _, process::Command};
 
 use common::*;
 
@@ -120,4 +120,92 @@ fn nginx_that_cannot_listen_fails_with_its_error_log() {
         message.contains("exited with") && message.contains("Address already in use"),
         "{message}"
     );
+}
+
+/// A `sleep` spawned into `cgroup` is there from its start, as /proc says.
+fn check_spawn(cgroup: &TestCgroup) {
+    let mut child = cgroup.spawn(Command::new("sleep").arg("30"));
+    let pid = child.id();
+    assert_eq!(
+        cgroup_of(pid).as_deref(),
+        Some(cgroup.path()),
+        "cgroup of {pid}"
+    );
+    assert_eq!(cgroup.procs(), vec![pid]);
+    assert_eq!(cgroup.id(), fs::metadata(cgroup.dir()).unwrap().ino());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[test]
+fn processes_spawned_into_each_real_world_cgroup_shape_are_there() {
+    let service = TestCgroup::service("nginx");
+    let docker = TestCgroup::docker();
+    let pod = TestCgroup::kubepods_burstable();
+
+    let unit = service.path().strip_prefix("/system.slice/nginx-");
+    assert!(
+        unit.is_some_and(|u| u.ends_with(".service") && !u.contains('/')),
+        "{}",
+        service.path()
+    );
+    let scope = docker.path().strip_prefix("/system.slice/docker-");
+    assert!(
+        scope
+            .and_then(|s| s.strip_suffix(".scope"))
+            .is_some_and(|h| is_hex(h, 64)),
+        "{}",
+        docker.path()
+    );
+    assert_eq!(docker.container_id(), scope.map(|s| &s[..64]));
+    let parts: Vec<&str> = pod.path().split('/').collect();
+    let uid = parts[3]
+        .strip_prefix("kubepods-burstable-pod")
+        .and_then(|p| p.strip_suffix(".slice"))
+        .unwrap_or_default();
+    let container = parts[4]
+        .strip_prefix("cri-containerd-")
+        .and_then(|p| p.strip_suffix(".scope"))
+        .unwrap_or_default();
+    assert!(
+        parts[..3] == ["", "kubepods.slice", "kubepods-burstable.slice"]
+            && parts.len() == 5
+            && uid.split('_').map(str::len).eq([8, 4, 4, 4, 12])
+            && is_hex(&uid.replace('_', ""), 32)
+            && is_hex(container, 64),
+        "{}",
+        pod.path()
+    );
+
+    for cgroup in [&service, &docker, &pod] {
+        assert!(cgroup.dir().starts_with(cgroup2_root()));
+        check_spawn(cgroup);
+    }
+    assert_ne!(service.id(), docker.id());
+}
+
+#[test]
+fn add_moves_a_running_process_and_drop_removes_what_it_made() {
+    let top = unique("tcp-trace-fixture");
+    let cgroup = TestCgroup::create(&format!("{top}/app.slice/worker.scope"));
+    assert_eq!(cgroup.path(), format!("/{top}/app.slice/worker.scope"));
+    let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+    let before = cgroup_of(child.id()).unwrap();
+    assert_ne!(before, cgroup.path());
+    cgroup.add(child.id());
+    assert_eq!(cgroup_of(child.id()).as_deref(), Some(cgroup.path()));
+    drop(cgroup);
+    // The drop killed what was left inside, and removed the three levels.
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    assert!(!cgroup2_root().join(&top).exists(), "{top} is left");
 }

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 mod agent;
+mod cgroup;
 mod net;
 mod nft;
 mod nginx;
@@ -17,4 +18,4 @@ mod scratch;
 // Flat re-exports keep the tests' `use common::...` lines short; a binary that
 // uses nothing from one module would otherwise warn about its glob.
 #[allow(unused_imports)]
-pub use {agent::*, net::*, nft::*, nginx::*, peer::*, scratch::*};
+pub use {agent::*, cgroup::*, net::*, nft::*, nginx::*, peer::*, scratch::*};
