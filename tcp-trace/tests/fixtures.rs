@@ -1,10 +1,18 @@
 //! The fixtures of the owner tests, checked against the real system without
-//! the agent: nginx as Debian ships it, ab, and cgroups shaped like real
-//! hosts'. Each test asserts what a later owner test will take for granted.
+//! the agent: nginx as Debian ships it, ab, cgroups shaped like real hosts',
+//! and a runc container. Each test asserts what a later owner test will
+//! take for granted.
 
 mod common;
 
-use std::{fs, net::TcpListener, os::unix::fs::MetadataExt as _, process::Command};
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    os::unix::fs::MetadataExt as _,
+    process::Command,
+    time::Duration,
+};
 
 use common::*;
 
@@ -208,4 +216,110 @@ fn add_moves_a_running_process_and_drop_removes_what_it_made() {
         Some(libc::SIGKILL)
     );
     assert!(!cgroup2_root().join(&top).exists(), "{top} is left");
+}
+
+/// The `net:[INODE]` of a namespace file such as /var/run/netns/NAME.
+fn ns_link_of(path: &std::path::Path) -> String {
+    format!("net:[{}]", fs::metadata(path).unwrap().ino())
+}
+
+#[test]
+fn container_runs_in_its_own_netns_and_reaches_a_host_listener() {
+    let netns = NetNs::new();
+    let port = free_port();
+    let listener = TcpListener::bind((netns.host_addr(), port)).unwrap();
+    let url = format!("http://{}:{port}/", netns.host_addr());
+    let ns_path = netns.path();
+    let (host, addr) = (netns.host_addr(), netns.addr());
+    let container = Container::options("wget")
+        .netns(netns)
+        .run(&["wget", "-q", "-O", "-", &url]);
+    let pid = container.pid();
+
+    // The container's wget waits for the answer while the test looks at it.
+    let (mut stream, peer) = accept_within(&listener, Duration::from_secs(10));
+    assert_eq!(
+        peer.ip(),
+        addr,
+        "the connection comes from the container's eth0"
+    );
+    assert_eq!(stream.local_addr().unwrap().ip(), host);
+    let ours = proc_link(std::process::id(), "ns/net");
+    let theirs = proc_link(pid, "ns/net");
+    assert_ne!(theirs, ours, "container init {pid} shares the test's netns");
+    assert_eq!(
+        theirs,
+        ns_link_of(&ns_path),
+        "container init {pid} is not in {}",
+        ns_path.display()
+    );
+    assert_eq!(
+        cgroup_of(pid).as_deref(),
+        Some(container.cgroup_path()),
+        "cgroup v2 path of container init {pid}"
+    );
+    assert!(
+        fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap()
+            .starts_with("wget\0"),
+        "container init {pid} runs the command itself"
+    );
+
+    let mut request = [0u8; 1024];
+    let n = stream.read(&mut request).unwrap();
+    assert!(
+        request[..n].starts_with(b"GET / HTTP/1.1\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&request[..n])
+    );
+    stream
+        .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nfrom host\n")
+        .unwrap();
+    drop(stream);
+    let out = container.wait();
+    assert!(
+        out.status.success(),
+        "container exited with {}: {}",
+        out.status,
+        out.stderr
+    );
+    assert_eq!(out.stdout, "from host\n");
+}
+
+/// Accepts one connection, failing after `limit`.
+fn accept_within(listener: &TcpListener, limit: Duration) -> (TcpStream, std::net::SocketAddr) {
+    listener.set_nonblocking(true).unwrap();
+    let accepted = poll(limit, "a connection from the container", || {
+        listener.accept().ok()
+    });
+    accepted.0.set_nonblocking(false).unwrap();
+    accepted
+}
+
+#[test]
+fn container_with_a_docker_cgroupfs_path_is_removed_by_drop() {
+    let id = unique_hex64();
+    let path = format!("/docker/{id}");
+    let container = Container::options("sleep")
+        .cgroups_path(&path)
+        .run(&["sleep", "30"]);
+    let pid = container.pid();
+    assert_eq!(cgroup_of(pid).as_deref(), Some(path.as_str()));
+    // On a hybrid host runc puts it in every v1 hierarchy too, at the same path.
+    let lines = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    eprintln!("/proc/{pid}/cgroup of the container:\n{lines}");
+    let (netns, bundle) = (
+        container.netns().name().to_string(),
+        container.bundle().to_path_buf(),
+    );
+    let dir = cgroup2_root().join(path.trim_start_matches('/'));
+    assert!(dir.is_dir());
+    drop(container);
+    assert!(!alive(pid), "container init {pid} outlived the drop");
+    assert!(!dir.exists(), "{} is left", dir.display());
+    assert!(
+        !std::path::Path::new("/var/run/netns").join(&netns).exists(),
+        "netns {netns} is left"
+    );
+    assert!(!bundle.exists(), "bundle {} is left", bundle.display());
 }

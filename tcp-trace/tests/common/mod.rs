@@ -9,6 +9,7 @@
 
 mod agent;
 mod cgroup;
+mod container;
 mod net;
 mod nft;
 mod nginx;
@@ -18,4 +19,4 @@ mod scratch;
 // Flat re-exports keep the tests' `use common::...` lines short; a binary that
 // uses nothing from one module would otherwise warn about its glob.
 #[allow(unused_imports)]
-pub use {agent::*, cgroup::*, net::*, nft::*, nginx::*, peer::*, scratch::*};
+pub use {agent::*, cgroup::*, container::*, net::*, nft::*, nginx::*, peer::*, scratch::*};
