@@ -5,7 +5,7 @@ use std::{
     env,
     ffi::OsString,
     fs,
-    os::unix::fs::symlink,
+    os::unix::fs::{symlink, PermissionsExt as _},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -72,7 +72,19 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
+    // The owner tests' real-world servers, load, and container: nginx-light
+    // is Debian's small flavour (it pulls in the `nginx` package, which holds
+    // /usr/sbin/nginx); busybox-static is the only binary a container rootfs
+    // needs (the dynamic `busybox` package would need its libc copied too).
+    ("nginx", "nginx-light"),
+    ("ab", "apache2-utils"),
+    ("runc", "runc"),
+    ("busybox", "busybox-static"),
 ];
+
+/// Where Debian's invoke-rc.d asks whether a package's maintainer script may
+/// start or restart a service; exit code 101 means "no".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 fn on_path(command: &str) -> bool {
     let extra = ["/usr/sbin", "/sbin"].map(PathBuf::from);
@@ -93,14 +105,76 @@ fn ensure_packages() -> Result<()> {
     eprintln!("xtask: installing {}", missing.join(" "));
     output(Command::new("apt-get").args(["update", "-qq"]))
         .context("apt-get update (the tests need root)")?;
-    output(
+    // nginx's postinst starts the system nginx (listening on port 80 with
+    // Debian's default site) through invoke-rc.d whenever it can: on a host
+    // booted with systemd or sysvinit it would be left running, in the way of
+    // nothing but serving a port nobody asked for; where no init tells the
+    // runlevel (a container, this kind of machine) invoke-rc.d gives up with
+    // "could not determine current runlevel" and starts nothing. The tests
+    // run nginx of their own with their own configs, so for the install no
+    // service may start: a policy-rc.d that says no (101), written only when
+    // the host has none, and removed afterwards.
+    let policy = ServicesHeld::new()?;
+    let installed = output(
         Command::new("apt-get")
             .args(["install", "-y", "-qq"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-    .with_context(|| format!("installing {}", missing.join(" ")))?;
+    .with_context(|| format!("installing {}", missing.join(" ")));
+    drop(policy);
+    installed?;
+    if missing.contains(&"nginx-light") {
+        stop_system_nginx();
+    }
     Ok(())
+}
+
+/// A policy-rc.d that forbids starting services, present while it lives; a
+/// host's own policy-rc.d is left as it is.
+struct ServicesHeld {
+    written: bool,
+}
+
+impl ServicesHeld {
+    fn new() -> Result<ServicesHeld> {
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            return Ok(ServicesHeld { written: false });
+        }
+        fs::write(
+            path,
+            "#!/bin/sh\n# Written by `cargo xtask setup` while it installs packages.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(ServicesHeld { written: true })
+    }
+}
+
+impl Drop for ServicesHeld {
+    fn drop(&mut self) {
+        if self.written {
+            let _ = fs::remove_file(POLICY_RC_D);
+        }
+    }
+}
+
+/// Stops the system nginx that a package install started anyway (a host
+/// policy-rc.d that allowed it, or a service manager that ignores it), so
+/// no nginx of Debian's default site is left on port 80.
+fn stop_system_nginx() {
+    let Ok(pid) = fs::read_to_string("/run/nginx.pid") else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return;
+    };
+    eprintln!("xtask: stopping the system nginx (pid {pid}) that installing nginx-light started");
+    // SIGQUIT: nginx's graceful stop.
+    // SAFETY: sending a signal to a pid read from nginx's own pid file.
+    unsafe { libc::kill(pid, libc::SIGQUIT) };
 }
 
 fn cache_dir() -> Result<PathBuf> {

@@ -8,11 +8,15 @@
 #![allow(dead_code)]
 
 mod agent;
+mod cgroup;
+mod container;
 mod net;
 mod nft;
+mod nginx;
 mod peer;
+mod scratch;
 
 // Flat re-exports keep the tests' `use common::...` lines short; a binary that
 // uses nothing from one module would otherwise warn about its glob.
 #[allow(unused_imports)]
-pub use {agent::*, net::*, nft::*, peer::*};
+pub use {agent::*, cgroup::*, container::*, net::*, nft::*, nginx::*, peer::*, scratch::*};

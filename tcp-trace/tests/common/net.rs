@@ -1,9 +1,14 @@
-//! Loopback addresses, free ports and raw socket/sockaddr helpers.
+//! Loopback addresses, free ports, raw socket/sockaddr helpers, and network
+//! namespaces joined to the host by a veth pair.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::Command,
     time::{SystemTime, UNIX_EPOCH},
 };
+
+use super::scratch::serial;
 
 pub fn loopback(v6: bool) -> IpAddr {
     if v6 {
@@ -97,4 +102,148 @@ pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
     };
     (storage, len as libc::socklen_t)
+}
+
+/// Runs `ip ARGS`, failing with what it said unless it succeeds.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip (Debian package iproute2; cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// Runs `ip ARGS` and returns whether it succeeded, for clearing leftovers
+/// and in Drop.
+fn ip_quiet(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The /16 the test namespaces take their /30s from. Only addresses of
+/// namespaces a test made are ever in it: nothing leaves the machine.
+const NETNS_NET: [u8; 2] = [10, 213];
+
+/// A named network namespace of the test's own (`ip netns add tt-PID-N`),
+/// with its loopback up and a veth pair to the host: `host_addr()/30` on the
+/// host side, `addr()/30` on the namespace's `eth0`. Deleted, with the
+/// pair, when dropped.
+pub struct NetNs {
+    name: String,
+    host_if: String,
+    host_addr: Ipv4Addr,
+    addr: Ipv4Addr,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        let n = serial();
+        let pid = std::process::id();
+        let name = format!("tt-{pid}-{n}");
+        // Interface names hold at most 15 bytes.
+        let host_if = format!("tt{pid:x}-{n:x}h");
+        let peer_if = format!("tt{pid:x}-{n:x}c");
+        // Leftovers of a dead run with our pid.
+        ip_quiet(&["netns", "del", &name]);
+        ip_quiet(&["link", "del", &host_if]);
+        ip(&["netns", "add", &name]);
+        let (host_addr, addr) = free_slash30(pid, n);
+        let netns = NetNs {
+            name,
+            host_if,
+            host_addr,
+            addr,
+        };
+        let (name, host_if) = (&netns.name, &netns.host_if);
+        ip(&[
+            "link", "add", host_if, "type", "veth", "peer", "name", &peer_if, "netns", name,
+        ]);
+        ip(&["-n", name, "link", "set", &peer_if, "name", "eth0"]);
+        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", host_if]);
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{addr}/30"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["link", "set", host_if, "up"]);
+        ip(&["-n", name, "link", "set", "eth0", "up"]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// The name `ip netns` knows it by.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bind mount that keeps it alive, for setns or an OCI config.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// The host end of the veth pair: what the namespace connects to.
+    pub fn host_addr(&self) -> Ipv4Addr {
+        self.host_addr
+    }
+
+    /// The namespace's own address, on its `eth0`.
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// The host-side interface of the veth pair.
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
+    /// `ip netns exec NAME PROGRAM`: a command to run inside.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting one end deletes the pair; the namespace goes once nothing
+        // (no process, no mount) holds it.
+        ip_quiet(&["link", "del", &self.host_if]);
+        ip_quiet(&["netns", "del", &self.name]);
+    }
+}
+
+/// A /30 in NETNS_NET that no interface on the host has an address in:
+/// (host end, namespace end).
+fn free_slash30(pid: u32, n: u32) -> (Ipv4Addr, Ipv4Addr) {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .expect("running ip");
+    let taken = String::from_utf8_lossy(&out.stdout).into_owned();
+    let [a, b] = NETNS_NET;
+    // 16384 /30s in the /16; start where this pid and serial point.
+    let start = pid
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(n.wrapping_mul(40_503));
+    for i in 0..16_384u32 {
+        let block = (start.wrapping_add(i) % 16_384) * 4;
+        let (c, d) = ((block >> 8) as u8, (block & 0xff) as u8);
+        let in_use = (0..4).any(|k| taken.contains(&format!(" {a}.{b}.{c}.{}/", d + k)));
+        if !in_use {
+            return (Ipv4Addr::new(a, b, c, d + 1), Ipv4Addr::new(a, b, c, d + 2));
+        }
+    }
+    panic!("no free /30 left in {a}.{b}.0.0/16:\n{taken}");
 }
