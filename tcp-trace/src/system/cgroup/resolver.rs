@@ -19,6 +19,12 @@ const MAX_ENTRIES: usize = 65_536;
 /// resolver walking the hierarchy.
 const WALK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Least time between walks for an id newer than any seen: the kernel hands
+/// out cgroup ids in increasing order, so such an id is a cgroup made since
+/// (a container starting), worth a prompt walk; an older unknown id is one
+/// that vanished before any walk saw it, and waits the full interval.
+const NEW_ID_WALK_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Resolves cgroup ids by walking the cgroup2 hierarchy when an id is new.
 /// 64-bit kernels never reuse a cgroup id, so a remembered one stays right
 /// (but for a rename, which the next walk sees).
@@ -28,6 +34,8 @@ pub struct Cgroups {
     known: HashMap<u64, Arc<Placement>>,
     capacity: usize,
     last_walk: Option<Instant>,
+    /// The largest id known or asked for.
+    newest: u64,
     walks: u64,
     dropped: u64,
 }
@@ -67,6 +75,7 @@ impl Cgroups {
             known: HashMap::new(),
             capacity: MAX_ENTRIES,
             last_walk: None,
+            newest: 0,
             walks: 0,
             dropped: 0,
         }
@@ -91,14 +100,20 @@ impl Cgroups {
         if id == 0 {
             return None;
         }
-        if !self.known.contains_key(&id) && self.may_walk(now) {
+        if !self.known.contains_key(&id) && self.may_walk(id, now) {
             self.walk(now);
         }
+        self.newest = self.newest.max(id);
         self.known.get(&id).cloned()
     }
 
-    fn may_walk(&self, now: Instant) -> bool {
-        let rested = |last: Instant| now.saturating_duration_since(last) >= WALK_INTERVAL;
+    fn may_walk(&self, id: u64, now: Instant) -> bool {
+        let interval = if id > self.newest {
+            NEW_ID_WALK_INTERVAL
+        } else {
+            WALK_INTERVAL
+        };
+        let rested = |last: Instant| now.saturating_duration_since(last) >= interval;
         self.root.is_some() && self.last_walk.is_none_or(rested)
     }
 
@@ -126,6 +141,7 @@ impl Cgroups {
             };
             known.insert(id, placement);
         });
+        self.newest = self.newest.max(known.keys().copied().max().unwrap_or(0));
         let room = capacity.saturating_sub(known.len());
         known.extend(before.into_iter().take(room));
         self.dropped = dropped;
@@ -210,12 +226,35 @@ mod tests {
         let start = Instant::now();
         assert!(cgroups.resolve_at(first, start).is_some());
         let later = tree.mkdir("later.scope");
+        // Directories stand in for cgroups, and their inode numbers need not
+        // grow as cgroup ids do: say this one is older than any seen.
+        cgroups.newest = cgroups.newest.max(later);
         let almost = start + WALK_INTERVAL - Duration::from_millis(1);
         assert_eq!(cgroups.resolve_at(later, almost), None);
         assert_eq!(cgroups.stats().walks, 1);
         let placement = cgroups.resolve_at(later, start + WALK_INTERVAL);
         assert_eq!(cgroup_of(placement).as_deref(), Some("/later.scope"));
         assert_eq!(cgroups.stats().walks, 2);
+    }
+
+    #[test]
+    fn an_id_newer_than_any_seen_is_looked_for_promptly() {
+        let tree = TempTree::new("cgroups-newer");
+        let first = tree.mkdir("first.scope");
+        let mut cgroups = Cgroups::with_root(&tree.0);
+        let start = Instant::now();
+        assert!(cgroups.resolve_at(first, start).is_some());
+        let newer = cgroups.newest + 1;
+        assert!(cgroups.may_walk(newer, start + NEW_ID_WALK_INTERVAL));
+        assert!(!cgroups.may_walk(newer, start + Duration::from_millis(1)));
+        assert!(!cgroups.may_walk(first, start + NEW_ID_WALK_INTERVAL));
+        // Asked for once, it is no longer newer than any seen.
+        assert_eq!(
+            cgroups.resolve_at(newer, start + NEW_ID_WALK_INTERVAL),
+            None
+        );
+        assert_eq!(cgroups.stats().walks, 2);
+        assert!(!cgroups.may_walk(newer, start + 2 * NEW_ID_WALK_INTERVAL));
     }
 
     #[test]
