@@ -289,12 +289,27 @@ pub struct TimewaitArgs {
     /// Reports as JSON, one object per line.
     #[arg(long)]
     pub json: bool,
+    /// Rows per container, systemd unit or cgroup instead of per process.
+    #[arg(long, value_parser = timewait_by)]
+    pub by: Option<GroupBy>,
 }
 
 pub struct TimewaitConfig {
     pub tracing: Tracing,
     pub interval: Duration,
     pub json: bool,
+    pub by: Option<GroupBy>,
+}
+
+/// `timewait --by`: only groupings of owners (its rows are processes).
+fn timewait_by(s: &str) -> Result<GroupBy, String> {
+    match <GroupBy as clap::ValueEnum>::from_str(s, false)? {
+        by @ (GroupBy::Container | GroupBy::Unit | GroupBy::Cgroup) => Ok(by),
+        other => Err(format!(
+            "`{}`: timewait groups its process rows by container, unit or cgroup",
+            other.name()
+        )),
+    }
 }
 
 impl TimewaitArgs {
@@ -303,6 +318,7 @@ impl TimewaitArgs {
             tracing: self.tracing.to_tracing(),
             interval: self.interval,
             json: self.json,
+            by: self.by,
         }
     }
 }

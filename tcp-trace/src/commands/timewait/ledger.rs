@@ -102,6 +102,8 @@ pub struct Ledger {
     /// Listed by the kernel later without any candidate (missed or unowned).
     pub unattributed: HashSet<Endpoints>,
     pub rows: BoundedGroups<ProcessKey, ProcessRow>,
+    /// The owner behind each row's key, for `--by` groupings of rows.
+    pub owners: HashMap<ProcessKey, Owner>,
     pub unknown_owner: ProcessRow,
     pub started_ns: u64,
     polled: bool,
@@ -123,6 +125,7 @@ impl Ledger {
             before_start: HashSet::new(),
             unattributed: HashSet::new(),
             rows: BoundedGroups::with_capacity(PROCESS_ROWS),
+            owners: HashMap::new(),
             unknown_owner: ProcessRow::default(),
             started_ns,
             polled: false,
@@ -132,7 +135,14 @@ impl Ledger {
 
     fn row(&mut self, owner: &Option<Owner>) -> &mut ProcessRow {
         match owner {
-            Some(o) => self.rows.entry((o.pid, o.comm.clone())),
+            Some(o) => {
+                let key = (o.pid, o.comm.clone());
+                // Bounded as the rows are: owners past them share "other".
+                if self.owners.len() < PROCESS_ROWS || self.owners.contains_key(&key) {
+                    self.owners.insert(key.clone(), o.clone());
+                }
+                self.rows.entry(key)
+            }
             None => &mut self.unknown_owner,
         }
     }

@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result};
 use tcp_trace_common::state;
 
 use crate::{
+    aggregate::GroupBy,
     cli::TimewaitConfig,
     kernel::Settings,
     model::Transition,
@@ -34,6 +35,8 @@ type Dump = (u64, Result<Vec<TimewaitSocket>>);
 
 struct TimewaitCommand {
     ledger: Ledger,
+    /// `--by`: rows per container, unit or cgroup instead of per process.
+    by: Option<GroupBy>,
     sink: Sink,
     /// Readings from the dumping thread: a dump of a busy host's table takes
     /// long enough that the event loop must not wait for it.
@@ -65,10 +68,10 @@ impl TimewaitCommand {
 
     fn report(&mut self, now_ns: u64, last: bool) -> Result<()> {
         let sysctls = read_timewait_sysctls();
-        let ledger = &self.ledger;
+        let (ledger, by) = (&self.ledger, self.by);
         self.sink.report(
-            || report::json(ledger, now_ns, last, &sysctls),
-            |clock| report::text(ledger, now_ns, last, &sysctls, clock),
+            || report::json(ledger, by, now_ns, last, &sysctls),
+            |clock| report::text(ledger, by, now_ns, last, &sysctls, clock),
         )
     }
 }
@@ -126,6 +129,7 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
     let ephemeral = read_timewait_sysctls().port_range.unwrap_or((32768, 60999));
     let mut command = TimewaitCommand {
         ledger: Ledger::new(config.tracing.filter, monotonic_ns(), ephemeral),
+        by: config.by,
         sink: Sink::stdout(config.json),
         dumps: None,
         report_every,
@@ -240,11 +244,63 @@ mod tests {
     }
 
     #[test]
+    fn by_container_folds_the_processes_of_one_container() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
+        tr.poll(&[], 0);
+        let in_container = std::sync::Arc::new(crate::model::Placement {
+            cgroup: "/docker/ab".into(),
+            container: Some("ab".into()),
+            ..Default::default()
+        });
+        let mut closes = Vec::new();
+        for (port, pid) in [(40_011, 5), (40_012, 6), (40_013, 7)] {
+            let mut t = close(port, "FIN_WAIT2", pid, 0);
+            if pid != 7 {
+                t.owner.as_mut().unwrap().placement = Some(in_container.clone());
+            }
+            tr.event(&t);
+            closes.push(listed(&t, true));
+        }
+        tr.poll(&closes, S);
+        let v = report::json(
+            &tr,
+            Some(GroupBy::Container),
+            S,
+            false,
+            &read_timewait_sysctls(),
+        );
+        let groups = v["groups"].as_array().unwrap();
+        let entered = |key: &str| {
+            groups
+                .iter()
+                .find(|g| g["key"] == key)
+                .unwrap_or_else(|| panic!("no group {key}: {v}"))["entered"]
+                .as_u64()
+        };
+        assert_eq!(groups.len(), 2, "{v}");
+        assert_eq!(entered("ab"), Some(2));
+        assert_eq!(
+            entered("unknown"),
+            Some(1),
+            "no placement resolved for pid 7"
+        );
+        let text = report::text(
+            &tr,
+            Some(GroupBy::Container),
+            S,
+            false,
+            &read_timewait_sysctls(),
+            &Clock::with_offset(0),
+        );
+        assert!(text.contains("CONTAINER"), "{text}");
+    }
+
+    #[test]
     fn sockets_from_before_start_are_not_guessed() {
         let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
         let old = close(40_007, "FIN_WAIT2", 1, 0);
         tr.poll(&[listed(&old, true)], 0);
-        let v = report::json(&tr, S, false, &read_timewait_sysctls());
+        let v = report::json(&tr, None, S, false, &read_timewait_sysctls());
         assert_eq!(v["before_start"]["lingering"], 1);
         assert_eq!(v["processes"].as_array().unwrap().len(), 0);
         assert_eq!(v["lingering_total"], 1);
@@ -265,7 +321,7 @@ mod tests {
             values: vec![("ip_local_port_range", "40000-40099".into())],
             port_range: Some((40_000, 40_099)),
         };
-        let text = report::text(&tr, S, false, &sysctls, &Clock::with_offset(0));
+        let text = report::text(&tr, None, S, false, &sysctls, &Clock::with_offset(0));
         assert!(
             text.contains("warning: 60 lingering sockets to 10.1.2.3:80 hold 60 %"),
             "{text}"
