@@ -10,127 +10,20 @@ mod common;
 
 use std::{
     fs,
-    io::{BufRead, BufReader, ErrorKind, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        mpsc, OnceLock,
-    },
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
-use common::{free_port, loopback, Agent};
-use serde::Deserialize;
+use common::{
+    free_port, loopback, unique, unique_hex64, unique_pod_uid, Agent, AgentOutput, Ev, Py,
+    TestCgroup,
+};
 
-/// One line of `tcp-trace watch --json`, with the owner fields (the shared
-/// `common::Ev` predates them). `event` is required: a line without it fails
-/// to parse.
-#[derive(Debug, Clone, Deserialize)]
-#[allow(dead_code)] // `sk` and `comm` show in failure messages only
-struct Ev {
-    ts_ns: u64,
-    sk: String,
-    event: String,
-    pid: Option<u32>,
-    comm: Option<String>,
-    owner_source: Option<String>,
-    cgroup: Option<String>,
-    unit: Option<String>,
-    container: Option<String>,
-    pod_uid: Option<String>,
-    netns: Option<u64>,
-    lport: u16,
-    rport: u16,
-    old_state: String,
-    new_state: String,
-    duration_ns: Option<u64>,
-}
-
-impl Ev {
-    fn is(&self, old: &str, new: &str) -> bool {
-        self.event == "transition" && self.old_state == old && self.new_state == new
-    }
-}
-
-/// What a stopped agent printed.
-struct Trace {
-    lines: Vec<String>,
-    stderr: Vec<String>,
-    events: Vec<Ev>,
-}
-
-impl Trace {
-    fn stop(agent: Agent) -> Trace {
-        // Let the softirq tail of the connections reach the ring buffer.
-        thread::sleep(Duration::from_millis(200));
-        let (lines, stderr) = agent.stop_raw();
-        let events = lines
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
-            .collect();
-        // OWNERS_DUMP=1 shows what the agent printed, passing or not.
-        if std::env::var_os("OWNERS_DUMP").is_some() {
-            eprintln!("{}\n{}", lines.join("\n"), stderr.join("\n"));
-        }
-        Trace {
-            lines,
-            stderr,
-            events,
-        }
-    }
-
-    /// Fails with `msg` and everything the agent printed.
-    #[track_caller]
-    fn fail(&self, msg: impl std::fmt::Display) -> ! {
-        panic!(
-            "{msg}\n--- the agent's {} lines:\n{}\n--- its stderr:\n{}",
-            self.lines.len(),
-            self.lines.join("\n"),
-            self.stderr.join("\n")
-        )
-    }
-
-    #[track_caller]
-    fn check(&self, ok: bool, msg: impl FnOnce() -> String) {
-        if !ok {
-            self.fail(msg())
-        }
-    }
-
-    fn select(&self, pred: impl Fn(&Ev) -> bool) -> Vec<&Ev> {
-        self.events.iter().filter(|e| pred(e)).collect()
-    }
-
-    /// The one event matching `pred`.
-    #[track_caller]
-    fn one(&self, what: &str, pred: impl Fn(&Ev) -> bool) -> &Ev {
-        let found = self.select(pred);
-        if found.len() != 1 {
-            self.fail(format!(
-                "expected one {what}, found {}: {found:#?}",
-                found.len()
-            ))
-        }
-        found[0]
-    }
-}
-
-/// The real python3, not pyenv's shim script: starts faster, and its pid is
-/// the interpreter's from the start.
-fn python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("running python3");
-        assert!(out.status.success(), "python3: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
+/// The agent's events once the connections' last packets are in.
+fn stop(agent: Agent) -> AgentOutput {
+    agent.stop_after(Duration::from_millis(200))
 }
 
 /// A server on 127.0.0.1:argv[1] that waits argv[2] seconds after a
@@ -183,223 +76,6 @@ for _ in range(int(sys.argv[2])):
     s.close()
 "#;
 
-/// A python3 child whose stdout lines the test waits for with a timeout.
-/// Killed when dropped, so a failing test leaves no process behind.
-struct Py {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Py {
-    fn spawn(script: &str, args: &[String]) -> Py {
-        let mut command = Command::new(python());
-        command.arg("-c").arg(script).args(args);
-        Self::from(command)
-    }
-
-    /// Runs the script with its process moved first into the cgroup at `dir`
-    /// (a directory under the cgroup2 mount): the pid is the same after exec.
-    fn in_cgroup(dir: &Path, script: &str, args: &[String]) -> Py {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(dir)
-            .args([python(), "-c", script])
-            .args(args);
-        Self::from(command)
-    }
-
-    fn from(mut command: Command) -> Py {
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawning python3");
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Py {
-            child,
-            stdin,
-            lines,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn line(&mut self) -> String {
-        match self.lines.recv_timeout(Duration::from_secs(5)) {
-            Ok(line) => line,
-            Err(_) => {
-                let status = self.child.try_wait();
-                panic!(
-                    "python3 child {} said nothing within 5 s (status {status:?})",
-                    self.pid()
-                )
-            }
-        }
-    }
-
-    fn expect(&mut self, want: &str) {
-        let line = self.line();
-        assert_eq!(
-            line,
-            want,
-            "python3 child {} said something else",
-            self.pid()
-        );
-    }
-
-    fn port(&mut self) -> u16 {
-        let line = self.line();
-        line.parse()
-            .unwrap_or_else(|_| panic!("python3 child {}: not a port: {line:?}", self.pid()))
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin.as_mut().unwrap(), "{line}").expect("writing to python3");
-    }
-
-    /// Closes its stdin and waits for it to exit successfully.
-    fn finish(&mut self) {
-        drop(self.stdin.take());
-        let status = common::wait_timeout(&mut self.child, Duration::from_secs(10));
-        assert!(
-            status.success(),
-            "python3 child {} exited with {status}",
-            self.pid()
-        );
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Where the cgroup v2 (unified) hierarchy is mounted: /sys/fs/cgroup on
-/// pure v2 hosts, /sys/fs/cgroup/unified on hybrid ones.
-fn cgroup2_root() -> PathBuf {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mounts: Vec<(String, PathBuf)> = mountinfo
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let dash = fields.iter().position(|f| *f == "-")?;
-            (fields.get(dash + 1) == Some(&"cgroup2"))
-                .then(|| (fields[3].to_string(), PathBuf::from(fields[4])))
-        })
-        .collect();
-    mounts
-        .iter()
-        .find(|(root, _)| root == "/")
-        .or(mounts.first())
-        .map(|(_, at)| at.clone())
-        .unwrap_or_else(|| panic!("no cgroup2 mount in /proc/self/mountinfo:\n{mountinfo}"))
-}
-
-/// Cgroups a test made, removed deepest first when dropped (after the
-/// processes in them have exited), so that failures clean up too. Directories
-/// that existed already (system.slice) are left alone.
-struct Cgroups {
-    root: PathBuf,
-    /// Directories made, and whether processes ran in them (the end of a
-    /// path given to `make`).
-    made: Vec<(PathBuf, bool)>,
-}
-
-impl Cgroups {
-    fn new() -> Cgroups {
-        Cgroups {
-            root: cgroup2_root(),
-            made: Vec::new(),
-        }
-    }
-
-    /// Makes the cgroup at `path` (relative to the root) and any missing
-    /// parents; returns its directory.
-    fn make(&mut self, path: &str) -> PathBuf {
-        let mut dir = self.root.clone();
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        for (at, part) in parts.iter().enumerate() {
-            dir.push(part);
-            match fs::create_dir(&dir) {
-                Ok(()) => self.made.push((dir.clone(), at + 1 == parts.len())),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => panic!("making cgroup {}: {e}", dir.display()),
-            }
-        }
-        dir
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for (dir, leaf) in self.made.iter().rev() {
-            // A cgroup whose last process just exited can stay busy briefly;
-            // a parent still busy once ours below it are gone holds another
-            // test's cgroups (system.slice made by us, then used by others).
-            let deadline = Instant::now() + Duration::from_secs(if *leaf { 2 } else { 0 });
-            while let Err(e) = fs::remove_dir(dir) {
-                if e.kind() == ErrorKind::NotFound || Instant::now() >= deadline {
-                    eprintln!("leaving cgroup {}: {e}", dir.display());
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-/// `n` pseudo-random lowercase hex digits, different per process and call.
-fn unique_hex(n: usize) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    // Calls within one clock tick still differ.
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    let mut x = nanos ^ (u64::from(std::process::id()) << 40) ^ (call << 20) ^ (n as u64);
-    let mut out = String::new();
-    while out.len() < n {
-        // splitmix64
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.push_str(&format!("{:016x}", z ^ (z >> 31)));
-    }
-    out.truncate(n);
-    out
-}
-
-/// A UUID-shaped pod uid: 8-4-4-4-12 hex digits.
-fn unique_uid() -> String {
-    let hex = unique_hex(32);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
-
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -425,7 +101,7 @@ fn listener_opened_before_start_names_its_process() {
     old_client.expect("closed");
     drop(stream);
     thread::sleep(Duration::from_millis(100));
-    let trace = Trace::stop(agent);
+    let trace = stop(agent);
     old_client.finish();
     server.finish();
 
@@ -513,7 +189,7 @@ fn accept_queue_wait_is_measured() {
     let cport = stream.local_addr().unwrap().port();
     server.expect(&format!("accepted {cport}"));
     drop(stream);
-    let trace = Trace::stop(agent);
+    let trace = stop(agent);
     server.finish();
     let server_pid = server.pid();
 
@@ -574,10 +250,11 @@ struct Shape {
 
 #[test]
 fn cgroup_shapes_name_unit_container_and_pod() {
-    let pid = std::process::id();
-    let (docker, containerd) = (unique_hex(64), unique_hex(64));
-    let uid = unique_uid();
-    let service = format!("tt-{pid}-nginx.service");
+    // Names the test knows, in the shapes of fixtures.rs's TestCgroup::
+    // service, docker and kubepods_burstable.
+    let (docker, containerd) = (unique_hex64(), unique_hex64());
+    let uid = unique_pod_uid();
+    let service = format!("{}.service", unique("tt-nginx"));
     let docker_scope = format!("docker-{docker}.scope");
     let pod_slice = format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_"));
     let cri_scope = format!("cri-containerd-{containerd}.scope");
@@ -601,24 +278,23 @@ fn cgroup_shapes_name_unit_container_and_pod() {
             pod_uid: Some(uid),
         },
     ];
-    let mut cgroups = Cgroups::new();
     // Made before the start: the agent's resolver then finds them all in its
     // first walk of the hierarchy. (It walks at most once a second: a cgroup
     // made within a second after a walk resolves to null until the next.)
-    let dirs: Vec<PathBuf> = shapes.iter().map(|s| cgroups.make(&s.path)).collect();
+    let cgroups: Vec<TestCgroup> = shapes.iter().map(|s| TestCgroup::create(&s.path)).collect();
 
     let port = free_port();
     // Connections complete in the backlog: the test never accepts.
     let listener = TcpListener::bind(SocketAddr::new(loopback(false), port)).unwrap();
     let agent = Agent::start(&["--port", &port.to_string()]);
     let mut clients = Vec::new();
-    for dir in &dirs {
-        let mut client = Py::in_cgroup(dir, CLIENT, &[port.to_string(), "1".into()]);
+    for cgroup in &cgroups {
+        let mut client = Py::in_cgroup(cgroup, CLIENT, &[port.to_string(), "1".into()]);
         client.port();
         client.finish();
         clients.push(client);
     }
-    let trace = Trace::stop(agent);
+    let trace = stop(agent);
     drop(listener);
 
     for (shape, client) in shapes.iter().zip(&clients) {
@@ -651,13 +327,15 @@ fn cgroup_shapes_name_unit_container_and_pod() {
 
 #[test]
 fn cgroup_filter_lets_no_other_cgroup_through() {
-    let tag = format!("tt-{}-{}", std::process::id(), unique_hex(8));
-    let (a, b) = (format!("{tag}-a.slice"), format!("{tag}-b.slice"));
-    let mut cgroups = Cgroups::new();
-    let a_dir = cgroups.make(&a);
-    // A cgroup below A: in A's subtree, so let through too.
-    let a_inner_dir = cgroups.make(&format!("{a}/inner.scope"));
-    let b_dir = cgroups.make(&b);
+    let (a, b) = (
+        format!("{}.slice", unique("tt-filter-a")),
+        format!("{}.slice", unique("tt-filter-b")),
+    );
+    let a_cgroup = TestCgroup::create(&a);
+    // A cgroup below A: in A's subtree, so let through too. (Dropped before
+    // A, which can only be removed once empty.)
+    let a_inner = TestCgroup::create(&format!("{a}/inner.scope"));
+    let b_cgroup = TestCgroup::create(&b);
 
     let port = free_port();
     let listener = TcpListener::bind(SocketAddr::new(loopback(false), port)).unwrap();
@@ -665,9 +343,9 @@ fn cgroup_filter_lets_no_other_cgroup_through() {
     let count = 5;
     let args = [port.to_string(), count.to_string()];
     let mut clients = [
-        Py::in_cgroup(&a_dir, CLIENT, &args),
-        Py::in_cgroup(&a_inner_dir, CLIENT, &args),
-        Py::in_cgroup(&b_dir, CLIENT, &args),
+        Py::in_cgroup(&a_cgroup, CLIENT, &args),
+        Py::in_cgroup(&a_inner, CLIENT, &args),
+        Py::in_cgroup(&b_cgroup, CLIENT, &args),
     ];
     for client in &mut clients {
         for _ in 0..count {
@@ -675,7 +353,7 @@ fn cgroup_filter_lets_no_other_cgroup_through() {
         }
         client.finish();
     }
-    let trace = Trace::stop(agent);
+    let trace = stop(agent);
     drop(listener);
     let [a_pid, a_inner_pid, b_pid] = [0, 1, 2].map(|i| clients[i].pid());
 
@@ -704,7 +382,7 @@ fn cgroup_filter_lets_no_other_cgroup_through() {
         });
     }
     drop(clients);
-    drop(cgroups);
+    drop((b_cgroup, a_inner, a_cgroup));
 }
 
 #[test]
@@ -719,7 +397,7 @@ fn events_carry_the_network_namespace() {
     drop(client);
     drop(server);
     drop(listener);
-    let trace = Trace::stop(agent);
+    let trace = stop(agent);
     let ours = trace.select(|e| e.lport == port || e.rport == port);
     trace.check(ours.len() >= 4, || {
         format!("expected the connection's events on port {port}, got {ours:#?}")

@@ -39,6 +39,34 @@ pub struct Ev {
     pub bytes_received: Option<u64>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Where the owner (`pid`, `comm`) comes from: `"task"` (the process
+    /// the transition ran in), `"accept"` (the process that accepted the
+    /// connection), `"listener"` (the listening socket's owner, before
+    /// accept), `"scan"` (the start-up scan); `None` without an owner.
+    #[serde(default)]
+    pub owner_source: Option<String>,
+    /// The owner's cgroup v2 path, such as "/system.slice/nginx.service".
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// The systemd unit of that cgroup.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// The container id (64 hex digits) in that cgroup's path.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// The kubernetes pod uid in that cgroup's path.
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    /// The inode of the socket's network namespace.
+    #[serde(default)]
+    pub netns: Option<u64>,
+}
+
+impl Ev {
+    /// Whether this is the transition `old` -> `new` (not an accept event).
+    pub fn is(&self, old: &str, new: &str) -> bool {
+        self.event == "transition" && self.old_state == old && self.new_state == new
+    }
 }
 
 /// A running `tcp-trace watch --json`.
@@ -53,6 +81,8 @@ pub struct Agent {
 /// What a stopped agent printed.
 pub struct AgentOutput {
     pub events: Vec<Ev>,
+    /// The stdout lines the events were parsed from, for failure messages.
+    pub lines: Vec<String>,
     pub stderr: Vec<String>,
 }
 
@@ -142,14 +172,29 @@ impl Agent {
         (lines, stderr)
     }
 
-    /// Stops `watch --json` and parses its events.
+    /// Stops `watch --json` and parses its events. With AGENT_DUMP=1 in the
+    /// environment it shows what the agent printed, passing or not.
     pub fn stop(self) -> AgentOutput {
         let (lines, stderr) = self.stop_raw();
+        if std::env::var_os("AGENT_DUMP").is_some() {
+            eprintln!("{}\n{}", lines.join("\n"), stderr.join("\n"));
+        }
         let events = lines
             .iter()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
             .collect();
-        AgentOutput { events, stderr }
+        AgentOutput {
+            events,
+            lines,
+            stderr,
+        }
+    }
+
+    /// `stop`, after `settle`: time for the softirq tail of the test's last
+    /// connections (a peer's FIN, the final ACK) to reach the ring buffer.
+    pub fn stop_after(self, settle: Duration) -> AgentOutput {
+        thread::sleep(settle);
+        self.stop()
     }
 }
 
@@ -165,6 +210,44 @@ impl AgentOutput {
             by_sk.entry(ev.sk.clone()).or_default().push(ev.clone());
         }
         by_sk
+    }
+
+    pub fn select(&self, pred: impl Fn(&Ev) -> bool) -> Vec<&Ev> {
+        self.events.iter().filter(|e| pred(e)).collect()
+    }
+
+    /// The one event matching `pred`; fails (with everything the agent
+    /// printed) on none or several.
+    #[track_caller]
+    pub fn one(&self, what: &str, pred: impl Fn(&Ev) -> bool) -> &Ev {
+        let found = self.select(pred);
+        if found.len() != 1 {
+            self.fail(format!(
+                "expected one {what}, found {}: {found:#?}",
+                found.len()
+            ))
+        }
+        found[0]
+    }
+
+    /// Fails with `msg` and everything the agent printed (for traces of a
+    /// few connections: a test of hundreds says what matters itself).
+    #[track_caller]
+    pub fn fail(&self, msg: impl std::fmt::Display) -> ! {
+        panic!(
+            "{msg}\n--- the agent's {} lines:\n{}\n--- its stderr:\n{}",
+            self.lines.len(),
+            self.lines.join("\n"),
+            self.stderr.join("\n")
+        )
+    }
+
+    /// `fail`s with `msg()` unless `ok`.
+    #[track_caller]
+    pub fn check(&self, ok: bool, msg: impl FnOnce() -> String) {
+        if !ok {
+            self.fail(msg())
+        }
     }
 
     pub fn summary(&self) -> &str {

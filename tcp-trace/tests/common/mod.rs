@@ -14,9 +14,10 @@ mod net;
 mod nft;
 mod nginx;
 mod peer;
+mod py;
 mod scratch;
 
 // Flat re-exports keep the tests' `use common::...` lines short; a binary that
 // uses nothing from one module would otherwise warn about its glob.
 #[allow(unused_imports)]
-pub use {agent::*, cgroup::*, container::*, net::*, nft::*, nginx::*, peer::*, scratch::*};
+pub use {agent::*, cgroup::*, container::*, net::*, nft::*, nginx::*, peer::*, py::*, scratch::*};
