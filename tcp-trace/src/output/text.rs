@@ -72,6 +72,20 @@ pub fn owner_cells(owner: Option<&Owner>) -> (String, String) {
     }
 }
 
+/// The CONTAINER cell of an owner: the container id's first 12 digits, as
+/// `docker ps` shows it, `-` outside any container.
+pub fn container_cell(owner: Option<&Owner>) -> String {
+    owner
+        .and_then(|o| o.placement.as_ref()?.container.as_deref())
+        .map_or_else(|| "-".into(), |id| id.chars().take(12).collect())
+}
+
+/// Whether the owner runs in a container (text output then shows a
+/// CONTAINER column from the first such event on).
+pub fn in_container(owner: Option<&Owner>) -> bool {
+    owner.is_some_and(|o| o.placement.as_ref().is_some_and(|p| p.container.is_some()))
+}
+
 /// The `q`-quantile as a duration cell, `-` when there are no values.
 pub fn quantile_cell(h: &Histogram, q: f64) -> String {
     h.quantile(q).map_or_else(|| "-".into(), human_duration)

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use super::{
     clock::Clock,
-    text::{endpoint, human_duration, owner_cells},
+    text::{container_cell, endpoint, human_duration, in_container, owner_cells},
 };
 use crate::model::{recording, Transition};
 
@@ -40,10 +40,13 @@ impl Format {
 }
 
 /// Aligned columns. Endpoint columns start wide enough for IPv4 and widen
-/// (for the rest of the run) when a longer IPv6 endpoint shows up.
+/// (for the rest of the run) when a longer IPv6 endpoint shows up; a
+/// CONTAINER column joins, under a new header, at the first owner in a
+/// container.
 pub struct TextColumns {
     clock: Clock,
     endpoint_width: usize,
+    containers: bool,
 }
 
 impl TextColumns {
@@ -51,24 +54,33 @@ impl TextColumns {
         Self {
             clock,
             endpoint_width: 21,
+            containers: false,
         }
     }
 
     fn header(&self, out: &mut impl Write) -> io::Result<()> {
         let w = self.endpoint_width;
+        let container = if self.containers { "CONTAINER    " } else { "" };
         writeln!(
             out,
-            "{:<12} {:>7} {:<16} {:<w$} {:<w$} {:<11}    {:<11} {:>8}",
+            "{:<12} {:>7} {:<16} {container}{:<w$} {:<w$} {:<11}    {:<11} {:>8}",
             "TIME", "PID", "COMM", "LOCAL", "REMOTE", "OLDSTATE", "NEWSTATE", "DURATION"
         )
     }
 
     fn write(&mut self, out: &mut impl Write, t: &Transition) -> io::Result<()> {
+        if !self.containers && in_container(t.owner.as_ref()) {
+            self.containers = true;
+            self.header(out)?;
+        }
         let local = endpoint(t.laddr, t.lport);
         let remote = endpoint(t.raddr, t.rport);
         self.endpoint_width = self.endpoint_width.max(local.len()).max(remote.len());
         let w = self.endpoint_width;
-        let (pid, comm) = owner_cells(t.owner.as_ref());
+        let (pid, mut comm) = owner_cells(t.owner.as_ref());
+        if self.containers {
+            comm = format!("{comm:<16} {:<12}", container_cell(t.owner.as_ref()));
+        }
         let duration = t
             .duration_ns
             .map_or_else(|| "-".to_string(), human_duration);
@@ -117,5 +129,36 @@ mod tests {
             "{}",
             lines[2]
         );
+    }
+
+    #[test]
+    fn a_container_column_joins_at_the_first_container() {
+        let mut cols = TextColumns::new(Clock::with_offset(0));
+        let mut out = Vec::new();
+        cols.header(&mut out).unwrap();
+        let host = from_event(&sample_event()).unwrap();
+        cols.write(&mut out, &host).unwrap();
+        let mut contained = host.clone();
+        contained.owner.as_mut().unwrap().placement =
+            Some(std::sync::Arc::new(crate::model::Placement {
+                cgroup: "/docker/x".into(),
+                container: Some("0123456789abcdef".repeat(4)),
+                ..Default::default()
+            }));
+        cols.write(&mut out, &contained).unwrap();
+        cols.write(&mut out, &host).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(!lines[0].contains("CONTAINER") && lines[2].contains("CONTAINER"));
+        let col = |l: &str, what: &str| l.find(what).unwrap();
+        assert_eq!(col(lines[2], "CONTAINER"), col(lines[3], "0123456789ab"));
+        assert!(
+            !lines[3].contains("0123456789abc"),
+            "12 digits: {}",
+            lines[3]
+        );
+        assert_eq!(col(lines[2], "LOCAL"), col(lines[4], "127.0.0.1"));
+        assert_eq!(col(lines[2], "OLDSTATE"), col(lines[4], "SYN_SENT"));
     }
 }
