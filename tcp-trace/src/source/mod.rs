@@ -54,7 +54,7 @@ impl Totals {
         format!(
             "tcp-trace: {} events received, {} dropped ({} skipped by the kernel while another \
              BPF program ran, {} ring buffer full, {} failed kernel reads, {} undecodable); \
-             {} transitions of sockets first seen mid-life (owner/duration unknown), \
+             {} transitions of sockets first seen mid-life (duration unknown), \
              {} transitions after a missed one (duration unknown), \
              {} socket-map insert failures",
             self.received,
