@@ -4,5 +4,6 @@
 pub mod cgroup;
 mod dir;
 pub mod owners;
+pub mod proc_net;
 pub mod sock_diag;
 pub mod sysctl;

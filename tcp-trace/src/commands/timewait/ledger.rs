@@ -2,7 +2,7 @@
 //! charged to their owners against readings of the kernel's timewait table.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     time::Duration,
 };
@@ -22,6 +22,17 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub const CANDIDATE_POLLS: u32 = 3;
 /// Processes kept apart; later new ones are counted together.
 const PROCESS_ROWS: usize = 4096;
+
+/// A socket by its network namespace (inode number) and endpoints: the same
+/// endpoints can linger in two namespaces at once.
+pub type SocketKey = (u32, Endpoints);
+
+/// One reading of one network namespace's timewait table.
+#[derive(Clone, Debug, Default)]
+pub struct Reading {
+    pub netns: u32,
+    pub sockets: Vec<TimewaitSocket>,
+}
 /// Remote ends counted apart per process (for its top remotes); entries to
 /// later new ones still count in `entered`.
 const REMOTES_PER_ROW: usize = 256;
@@ -95,18 +106,24 @@ impl ProcessRow {
 
 pub struct Ledger {
     filter: Filter,
-    candidates: HashMap<Endpoints, Candidate>,
-    lingering: HashMap<Endpoints, Lingering>,
-    /// Listed by the kernel at start: owner unknown.
-    pub before_start: HashSet<Endpoints>,
+    /// The agent's own network namespace: transitions without one are in it.
+    host_netns: u32,
+    candidates: HashMap<SocketKey, Candidate>,
+    lingering: HashMap<SocketKey, Lingering>,
+    /// Listed by the kernel when its namespace was first read: owner unknown.
+    pub before_start: HashSet<SocketKey>,
     /// Listed by the kernel later without any candidate (missed or unowned).
-    pub unattributed: HashSet<Endpoints>,
+    pub unattributed: HashSet<SocketKey>,
+    /// Namespaces read at least once.
+    polled: HashSet<u32>,
+    /// Candidates in namespaces that could not be read (no process of
+    /// theirs left to read them through): neither confirmed nor refuted.
+    pub out_of_reach: u64,
     pub rows: BoundedGroups<ProcessKey, ProcessRow>,
     /// The owner behind each row's key, for `--by` groupings of rows.
     pub owners: HashMap<ProcessKey, Owner>,
     pub unknown_owner: ProcessRow,
     pub started_ns: u64,
-    polled: bool,
     /// The ephemeral port range, to tell a client's end from a server's.
     ephemeral: (u16, u16),
 }
@@ -117,18 +134,20 @@ fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
 }
 
 impl Ledger {
-    pub fn new(filter: Filter, started_ns: u64, ephemeral: (u16, u16)) -> Ledger {
+    pub fn new(filter: Filter, started_ns: u64, ephemeral: (u16, u16), host_netns: u32) -> Ledger {
         Ledger {
             filter,
+            host_netns,
             candidates: HashMap::new(),
             lingering: HashMap::new(),
             before_start: HashSet::new(),
             unattributed: HashSet::new(),
+            polled: HashSet::new(),
+            out_of_reach: 0,
             rows: BoundedGroups::with_capacity(PROCESS_ROWS),
             owners: HashMap::new(),
             unknown_owner: ProcessRow::default(),
             started_ns,
-            polled: false,
             ephemeral,
         }
     }
@@ -155,12 +174,13 @@ impl Ledger {
         if !closes_like_timewait || t.sock.is_some_and(|s| s.error != 0) {
             return;
         }
-        let key = Endpoints {
+        let endpoints = Endpoints {
             laddr: t.laddr,
             lport: t.lport,
             raddr: t.raddr,
             rport: t.rport,
         };
+        let key = (t.netns.unwrap_or(self.host_netns), endpoints);
         let candidate = Candidate {
             owner: t.owner.clone(),
             closed_ns: t.ts_ns,
@@ -169,54 +189,61 @@ impl Ledger {
         self.candidates.insert(key, candidate);
     }
 
-    /// The kernel's timewait table at `now_ns`.
-    pub fn poll(&mut self, listed: &[TimewaitSocket], now_ns: u64) {
-        let listed: Vec<&TimewaitSocket> = listed
-            .iter()
-            .filter(|s| {
-                let e = &s.endpoints;
-                self.filter
-                    .matches_endpoints(family(e.laddr), e.lport, e.rport)
-            })
-            .collect();
+    /// Readings of the namespaces' timewait tables at `now_ns`; sockets of
+    /// namespaces not read this time are left as they were.
+    pub fn poll(&mut self, readings: &[Reading], now_ns: u64) {
         // Listed sockets have no owner: under --pid only candidates count.
         let by_pid = self.filter.pid != 0;
-        if !self.polled {
-            self.polled = true;
-            for s in listed.iter().filter(|_| !by_pid) {
-                if !self.candidates.contains_key(&s.endpoints) {
-                    self.before_start.insert(s.endpoints);
+        let mut present: HashSet<SocketKey> = HashSet::new();
+        for reading in readings {
+            let listed: Vec<&TimewaitSocket> = reading
+                .sockets
+                .iter()
+                .filter(|s| {
+                    let e = &s.endpoints;
+                    self.filter
+                        .matches_endpoints(family(e.laddr), e.lport, e.rport)
+                })
+                .collect();
+            if self.polled.insert(reading.netns) && !by_pid {
+                for s in &listed {
+                    let key = (reading.netns, s.endpoints);
+                    if !self.candidates.contains_key(&key) {
+                        self.before_start.insert(key);
+                    }
                 }
             }
+            for s in &listed {
+                self.confirm(reading.netns, s, by_pid);
+            }
+            present.extend(listed.iter().map(|s| (reading.netns, s.endpoints)));
         }
-        for s in &listed {
-            self.confirm(s, by_pid);
-        }
-        let present: HashSet<Endpoints> = listed.iter().map(|s| s.endpoints).collect();
-        self.end_stays(&present, now_ns);
-        self.expire_candidates();
+        let read: HashSet<u32> = readings.iter().map(|r| r.netns).collect();
+        self.end_stays(&present, &read, now_ns);
+        self.expire_candidates(&read);
         self.count_lingering();
     }
 
     /// A listed socket: a candidate confirmed, or one we cannot attribute;
     /// charged as an entry once it is in TIME_WAIT proper.
-    fn confirm(&mut self, s: &TimewaitSocket, by_pid: bool) {
-        let e = s.endpoints;
-        if let Some(c) = self.candidates.remove(&e) {
+    fn confirm(&mut self, netns: u32, s: &TimewaitSocket, by_pid: bool) {
+        let key = (netns, s.endpoints);
+        if let Some(c) = self.candidates.remove(&key) {
             let lingering = Lingering {
                 owner: c.owner,
                 closed_ns: c.closed_ns,
                 entered: false,
             };
-            self.lingering.insert(e, lingering);
-        } else if !by_pid && !self.lingering.contains_key(&e) && !self.before_start.contains(&e) {
-            self.unattributed.insert(e);
+            self.lingering.insert(key, lingering);
+        } else if !by_pid && !self.lingering.contains_key(&key) && !self.before_start.contains(&key)
+        {
+            self.unattributed.insert(key);
         }
         if !s.time_wait {
             return;
         }
-        let remote = remote_key(&e, self.ephemeral);
-        let Some(l) = self.lingering.get_mut(&e).filter(|l| !l.entered) else {
+        let remote = remote_key(&s.endpoints, self.ephemeral);
+        let Some(l) = self.lingering.get_mut(&key).filter(|l| !l.entered) else {
             return;
         };
         l.entered = true;
@@ -226,17 +253,17 @@ impl Ledger {
         row.count_remote(remote, 1);
     }
 
-    /// Sockets gone from the table: their stay is over (an exit between two
-    /// polls, counted at the midpoint).
-    fn end_stays(&mut self, present: &HashSet<Endpoints>, now_ns: u64) {
-        let gone: Vec<Endpoints> = self
+    /// Sockets of the namespaces `read` gone from their table: their stay is
+    /// over (an exit between two polls, counted at the midpoint).
+    fn end_stays(&mut self, present: &HashSet<SocketKey>, read: &HashSet<u32>, now_ns: u64) {
+        let gone: Vec<SocketKey> = self
             .lingering
             .keys()
-            .filter(|e| !present.contains(e))
+            .filter(|k| read.contains(&k.0) && !present.contains(k))
             .copied()
             .collect();
-        for e in gone {
-            let l = self.lingering.remove(&e).expect("listed key");
+        for key in gone {
+            let l = self.lingering.remove(&key).expect("listed key");
             if l.entered {
                 let exit_ns = now_ns.saturating_sub(POLL.as_nanos() as u64 / 2);
                 self.row(&l.owner)
@@ -244,23 +271,56 @@ impl Ledger {
                     .record(exit_ns.saturating_sub(l.closed_ns));
             }
         }
-        self.before_start.retain(|e| present.contains(e));
-        self.unattributed.retain(|e| present.contains(e));
+        let kept = |k: &SocketKey| !read.contains(&k.0) || present.contains(k);
+        self.before_start.retain(kept);
+        self.unattributed.retain(kept);
     }
 
-    /// Candidates never listed: closed without TIME_WAIT.
-    fn expire_candidates(&mut self) {
+    /// Candidates never listed: closed without TIME_WAIT, where their
+    /// namespace was read; out of reach where it could not be.
+    fn expire_candidates(&mut self, read: &HashSet<u32>) {
         let mut expired = Vec::new();
-        for (e, c) in self.candidates.iter_mut() {
+        for (key, c) in self.candidates.iter_mut() {
             c.polls += 1;
             if c.polls >= CANDIDATE_POLLS {
-                expired.push(*e);
+                expired.push(*key);
             }
         }
-        for e in expired {
-            let c = self.candidates.remove(&e).expect("listed key");
-            self.row(&c.owner).without_timewait += 1;
+        for key in expired {
+            let c = self.candidates.remove(&key).expect("listed key");
+            if read.contains(&key.0) {
+                self.row(&c.owner).without_timewait += 1;
+            } else {
+                self.out_of_reach += 1;
+            }
         }
+    }
+
+    /// Sockets lingering now per network namespace: ours (in TIME_WAIT
+    /// proper), and those listed without an owner (before start, or
+    /// unattributed), as `ss -tan state time-wait` in that namespace counts.
+    pub fn lingering_by_netns(&self) -> BTreeMap<u32, usize> {
+        let mut per = BTreeMap::new();
+        let ours = self
+            .lingering
+            .iter()
+            .filter(|(_, l)| l.entered)
+            .map(|(k, _)| k);
+        for key in ours.chain(&self.before_start).chain(&self.unattributed) {
+            *per.entry(key.0).or_default() += 1;
+        }
+        per
+    }
+
+    /// Network namespaces other than the agent's that hold candidates or
+    /// lingering sockets: the ones to read next.
+    pub fn foreign_namespaces(&self) -> HashSet<u32> {
+        self.candidates
+            .keys()
+            .chain(self.lingering.keys())
+            .map(|k| k.0)
+            .filter(|&ns| ns != self.host_netns)
+            .collect()
     }
 
     /// Lingering now, per owner.
@@ -285,8 +345,9 @@ impl Ledger {
     pub fn pressure(&self, range: (u16, u16)) -> Vec<(IpAddr, u16, u64, f64)> {
         let size = (range.1 - range.0 + 1) as f64;
         let mut per_remote: HashMap<(IpAddr, u16), u64> = HashMap::new();
-        for (e, l) in &self.lingering {
-            if l.entered && (range.0..=range.1).contains(&e.lport) {
+        // Ports are per namespace: the agent's own range is the host's.
+        for ((netns, e), l) in &self.lingering {
+            if *netns == self.host_netns && l.entered && (range.0..=range.1).contains(&e.lport) {
                 *per_remote.entry((e.raddr, e.rport)).or_default() += 1;
             }
         }

@@ -6,12 +6,18 @@
 //! (carrying the socket's owner), and a socket with an error (`ECONNRESET`,
 //! `EPIPE`) none at all. sock_diag then confirms it: a candidate counts as an
 //! entry once the kernel lists its 4-tuple as a timewait socket in TIME_WAIT,
-//! and its stay ends when the kernel no longer lists it.
+//! and its stay ends when the kernel no longer lists it. Sockets of other
+//! network namespaces (containers, pods) are looked for in their own
+//! namespace's table, read through a process known to be in it.
 
 mod ledger;
 mod report;
 
-use std::{sync::mpsc, thread};
+use std::{
+    collections::HashMap,
+    sync::{mpsc, Arc, Mutex},
+    thread,
+};
 
 use anyhow::{Context as _, Result};
 use tcp_trace_common::state;
@@ -24,17 +30,27 @@ use crate::{
     output::{monotonic_ns, Sink},
     source::{self, Consumer, Timing, Totals},
     system::{
-        sock_diag::{self, TimewaitSocket},
+        proc_net::{netns_of, own_netns, timewait_sockets_of},
+        sock_diag,
         sysctl::read_timewait_sysctls,
     },
 };
-use ledger::{Ledger, POLL};
+use ledger::{Ledger, Reading, POLL};
 
-/// One reading of the kernel's timewait table, and when it was taken.
-type Dump = (u64, Result<Vec<TimewaitSocket>>);
+/// Readings of the namespaces' timewait tables, and when they were taken.
+type Dump = (u64, Result<Vec<Reading>>);
+
+/// Network namespaces other than the agent's, each with a process last seen
+/// owning a socket in it: the way to read its table.
+type Reach = Arc<Mutex<HashMap<u32, u32>>>;
+
+/// Namespaces followed at once; sockets of more stay unconfirmed.
+const NAMESPACES: usize = 1024;
 
 struct TimewaitCommand {
     ledger: Ledger,
+    host_netns: u32,
+    reach: Reach,
     /// `--by`: rows per container, unit or cgroup instead of per process.
     by: Option<GroupBy>,
     sink: Sink,
@@ -46,15 +62,46 @@ struct TimewaitCommand {
     ticks: u32,
 }
 
-fn dump_now() -> Dump {
+/// The agent's own namespace through sock_diag, the others through a
+/// process in each (one that left its namespace, or is gone, is forgotten).
+fn dump_now(host_netns: u32, reach: &Reach) -> Dump {
     let taken = monotonic_ns();
-    let listed = sock_diag::timewait_sockets().context("reading the kernel's timewait sockets");
-    (taken, listed)
+    let host = sock_diag::timewait_sockets().context("reading the kernel's timewait sockets");
+    let readings = host.map(|sockets| {
+        let mut readings = vec![Reading {
+            netns: host_netns,
+            sockets,
+        }];
+        let known: Vec<(u32, u32)> = lock(reach).iter().map(|(n, p)| (*n, *p)).collect();
+        for (netns, pid) in known {
+            let sockets = (netns_of(pid) == Some(netns))
+                .then(|| timewait_sockets_of(pid).ok())
+                .flatten();
+            match sockets {
+                Some(sockets) => readings.push(Reading { netns, sockets }),
+                None => {
+                    lock(reach).remove(&netns);
+                }
+            }
+        }
+        readings
+    });
+    (taken, readings)
+}
+
+fn lock(reach: &Reach) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
+    // A panic elsewhere cannot leave the map half-written: take it as is.
+    reach
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl TimewaitCommand {
-    fn apply(&mut self, (taken, listed): Dump) -> Result<()> {
-        self.ledger.poll(&listed?, taken);
+    fn apply(&mut self, (taken, readings): Dump) -> Result<()> {
+        self.ledger.poll(&readings?, taken);
+        // Namespaces with nothing left to confirm need no more reading.
+        let wanted = self.ledger.foreign_namespaces();
+        lock(&self.reach).retain(|netns, _| wanted.contains(netns));
         Ok(())
     }
 
@@ -79,11 +126,12 @@ impl TimewaitCommand {
 impl Consumer for TimewaitCommand {
     fn start(&mut self) -> Result<()> {
         // The first reading marks what existed before us.
-        self.apply(dump_now())?;
+        self.apply(dump_now(self.host_netns, &self.reach))?;
         let (tx, rx) = mpsc::channel();
+        let (host_netns, reach) = (self.host_netns, self.reach.clone());
         thread::spawn(move || loop {
             thread::sleep(POLL);
-            if tx.send(dump_now()).is_err() {
+            if tx.send(dump_now(host_netns, &reach)).is_err() {
                 break;
             }
         });
@@ -93,9 +141,18 @@ impl Consumer for TimewaitCommand {
 
     fn event(&mut self, t: &Transition) -> Result<()> {
         // An accept changes no state; the close carries the acceptor.
-        if !t.accept {
-            self.ledger.event(t);
+        if t.accept {
+            return Ok(());
         }
+        if let (Some(netns), Some(owner)) = (t.netns, &t.owner) {
+            if netns != self.host_netns {
+                let mut reach = lock(&self.reach);
+                if reach.len() < NAMESPACES || reach.contains_key(&netns) {
+                    reach.insert(netns, owner.pid);
+                }
+            }
+        }
+        self.ledger.event(t);
         Ok(())
     }
 
@@ -115,7 +172,7 @@ impl Consumer for TimewaitCommand {
     fn finish(&mut self, _totals: &Totals) -> Result<()> {
         self.apply_pending()?;
         self.dumps = None;
-        let dump = dump_now();
+        let dump = dump_now(self.host_netns, &self.reach);
         let taken = dump.0;
         self.apply(dump)?;
         self.report(taken, true)
@@ -127,8 +184,11 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
         .round()
         .max(1.0) as u32;
     let ephemeral = read_timewait_sysctls().port_range.unwrap_or((32768, 60999));
+    let host_netns = own_netns().context("reading /proc/self/ns/net")?;
     let mut command = TimewaitCommand {
-        ledger: Ledger::new(config.tracing.filter, monotonic_ns(), ephemeral),
+        ledger: Ledger::new(config.tracing.filter, monotonic_ns(), ephemeral, host_netns),
+        host_netns,
+        reach: Reach::default(),
         by: config.by,
         sink: Sink::stdout(config.json),
         dumps: None,
@@ -161,7 +221,10 @@ mod tests {
     use crate::{
         model::{from_event, sample_event, SockFields, TcpState},
         output::Clock,
-        system::{sock_diag::Endpoints, sysctl::Sysctls},
+        system::{
+            sock_diag::{Endpoints, TimewaitSocket},
+            sysctl::Sysctls,
+        },
     };
 
     fn close(lport: u16, old: &str, pid: u32, error: u16) -> Transition {
@@ -191,20 +254,74 @@ mod tests {
     }
 
     const S: u64 = 1_000_000_000;
+    /// The network namespace of `sample_event`'s sockets, the agent's here.
+    const HOST: u32 = 4026531840;
+
+    impl Ledger {
+        /// A reading of the agent's own namespace alone.
+        fn poll_host(&mut self, listed: &[TimewaitSocket], now_ns: u64) {
+            let reading = Reading {
+                netns: HOST,
+                sockets: listed.to_vec(),
+            };
+            self.poll(&[reading], now_ns);
+        }
+    }
+
+    #[test]
+    fn each_namespace_confirms_its_own_sockets() {
+        const POD: u32 = 4026532999;
+        const GONE: u32 = 4026533000;
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.poll_host(&[], 0);
+        // The same endpoints closing in the host and in a pod.
+        let on_host = close(40_021, "FIN_WAIT2", 5, 0);
+        let mut in_pod = close(40_021, "FIN_WAIT2", 6, 0);
+        in_pod.netns = Some(POD);
+        let mut unread = close(40_022, "FIN_WAIT2", 7, 0);
+        unread.netns = Some(GONE);
+        for t in [&on_host, &in_pod, &unread] {
+            tr.event(t);
+        }
+        assert_eq!(tr.foreign_namespaces(), [POD, GONE].into_iter().collect());
+        // The host lists nothing; the pod's own table lists its socket.
+        for tick in 1..=CANDIDATE_POLLS as u64 {
+            let pod = Reading {
+                netns: POD,
+                sockets: vec![listed(&in_pod, true)],
+            };
+            let host = Reading {
+                netns: HOST,
+                sockets: vec![],
+            };
+            tr.poll(&[host, pod], tick * S);
+        }
+        let row = |pid: u32| {
+            tr.rows
+                .get(&(pid, b"curl".to_vec()))
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!((row(5).entered, row(5).without_timewait), (0, 1));
+        assert_eq!((row(6).entered, row(6).lingering), (1, 1));
+        assert_eq!(row(7).without_timewait, 0, "its namespace was never read");
+        assert_eq!(tr.out_of_reach, 1);
+        assert_eq!(tr.lingering_by_netns(), [(POD, 1)].into_iter().collect());
+    }
 
     #[test]
     fn confirmed_entries_and_exits_are_charged_to_the_owner() {
-        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
-        tr.poll(&[], 0);
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.poll_host(&[], 0);
         let a = close(40_001, "FIN_WAIT2", 7, 0);
         let b = close(40_002, "CLOSING", 7, 0);
         tr.event(&a);
         tr.event(&b);
-        tr.poll(&[listed(&a, true), listed(&b, true)], S);
+        tr.poll_host(&[listed(&a, true), listed(&b, true)], S);
         let row = tr.rows.get(&(7, b"curl".to_vec())).unwrap();
         assert_eq!((row.entered, row.lingering), (2, 2));
         // 60 s later the kernel reaps them.
-        tr.poll(&[], 61 * S);
+        tr.poll_host(&[], 61 * S);
         let row = tr.rows.get(&(7, b"curl".to_vec())).unwrap();
         assert_eq!((row.entered, row.lingering, row.stay.count()), (2, 0, 2));
         let p50 = row.stay.quantile(0.5).unwrap();
@@ -213,13 +330,13 @@ mod tests {
 
     #[test]
     fn resets_and_unlisted_closes_are_not_entries() {
-        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
-        tr.poll(&[], 0);
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.poll_host(&[], 0);
         tr.event(&close(40_003, "FIN_WAIT2", 8, 104)); // reset: not even a candidate
         tr.event(&close(40_004, "FIN_WAIT2", 8, 0)); // never listed
         assert_eq!(tr.candidates(), 1);
         for i in 1..=CANDIDATE_POLLS as u64 {
-            tr.poll(&[], i * S);
+            tr.poll_host(&[], i * S);
         }
         let row = tr.rows.get(&(8, b"curl".to_vec())).unwrap();
         assert_eq!((row.entered, row.without_timewait), (0, 1));
@@ -230,23 +347,23 @@ mod tests {
 
     #[test]
     fn fin_wait2_substate_counts_once_it_reaches_time_wait() {
-        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
-        tr.poll(&[], 0);
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.poll_host(&[], 0);
         let a = close(40_006, "FIN_WAIT2", 9, 0);
         tr.event(&a);
-        tr.poll(&[listed(&a, false)], S);
+        tr.poll_host(&[listed(&a, false)], S);
         assert_eq!(
             tr.rows.get(&(9, b"curl".to_vec())).map_or(0, |r| r.entered),
             0
         );
-        tr.poll(&[listed(&a, true)], 2 * S);
+        tr.poll_host(&[listed(&a, true)], 2 * S);
         assert_eq!(tr.rows.get(&(9, b"curl".to_vec())).unwrap().entered, 1);
     }
 
     #[test]
     fn by_container_folds_the_processes_of_one_container() {
-        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
-        tr.poll(&[], 0);
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.poll_host(&[], 0);
         let in_container = std::sync::Arc::new(crate::model::Placement {
             cgroup: "/docker/ab".into(),
             container: Some("ab".into()),
@@ -261,7 +378,7 @@ mod tests {
             tr.event(&t);
             closes.push(listed(&t, true));
         }
-        tr.poll(&closes, S);
+        tr.poll_host(&closes, S);
         let v = report::json(
             &tr,
             Some(GroupBy::Container),
@@ -297,9 +414,9 @@ mod tests {
 
     #[test]
     fn sockets_from_before_start_are_not_guessed() {
-        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
         let old = close(40_007, "FIN_WAIT2", 1, 0);
-        tr.poll(&[listed(&old, true)], 0);
+        tr.poll_host(&[listed(&old, true)], 0);
         let v = report::json(&tr, None, S, false, &read_timewait_sysctls());
         assert_eq!(v["before_start"]["lingering"], 1);
         assert_eq!(v["processes"].as_array().unwrap().len(), 0);
@@ -308,15 +425,15 @@ mod tests {
 
     #[test]
     fn port_pressure_warns() {
-        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999));
-        tr.poll(&[], 0);
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.poll_host(&[], 0);
         let mut listed_now = Vec::new();
         for port in 40_000..40_060 {
             let t = close(port, "FIN_WAIT2", 3, 0);
             tr.event(&t);
             listed_now.push(listed(&t, true));
         }
-        tr.poll(&listed_now, S);
+        tr.poll_host(&listed_now, S);
         let sysctls = Sysctls {
             values: vec![("ip_local_port_range", "40000-40099".into())],
             port_range: Some((40_000, 40_099)),

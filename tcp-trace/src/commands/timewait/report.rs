@@ -162,6 +162,12 @@ pub fn json(
         "before_start": {"lingering": ledger.before_start.len()},
         "unattributed": {"lingering": ledger.unattributed.len()},
         "lingering_total": ledger.lingering_total(),
+        "namespaces": ledger
+            .lingering_by_netns()
+            .into_iter()
+            .map(|(netns, lingering)| json!({"netns": netns, "lingering": lingering}))
+            .collect::<Vec<_>>(),
+        "out_of_reach": ledger.out_of_reach,
         "port_pressure": pressure,
     })
 }
@@ -228,6 +234,21 @@ pub fn text(
                 "-", label, "-", "-", count
             );
         }
+    }
+    let namespaces = ledger.lingering_by_netns();
+    if namespaces.len() > 1 {
+        let cells: Vec<String> = namespaces
+            .iter()
+            .map(|(netns, n)| format!("{netns}: {n}"))
+            .collect();
+        let _ = writeln!(s, "lingering per network namespace: {}", cells.join(", "));
+    }
+    if ledger.out_of_reach > 0 {
+        let _ = writeln!(
+            s,
+            "{} closes in network namespaces no process of which was left to read: unconfirmed",
+            ledger.out_of_reach
+        );
     }
     if let Some(range) = sysctls.port_range {
         for (a, p, n, f) in ledger.pressure(range) {
