@@ -194,3 +194,86 @@ fn resets_are_not_counted() {
     assert_eq!(last["lingering_total"].as_u64(), Some(before), "{last:#}");
     assert!(ss_time_wait(port) as u64 <= before);
 }
+
+/// A process in a network namespace of its own (as a pod's are): its
+/// TIME_WAIT sockets are confirmed in that namespace's table, charged to it,
+/// and counted per namespace exactly as `ss` inside the namespace counts.
+#[test]
+fn sockets_of_another_network_namespace_are_confirmed_there() {
+    const CONNECTIONS: usize = 20;
+    let ns = common::NetNs::new();
+    let port = free_port();
+    let agent = start(port);
+    // Inside the namespace: CONNECTIONS exchanges whose client closes first,
+    // then the process stays (the agent reads the namespace through it).
+    let script = format!(
+        "import socket, sys, time\n\
+         l = socket.socket(); l.bind(('127.0.0.1', {port})); l.listen(64)\n\
+         for _ in range({CONNECTIONS}):\n\
+         \x20   c = socket.create_connection(('127.0.0.1', {port})); s, _ = l.accept()\n\
+         \x20   c.close(); time.sleep(0.01); s.close()\n\
+         print('done', flush=True); time.sleep(30)\n"
+    );
+    let mut child = ns
+        .command("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 in the namespace");
+    let mut done = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut done,
+    )
+    .unwrap();
+    assert_eq!(done.trim(), "done");
+    let netns = std::fs::metadata(format!("/proc/{}/ns/net", child.id()))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+
+    let report = wait_for(&agent, Duration::from_secs(20), |r| {
+        namespace_lingering(r, netns) == Some(CONNECTIONS as u64)
+    });
+    let ours: Vec<&Value> = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["pid"].as_u64() == Some(u64::from(child.id())))
+        .collect();
+    assert_eq!(ours.len(), 1, "{report:#}");
+    assert_eq!(ours[0]["entered"], CONNECTIONS, "{report:#}");
+    assert_eq!(ours[0]["closed_without_timewait"], 0, "{report:#}");
+    let filter = format!("( sport = :{port} or dport = :{port} )");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+            &filter,
+        ])
+        .output()
+        .expect("ip netns exec ss");
+    let in_namespace = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(in_namespace, CONNECTIONS, "ss in the namespace");
+    assert_eq!(
+        namespace_lingering(&report, netns),
+        Some(in_namespace as u64),
+        "{report:#}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    agent.stop_raw();
+}
+
+/// Lingering sockets a report counts in network namespace `netns`.
+fn namespace_lingering(report: &Value, netns: u64) -> Option<u64> {
+    report["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["netns"].as_u64() == Some(netns))?["lingering"]
+        .as_u64()
+}

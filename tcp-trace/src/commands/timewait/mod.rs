@@ -30,7 +30,8 @@ use crate::{
     output::{monotonic_ns, Sink},
     source::{self, Consumer, Timing, Totals},
     system::{
-        proc_net::{netns_of, own_netns, timewait_sockets_of},
+        owners::process_start,
+        proc_net::{own_netns, timewait_sockets_of},
         sock_diag,
         sysctl::read_timewait_sysctls,
     },
@@ -41,8 +42,8 @@ use ledger::{Ledger, Reading, POLL};
 type Dump = (u64, Result<Vec<Reading>>);
 
 /// Network namespaces other than the agent's, each with a process last seen
-/// owning a socket in it: the way to read its table.
-type Reach = Arc<Mutex<HashMap<u32, u32>>>;
+/// owning a socket in it (pid and start time): the way to read its table.
+type Reach = Arc<Mutex<HashMap<u32, (u32, u64)>>>;
 
 /// Namespaces followed at once; sockets of more stay unconfirmed.
 const NAMESPACES: usize = 1024;
@@ -63,7 +64,10 @@ struct TimewaitCommand {
 }
 
 /// The agent's own namespace through sock_diag, the others through a
-/// process in each (one that left its namespace, or is gone, is forgotten).
+/// process in each. A process that is gone (its pid free, or another
+/// process's: the start time tells) is forgotten. Whether it is still in the
+/// namespace cannot be checked without the privileges the agent gave up
+/// (`/proc/PID/ns` needs ptrace rights); processes rarely change namespace.
 fn dump_now(host_netns: u32, reach: &Reach) -> Dump {
     let taken = monotonic_ns();
     let host = sock_diag::timewait_sockets().context("reading the kernel's timewait sockets");
@@ -72,9 +76,9 @@ fn dump_now(host_netns: u32, reach: &Reach) -> Dump {
             netns: host_netns,
             sockets,
         }];
-        let known: Vec<(u32, u32)> = lock(reach).iter().map(|(n, p)| (*n, *p)).collect();
-        for (netns, pid) in known {
-            let sockets = (netns_of(pid) == Some(netns))
+        let known: Vec<(u32, (u32, u64))> = lock(reach).iter().map(|(n, p)| (*n, *p)).collect();
+        for (netns, (pid, start)) in known {
+            let sockets = (process_start(pid) == Some(start))
                 .then(|| timewait_sockets_of(pid).ok())
                 .flatten();
             match sockets {
@@ -89,7 +93,7 @@ fn dump_now(host_netns: u32, reach: &Reach) -> Dump {
     (taken, readings)
 }
 
-fn lock(reach: &Reach) -> std::sync::MutexGuard<'_, HashMap<u32, u32>> {
+fn lock(reach: &Reach) -> std::sync::MutexGuard<'_, HashMap<u32, (u32, u64)>> {
     // A panic elsewhere cannot leave the map half-written: take it as is.
     reach
         .lock()
@@ -111,6 +115,18 @@ impl TimewaitCommand {
             self.apply(dump)?;
         }
         Ok(())
+    }
+
+    /// Keeps `pid` as the way into namespace `netns`.
+    fn remember_reach(&mut self, netns: u32, pid: u32) {
+        let mut reach = lock(&self.reach);
+        let known = reach.get(&netns).is_some_and(|(p, _)| *p == pid);
+        if known || (reach.len() >= NAMESPACES && !reach.contains_key(&netns)) {
+            return;
+        }
+        if let Some(start) = process_start(pid) {
+            reach.insert(netns, (pid, start));
+        }
     }
 
     fn report(&mut self, now_ns: u64, last: bool) -> Result<()> {
@@ -146,10 +162,7 @@ impl Consumer for TimewaitCommand {
         }
         if let (Some(netns), Some(owner)) = (t.netns, &t.owner) {
             if netns != self.host_netns {
-                let mut reach = lock(&self.reach);
-                if reach.len() < NAMESPACES || reach.contains_key(&netns) {
-                    reach.insert(netns, owner.pid);
-                }
+                self.remember_reach(netns, owner.pid);
             }
         }
         self.ledger.event(t);
