@@ -236,6 +236,23 @@ pub struct SockOffsets {
     pub net_inum: u32,
 }
 
+/// Offsets the listener-owner exit handler follows to the exiting process's
+/// first child (`task_struct.children` / `.sibling`), its tgid and comm, and
+/// its cgroup id (`task->cgroups->dfl_cgrp->kn->id`); from the kernel's BTF.
+/// `children` 0: unknown (heirs are then found by userspace alone).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub children: u32,
+    pub sibling: u32,
+    pub tgid: u32,
+    pub comm: u32,
+    pub cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+}
+
 /// Offsets the `accept()` exit handler follows, from the new file descriptor
 /// to its socket (`task_struct.files->fdt->fd[fd]->private_data->sk`), then
 /// the socket's endpoints; all from the kernel's BTF. `task_files` 0: not
@@ -548,6 +565,7 @@ mod user {
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::SynackLayout {}
     unsafe impl aya::Pod for super::AcceptOffsets {}
+    unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::Owner {}
     unsafe impl aya::Pod for super::Listener {}
     unsafe impl aya::Pod for super::ConnKey {}

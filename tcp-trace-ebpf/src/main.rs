@@ -27,7 +27,8 @@ use aya_ebpf::{
 };
 use tcp_trace_common::{
     counter, hist, state, AcceptOffsets, ConnKey, Filter, HalfOpenKey, Listener, Owner,
-    SockOffsets, SockState, SynackLayout, TracepointLayout, AF_INET, IPPROTO_TCP, KNOWN_LAYOUT,
+    SockOffsets, SockState, SynackLayout, TaskOffsets, TracepointLayout, AF_INET, IPPROTO_TCP,
+    KNOWN_LAYOUT,
 };
 
 use crate::{
@@ -136,15 +137,30 @@ static SOCKETS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(131_07
 #[map]
 static LISTENERS: LruHashMap<u16, Listener> = LruHashMap::with_max_entries(8192, 0);
 
-/// Processes that own a listener (the value is unused): when one exits,
-/// `owner_exit` notes it in `EXITED_OWNERS` for userspace to find the
-/// listener's remaining holders (a daemon's parent exits after forking).
+/// Processes that own a listener, with the port of the last one: when one
+/// exits (a daemon's original process, once it has forked), `owner_exit`
+/// hands that listener to its first child at once, and notes the exit in
+/// `EXITED_OWNERS` for userspace to re-resolve any others it owned.
 #[map]
-static LISTENER_OWNERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(8192, 0);
+static LISTENER_OWNERS: LruHashMap<u32, u16> = LruHashMap::with_max_entries(8192, 0);
 
-/// Listener owners that exited, with when (ns); userspace drains it.
+/// Listener owners that exited, with their heir (their first child; unknown
+/// when they had none); userspace drains it.
 #[map]
-static EXITED_OWNERS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1024, 0);
+static EXITED_OWNERS: LruHashMap<u32, Owner> = LruHashMap::with_max_entries(1024, 0);
+
+/// Offsets to an exiting process's first child; `children` 0 when unknown.
+#[no_mangle]
+static TASK_OFFSETS: TaskOffsets = TaskOffsets {
+    children: 0,
+    sibling: 0,
+    tgid: 0,
+    comm: 0,
+    cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+};
 
 /// Owners of connections open before the program was attached, by endpoints,
 /// from userspace's start-up scan; taken out at the socket's first event.

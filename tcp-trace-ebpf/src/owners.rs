@@ -21,7 +21,7 @@ use crate::{
     record::{read_addresses_into, Record},
     sockets::{current_owner_from, remember_listener_owner},
     ACCEPT_OFFSETS, AGGREGATE, EXITED_OWNERS, FILTER, LISTENERS, LISTENER_OWNERS, SEEDS, SEED_KEY,
-    SOCKETS,
+    SOCKETS, TASK_OFFSETS,
 };
 
 /// The owner userspace's start-up scan found for a connection the program
@@ -66,22 +66,74 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// A listener owner exited: note it for userspace, which re-resolves the
-/// listener's owner from the processes still holding it (a daemon's
-/// original process exits once it has forked).
+/// A listener owner exited. Its first child (a daemon's forked self, which
+/// inherited the listener) takes over the listener at once; the exit and the
+/// heir are noted for userspace, which re-resolves any other listeners the
+/// process owned.
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn owner_exit(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);
     // Only the thread-group leader's exit: other threads leave the process.
-    // SAFETY: only whether the entry exists is used.
-    if tgid == pid && unsafe { LISTENER_OWNERS.get(tgid) }.is_some() {
-        let _ = LISTENER_OWNERS.remove(tgid);
-        // SAFETY: a helper without arguments that only reads the clock.
-        let now = unsafe { bpf_ktime_get_ns() };
-        let _ = EXITED_OWNERS.insert(tgid, now, 0);
+    if tgid != pid {
+        return 0;
     }
+    // SAFETY: the port is copied out at once; as in `listener_owner`.
+    let Some(port) = (unsafe { LISTENER_OWNERS.get(tgid) }).copied() else {
+        return 0;
+    };
+    let _ = LISTENER_OWNERS.remove(tgid);
+    let heir = first_child().unwrap_or_default();
+    if heir.is_known() {
+        if let Some(listener) = LISTENERS.get_ptr_mut(port) {
+            // SAFETY: preallocated map memory holding plain data, valid for
+            // this run; as in `adopt_listener`.
+            let listener = unsafe { &mut *listener };
+            if listener.owner.pid == tgid {
+                listener.owner = Owner {
+                    in_cgroup: listener.owner.in_cgroup,
+                    ..heir
+                };
+                remember_listener_owner(heir.pid, port);
+            }
+        }
+    }
+    let _ = EXITED_OWNERS.insert(tgid, heir, 0);
     0
+}
+
+/// The exiting task's first child, as an owner; `None` without children or
+/// where the kernel's BTF gave no offsets.
+#[inline(always)]
+fn first_child() -> Option<Owner> {
+    let off = global(&TASK_OFFSETS);
+    if off.children == 0 {
+        return None;
+    }
+    // SAFETY: checked reads at BTF offsets along the current task's
+    // `children` list (its first entry is a child's `sibling` member) and
+    // that child's fields; the comm read writes only within its buffer.
+    unsafe {
+        let task = bpf_get_current_task();
+        let head = task + u64::from(off.children);
+        let first: u64 = read_at(head, 0).ok()?;
+        if first == head || first == 0 {
+            return None;
+        }
+        let child = first - u64::from(off.sibling);
+        let mut owner = Owner {
+            pid: read_at(child, off.tgid as usize).ok()?,
+            source: owner_source::TASK,
+            ..Owner::default()
+        };
+        let comm = (child as *const u8).wrapping_add(off.comm as usize);
+        bpf_probe_read_kernel_buf(comm, &mut owner.comm).ok()?;
+        let css_set: u64 = read_at(child, off.cgroups as usize).ok()?;
+        let cgroup: u64 = read_at(css_set, off.css_set_dfl_cgrp as usize).ok()?;
+        let kn: u64 = read_at(cgroup, off.cgroup_kn as usize).ok()?;
+        owner.cgroup_id = read_at(kn, off.kernfs_node_id as usize).ok()?;
+        Some(owner)
+    }
 }
 
 fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
@@ -173,7 +225,7 @@ fn adopt_listener(lport: u16, owner: Owner) {
         // run; a concurrent update can at worst interleave two owners' bytes
         // of the same kind, which the next accept corrects.
         unsafe { (*listener).owner = owner };
-        remember_listener_owner(owner.pid);
+        remember_listener_owner(owner.pid, lport);
     }
 }
 

@@ -165,7 +165,7 @@ pub(crate) fn track_listener(rec: &Record, owner: Owner) {
             },
             0,
         );
-        remember_listener_owner(owner.pid);
+        remember_listener_owner(owner.pid, rec.sport);
     } else if rec.old_state == state::LISTEN && rec.new_state == state::CLOSE {
         // SAFETY: only `skaddr` is read, at once; as in `start_tracking`, the
         // memory stays valid and a concurrent update makes it stale at worst.
@@ -178,11 +178,11 @@ pub(crate) fn track_listener(rec: &Record, owner: Owner) {
     }
 }
 
-/// Marks `pid` as owning a listener, so that its exit is reported to
-/// userspace, which then finds the processes that still hold the listener.
+/// Marks `pid` as owning the listener on `port`, so that its exit hands the
+/// listener on (see `owner_exit`).
 #[inline(always)]
-pub(crate) fn remember_listener_owner(pid: u32) {
-    let _ = LISTENER_OWNERS.insert(pid, 0, 0);
+pub(crate) fn remember_listener_owner(pid: u32, port: u16) {
+    let _ = LISTENER_OWNERS.insert(pid, port, 0);
 }
 
 /// The task running now, as a socket's owner learnt from `source`.

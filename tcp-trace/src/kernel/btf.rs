@@ -13,6 +13,7 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
@@ -89,9 +90,9 @@ impl Btf {
             let extra = match (info >> 24) & 0x1f {
                 KIND_STRUCT | KIND_UNION => vlen * 12,
                 KIND_INT | 14 | 17 => 4, // INT, VAR, DECL_TAG
-                3 => 12,                 // ARRAY
-                6 | 13 => vlen * 8,      // ENUM, FUNC_PROTO
-                15 | 19 => vlen * 12,    // DATASEC, ENUM64
+                KIND_ARRAY => 12,
+                6 | 13 => vlen * 8,   // ENUM, FUNC_PROTO
+                15 | 19 => vlen * 12, // DATASEC, ENUM64
                 KIND_PTR | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12
                 | 16 | KIND_TYPE_TAG => 0,
                 other => bail!("unknown BTF kind {other} at type {}", index.len()),
@@ -166,6 +167,14 @@ impl Btf {
         None
     }
 
+    /// Bytes of an array of integers (`char comm[16]`); `None` for others.
+    fn array_size(&self, array: Type) -> Option<u32> {
+        let types = self.types();
+        let elem = self.strip_modifiers(u32_at(types, array.members_at).ok()?)?;
+        let count = u32_at(types, array.members_at + 8).ok()?;
+        (elem.kind == KIND_INT).then(|| elem.size_or_type.checked_mul(count))?
+    }
+
     /// Byte offset and size of `member` in `struct name`, looking through
     /// anonymous struct and union members.
     pub fn member(&self, name: &str, member: &str) -> Option<(u32, u32)> {
@@ -191,6 +200,7 @@ impl Btf {
                     KIND_INT | KIND_STRUCT | KIND_UNION => target.size_or_type,
                     // Pointers are 8 bytes on every 64-bit kernel BTF describes.
                     KIND_PTR => 8,
+                    KIND_ARRAY => self.array_size(target)?,
                     _ => return None,
                 };
                 return Some((bits / 8, size));
@@ -283,5 +293,7 @@ pub mod tests {
         // Pointer members, followed by the accept handler.
         assert_eq!(btf.member("task_struct", "files").map(|m| m.1), Some(8));
         assert_eq!(btf.member("socket", "sk").map(|m| m.1), Some(8));
+        // An array of chars, followed by the listener-owner exit handler.
+        assert_eq!(btf.member("task_struct", "comm").map(|m| m.1), Some(16));
     }
 }

@@ -9,7 +9,9 @@ use aya::{
     maps::{HashMap, MapData, MapError},
     Ebpf,
 };
-use tcp_trace_common::{owner_source, state, AcceptOffsets, ConnKey, Listener, Owner, COMM_LEN};
+use tcp_trace_common::{
+    owner_source, state, AcceptOffsets, ConnKey, Listener, Owner, TaskOffsets, COMM_LEN,
+};
 
 use super::{btf::Btf, probe::Probe, program::attach_tracepoint, tracefs};
 use crate::system::{
@@ -21,6 +23,7 @@ use crate::system::{
 /// Names of the optional features, as the start-up notes print them.
 const ACCEPT_OWNERS: &str = "owners and accept-queue wait from accept()";
 const NETNS: &str = "network namespaces of sockets";
+const LISTENER_HEIRS: &str = "listeners handed to a daemon's child when its parent exits";
 
 /// Where the accept handler finds the accepted socket in this kernel; `None`
 /// (and a start-up note) when BTF or the syscall tracepoint is missing.
@@ -78,6 +81,43 @@ pub(super) fn accept_offsets(
         return None;
     }
     probe.found(ACCEPT_OWNERS);
+    Some(offsets)
+}
+
+/// Where the listener-owner exit handler finds the exiting process's first
+/// child; `None` (and a note: heirs then come from userspace alone, which
+/// needs the /proc access the agent gives up) when BTF lacks them.
+pub(super) fn task_offsets(btf: Option<&Btf>, probe: &mut Probe) -> Option<TaskOffsets> {
+    let Some(btf) = btf else {
+        probe.missing(LISTENER_HEIRS, "no kernel BTF");
+        return None;
+    };
+    let mut missing = Vec::new();
+    let mut member = |ty: &str, name: &str, size: u32| {
+        let found = btf.member(ty, name).filter(|&(_, s)| s == size);
+        if found.is_none() {
+            missing.push(format!("{ty}.{name}"));
+        }
+        found.map_or(0, |(offset, _)| offset)
+    };
+    let offsets = TaskOffsets {
+        children: member("task_struct", "children", 16),
+        sibling: member("task_struct", "sibling", 16),
+        tgid: member("task_struct", "tgid", 4),
+        comm: member("task_struct", "comm", 16),
+        cgroups: member("task_struct", "cgroups", 8),
+        css_set_dfl_cgrp: member("css_set", "dfl_cgrp", 8),
+        cgroup_kn: member("cgroup", "kn", 8),
+        kernfs_node_id: member("kernfs_node", "id", 8),
+    };
+    if !missing.is_empty() {
+        probe.missing(
+            LISTENER_HEIRS,
+            format!("not in the kernel's BTF: {}", missing.join(", ")),
+        );
+        return None;
+    }
+    probe.found(LISTENER_HEIRS);
     Some(offsets)
 }
 
@@ -245,11 +285,13 @@ pub fn in_subtree(path: &str, subtree: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// Listener owners that exited, drained from the kernel; each listener they
-/// owned is charged to the oldest process still holding it (a daemon's
-/// original process exits once it has forked; its children keep the socket).
+/// Listener owners that exited, drained from the kernel. The kernel handed
+/// the last listener each owned to its first child (its heir); any other
+/// listener still charged to it goes to that heir too, or, without one, to
+/// the oldest process still holding it (which needs /proc access the agent
+/// may have given up).
 pub struct ExitedOwners {
-    exited: HashMap<MapData, u32, u64>,
+    exited: HashMap<MapData, u32, Owner>,
     listeners: HashMap<MapData, u16, Listener>,
     cgroup_filter: Option<String>,
 }
@@ -270,22 +312,35 @@ impl ExitedOwners {
     /// Re-resolves the listeners of owners that exited since the last call;
     /// returns how many listeners got a new owner.
     pub fn poll(&mut self) -> Result<usize> {
-        let exited: Vec<u32> = self.exited.keys().filter_map(Result::ok).collect();
+        let exited: Vec<(u32, Owner)> = self.exited.iter().filter_map(Result::ok).collect();
         if exited.is_empty() {
             return Ok(0);
         }
-        for pid in &exited {
+        for (pid, _) in &exited {
             let _ = self.exited.remove(pid);
         }
-        let orphaned: Vec<u16> = self
-            .listeners
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, l)| exited.contains(&l.owner.pid))
-            .map(|(port, _)| port)
-            .collect();
+        let mut reassigned = 0;
+        let mut orphaned = Vec::new();
+        let owned: Vec<(u16, Listener)> = self.listeners.iter().filter_map(Result::ok).collect();
+        for (port, mut listener) in owned {
+            let Some((_, heir)) = exited.iter().find(|(pid, _)| *pid == listener.owner.pid) else {
+                continue;
+            };
+            if !heir.is_known() {
+                orphaned.push(port);
+                continue;
+            }
+            listener.owner = Owner {
+                in_cgroup: listener.owner.in_cgroup,
+                ..*heir
+            };
+            self.listeners
+                .insert(port, listener, 0)
+                .context("updating the kernel's listener map")?;
+            reassigned += 1;
+        }
         if orphaned.is_empty() {
-            return Ok(0);
+            return Ok(reassigned);
         }
         let listening: Vec<TcpSocket> = tcp_sockets()
             .context("listing listeners via sock_diag")?
@@ -299,7 +354,6 @@ impl ExitedOwners {
             .collect();
         let holders = socket_holders(&inodes)?;
         let mut owners = ScanOwners::new(self.cgroup_filter.as_deref());
-        let mut reassigned = 0;
         for socket in &listening {
             let Some(holder) = holders.holder(socket.inode) else {
                 continue;

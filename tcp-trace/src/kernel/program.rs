@@ -218,6 +218,7 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .as_ref()
         .map_or_else(SockOffsets::default, |btf| sock_offsets(btf, probe));
     let accept = owners::accept_offsets(btf.as_ref(), tracefs, probe);
+    let task = owners::task_offsets(btf.as_ref(), probe);
     drop(btf);
     let synack = match tracefs::read_synack_layout(tracefs) {
         Ok(layout) => {
@@ -244,6 +245,7 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .override_global("SOCK_OFFSETS", &offsets, true)
         .override_global("SYNACK_LAYOUT", &synack.unwrap_or_default(), true)
         .override_global("ACCEPT_OFFSETS", &accept.unwrap_or_default(), true)
+        .override_global("TASK_OFFSETS", &task.unwrap_or_default(), true)
         .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
         // Wake the reader when an eighth of the ring is queued; it drains on
         // a timer otherwise (see source/live.rs).
