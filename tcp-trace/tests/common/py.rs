@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
     sync::{mpsc, OnceLock},
     thread,
     time::Duration,
@@ -125,6 +125,12 @@ impl Py {
 
     pub fn send(&mut self, line: &str) {
         writeln!(self.stdin.as_mut().unwrap(), "{line}").expect("writing to python3");
+    }
+
+    /// Waits (up to 10 s) for it to exit, and reaps it, its stdin left
+    /// open (for a process it forked that reads the same pipe).
+    pub fn wait(&mut self) -> ExitStatus {
+        wait_timeout(&mut self.child, Duration::from_secs(10))
     }
 
     /// Closes its stdin and waits for it to exit successfully.
