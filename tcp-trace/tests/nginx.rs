@@ -10,12 +10,7 @@
 
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, fmt::Write as _, thread, time::Duration};
 
 use common::{ab, alive, free_port, summary_count, Agent, AgentOutput, Ev, Nginx};
 use serde_json::Value;
@@ -24,7 +19,8 @@ const REQUESTS: usize = 200;
 const CONCURRENCY: usize = 10;
 
 /// How long the agent may take to give a listener whose owner exited to a
-/// process still holding it (its exit hook, then a /proc scan): 50-100 ms.
+/// process still holding it: its exit hook hands it to the owner's child at
+/// once; userspace's fallback (a /proc scan) runs on its 50 ms drain tick.
 const REOWN: Duration = Duration::from_millis(300);
 
 /// What the two agents printed while ab ran, and who nginx was.
@@ -56,10 +52,9 @@ impl Run {
         } else {
             let agents = start_agents();
             let nginx = Nginx::start(port, true);
-            // Nginx::start reaped the launcher: its exit is in the past.
-            let exited = Instant::now();
-            // What the agent may take to re-own the listener after that.
-            thread::sleep(REOWN.saturating_sub(exited.elapsed()));
+            // Nginx::start reaped the launcher: its exit is in the past;
+            // what the agent may take to re-own the listener after that.
+            thread::sleep(REOWN);
             (nginx, agents)
         };
         let (launcher, master, workers) = (nginx.launcher(), nginx.master(), nginx.workers());

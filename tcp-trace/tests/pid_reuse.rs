@@ -8,11 +8,13 @@
 //!
 //! What this proves: the kernel records an owner as it is at the time (pid
 //! and comm of the task, or of the listener's owner), and when a listener's
-//! owner exits the agent re-resolves the listener from the processes that
-//! hold it then (B), never by asking whether "pid A is alive" (it is again,
-//! as C, which holds no socket) nor by reading a pid's name later (that
-//! would name C's `sleep`). An agent that did either would charge P's
-//! connections to A's pid, now C's.
+//! owner exits the agent gives the listener to a process that has it then
+//! (the exit hook names A's child B; userspace can fall back to the oldest
+//! process holding it), never by asking later whether "pid A is alive" (it
+//! is again, as C, which holds no socket) nor by reading a pid's name later
+//! (that would name C's `sleep`). An agent that did either would charge P's
+//! connections to A's pid, now C's. C takes the pid at once, before the
+//! agent may even have handled A's exit.
 
 mod common;
 
