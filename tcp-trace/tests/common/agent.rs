@@ -198,6 +198,17 @@ impl Agent {
     }
 }
 
+/// A test that fails between `start` and `stop` must not leave the agent
+/// running (its programs attached, costing every later test on the host).
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl AgentOutput {
     /// Events of sockets with `port` at either end, grouped per socket, in order.
     pub fn sockets_on_port(&self, port: u16) -> BTreeMap<String, Vec<Ev>> {
