@@ -50,12 +50,40 @@ fn scripted_exchange(v6: bool, env: &[(&str, &str)]) {
     // Let the softirq tail of the exchange reach the ring buffer.
     thread::sleep(Duration::from_millis(200));
     let trace = agent.stop();
-    let sockets: Vec<Vec<Ev>> = trace.sockets_on_port(port).into_values().collect();
+    let all: Vec<Vec<Ev>> = trace.sockets_on_port(port).into_values().collect();
     assert_eq!(
-        sockets.len(),
+        all.len(),
         3,
-        "listener, accepted and client sockets: {sockets:#?}"
+        "listener, accepted and client sockets: {all:#?}"
     );
+    // The accept is no state change: checked on its own, then set aside.
+    let accepts: Vec<&Ev> = all
+        .iter()
+        .flatten()
+        .filter(|e| e.event == "accept")
+        .collect();
+    assert_eq!(accepts.len(), 1, "one accept: {all:#?}");
+    let accept = accepts[0];
+    assert_eq!(
+        (
+            accept.pid,
+            accept.comm.as_deref(),
+            accept.owner_source.as_deref()
+        ),
+        (Some(server_pid), Some("tt-server"), Some("accept"))
+    );
+    assert_eq!(
+        (accept.old_state.as_str(), accept.new_state.as_str()),
+        ("ESTABLISHED", "ESTABLISHED")
+    );
+    assert!(
+        accept.duration_ns.is_some(),
+        "the accept-queue wait: {accept:?}"
+    );
+    let sockets: Vec<Vec<Ev>> = all
+        .into_iter()
+        .map(|evs| evs.into_iter().filter(|e| e.event != "accept").collect())
+        .collect();
 
     let family = if v6 { "ipv6" } else { "ipv4" };
     for ev in sockets.iter().flatten() {

@@ -354,11 +354,13 @@ impl ExitedOwners {
             .collect();
         let holders = socket_holders(&inodes)?;
         let mut owners = ScanOwners::new(self.cgroup_filter.as_deref());
+        let mut unresolved = Vec::new();
         for socket in &listening {
+            let port = socket.endpoints.lport;
             let Some(holder) = holders.holder(socket.inode) else {
+                unresolved.push(port);
                 continue;
             };
-            let port = socket.endpoints.lport;
             let Ok(mut listener) = self.listeners.get(&port, 0) else {
                 continue;
             };
@@ -367,6 +369,16 @@ impl ExitedOwners {
                 .insert(port, listener, 0)
                 .context("updating the kernel's listener map")?;
             reassigned += 1;
+        }
+        // Said, not silent: these listeners stay charged to the exited owner.
+        if !unresolved.is_empty() && holders.walk.unreadable > 0 {
+            anyhow::bail!(
+                "the owner of the listener(s) on port(s) {unresolved:?} exited and the \
+                 processes still holding them could not be read ({} processes' file \
+                 descriptors are out of reach without CAP_SYS_PTRACE): they stay charged \
+                 to the exited owner",
+                holders.walk.unreadable
+            );
         }
         Ok(reassigned)
     }

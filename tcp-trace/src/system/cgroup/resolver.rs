@@ -55,12 +55,17 @@ pub struct CgroupStats {
 impl Cgroups {
     /// A resolver over this host's cgroup2 mount; without one, nothing
     /// resolves.
+    /// The hierarchy is read once now: a cgroup that exists at start but is
+    /// gone by the first event that names it (a short-lived container) still
+    /// resolves.
     pub fn new() -> Cgroups {
-        Self::over(
+        let mut cgroups = Self::over(
             CgroupFs::find()
                 .ok()
                 .map(|mount| mount.root().to_path_buf()),
-        )
+        );
+        cgroups.walk(Instant::now());
+        cgroups
     }
 
     /// A resolver over the hierarchy at `root`.
