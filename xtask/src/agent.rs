@@ -17,6 +17,8 @@ use aya::programs::loaded_programs;
 
 /// A running agent.
 pub struct Agent {
+    /// What the start-up owner scan said it found, and how long it took.
+    pub scan: Option<String>,
     child: Child,
     stderr: mpsc::Receiver<String>,
     pub programs: Vec<u32>,
@@ -58,12 +60,16 @@ impl Agent {
                 let _ = tx.send(line);
             }
         });
+        let mut scan = None;
         loop {
             let line = stderr
-                .recv_timeout(Duration::from_secs(30))
+                .recv_timeout(Duration::from_secs(60))
                 .context("tcp-trace did not start tracing")?;
             if line.starts_with("tcp-trace: tracing") {
                 break;
+            }
+            if let Some(rest) = line.strip_prefix("tcp-trace: start-up scan: ") {
+                scan = Some(rest.to_string());
             }
         }
         let programs = our_programs().difference(&before).copied().collect();
@@ -71,6 +77,7 @@ impl Agent {
             child,
             stderr,
             programs,
+            scan,
         })
     }
 

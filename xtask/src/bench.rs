@@ -208,7 +208,7 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
          median of traced/untraced connection rates per pair (min-max in brackets); *BPF ns/run* is \
          the agent's programs' run time over their run count (`kernel.bpf_stats_enabled`); *agent \
          CPU* is the agent's user+system time during the traced runs per million transitions the \
-         workload made; *received*/*dropped* are summed over the pairs; *RSS* is the agent's peak \
+         workload made; *received*/*dropped* (transitions and accepts) are summed over the pairs; *RSS* is the agent's peak \
          resident memory. Rate-limited loads cannot run faster than asked, so their ratios sit near \
          1 whenever the machine keeps up.\n\n\
          | load | configuration | untraced conn/s | speed ratio | BPF ns/run | agent CPU s per M transitions | received | dropped | peak RSS MiB |\n\
@@ -244,32 +244,10 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
         vec!["watch", "--json", "--max-sockets", &max_sockets],
     ] {
         let agent = Agent::start(tracer, &args)?;
-        let mut holders = Vec::new();
-        let mut left = HELD_CONNECTIONS;
-        while left > 0 {
-            let n = left.min(HELD_PER_PROCESS);
-            left -= n;
-            let mut child = Command::new(churn_bin)
-                .args(["hold", &n.to_string()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("starting churn hold")?;
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-            if line.trim() != format!("held {n}") {
-                bail!("churn hold said {line:?}");
-            }
-            holders.push(child);
-        }
+        let holders = hold(churn_bin, HELD_CONNECTIONS)?;
         let memlock = agent.map_memlock();
         let rss = agent.peak_rss_kib();
-        for mut h in holders {
-            if let Some(mut stdin) = h.stdin.take() {
-                let _ = stdin.write_all(b"\n");
-            }
-            h.wait()?;
-        }
+        release(holders)?;
         let Summary {
             received,
             dropped,
@@ -287,7 +265,63 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
             rss as f64 / 1024.0,
         ));
     }
+    lines.push_str(&scan_cost(tracer, churn_bin, &max_sockets)?);
     Ok(lines)
+}
+
+/// The start-up owner scan with HELD_CONNECTIONS connections already open
+/// (2 sockets each, plus their holders' listeners): its time, and the
+/// agent's peak memory with it.
+fn scan_cost(tracer: &Path, churn_bin: &Path, max_sockets: &str) -> Result<String> {
+    let holders = hold(churn_bin, HELD_CONNECTIONS)?;
+    let agent = Agent::start(tracer, &["watch", "--json", "--max-sockets", max_sockets])?;
+    let rss = agent.peak_rss_kib();
+    let scan = agent
+        .scan
+        .clone()
+        .unwrap_or_else(|| "(no start-up scan line)".into());
+    release(holders)?;
+    agent.stop()?;
+    Ok(format!(
+        "- Started with the {HELD_CONNECTIONS} connections already open, \
+         `tcp-trace watch --json --max-sockets {max_sockets}` found their owners at start \
+         ({scan}); agent peak RSS {:.1} MiB, the scan included.\n",
+        rss as f64 / 1024.0,
+    ))
+}
+
+/// `count` connections held open by `churn hold` processes.
+fn hold(churn_bin: &Path, count: usize) -> Result<Vec<std::process::Child>> {
+    let mut holders = Vec::new();
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(HELD_PER_PROCESS);
+        left -= n;
+        let mut child = Command::new(churn_bin)
+            .args(["hold", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting churn hold")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        if line.trim() != format!("held {n}") {
+            bail!("churn hold said {line:?}");
+        }
+        holders.push(child);
+    }
+    Ok(holders)
+}
+
+/// Lets `churn hold` processes close their connections and exit.
+fn release(holders: Vec<std::process::Child>) -> Result<()> {
+    for mut h in holders {
+        if let Some(mut stdin) = h.stdin.take() {
+            let _ = stdin.write_all(b"\n");
+        }
+        h.wait()?;
+    }
+    Ok(())
 }
 
 /// Agents attached at once for the skip measurement.
@@ -351,7 +385,8 @@ fn skips(tracer: &Path, churn_bin: &Path) -> Result<String> {
     }
     Ok(format!(
         "Workload: `churn burst {SKIP_CONNECTIONS} {SKIP_THREADS}` ({SKIP_CONNECTIONS} connections \
-         from {SKIP_THREADS} threads on one listener, {} transitions), {SKIP_RUNS} runs per row; \
+         from {SKIP_THREADS} threads on one listener, {} transitions and {SKIP_CONNECTIONS} \
+         accepts), {SKIP_RUNS} runs per row; \
          a one-thread burst makes no skips here.\n\n{table}\n\
          The kernel does not run a tracing program on a CPU where one is already running; for \
          classic tracepoints the guard is shared by every kprobe and tracepoint program on the \
