@@ -39,24 +39,10 @@ pub(crate) unsafe fn read_at<T>(base: u64, offset: usize) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base as *const u8).wrapping_add(offset) as *const T) }
 }
 
-/// Streams one transition: its record is reserved in the ring buffer and
-/// filled in place (an `Event` built on the stack would not fit beside the
-/// rest in BPF's 512 bytes). A failed read discards it.
-#[inline(always)]
-pub(crate) fn emit(
-    ctx: &TracePointContext,
-    direct: bool,
-    layout: &TracepointLayout,
-    rec: &Record,
-    now: u64,
-    tracked: &Tracked,
-    in_irq: bool,
-) -> Result<(), i32> {
-    submit(|ev| fill(ev, ctx, direct, layout, rec, now, tracked, in_irq))
-}
-
-/// Reserves one event, lets `fill` write it, and submits it, waking the
-/// reader only once `WAKEUP_BYTES` are queued; discards it if `fill` fails.
+/// Reserves one event, lets `fill` write it in place (an `Event` built on
+/// the stack would not fit beside the rest in BPF's 512 bytes), and submits
+/// it, waking the reader only once `WAKEUP_BYTES` are queued; discards it if
+/// `fill` fails (a failed read).
 #[inline(always)]
 pub(crate) fn submit(fill: impl FnOnce(&mut Event) -> Result<(), i32>) -> Result<(), i32> {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
@@ -85,9 +71,10 @@ pub(crate) fn submit(fill: impl FnOnce(&mut Event) -> Result<(), i32>) -> Result
     Ok(())
 }
 
+/// One transition's event.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn fill(
+pub(crate) fn fill_transition(
     ev: &mut Event,
     ctx: &TracePointContext,
     direct: bool,

@@ -32,7 +32,7 @@ use tcp_trace_common::{
 };
 
 use crate::{
-    emit::{aggregate, emit},
+    emit::{aggregate, fill_transition, submit},
     owners::seeded_owner,
     record::{in_task_context, read_record, Record},
     sockets::{track_listener, track_socket},
@@ -326,7 +326,7 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
 
-    emit(ctx, direct, &layout, &rec, now, &tracked, in_irq)
+    submit(|ev| fill_transition(ev, ctx, direct, &layout, &rec, now, &tracked, in_irq))
 }
 
 /// The `close_from` filter (kernel only): nonzero streams only transitions to

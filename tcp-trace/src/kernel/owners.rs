@@ -43,14 +43,8 @@ pub(super) fn accept_offsets(
             return None;
         }
     };
-    let mut missing = Vec::new();
-    let mut member = |ty: &str, name: &str, size: u32| {
-        let found = btf.member(ty, name).filter(|&(_, s)| s == size);
-        if found.is_none() {
-            missing.push(format!("{ty}.{name}"));
-        }
-        found.map_or(0, |(offset, _)| offset)
-    };
+    let mut members = Members::new(btf);
+    let mut member = |ty: &str, name: &str, size: u32| members.offset(ty, name, size);
     // `sock.__sk_common` is the first member of `struct sock`, so the
     // `sock_common` offsets are the socket's own.
     let offsets = AcceptOffsets {
@@ -71,17 +65,44 @@ pub(super) fn accept_offsets(
         skc_v6_daddr: member("sock_common", "skc_v6_daddr", 16),
     };
     if btf.member("sock", "__sk_common").map(|(offset, _)| offset) != Some(0) {
-        missing.push("sock.__sk_common at offset 0".into());
+        members.missing.push("sock.__sk_common at offset 0".into());
     }
-    if !missing.is_empty() {
-        probe.missing(
-            ACCEPT_OWNERS,
-            format!("not in the kernel's BTF: {}", missing.join(", ")),
-        );
-        return None;
+    members.all_found(probe, ACCEPT_OWNERS).then_some(offsets)
+}
+
+/// Member offsets looked up for one feature, and the ones BTF lacks.
+struct Members<'a> {
+    btf: &'a Btf,
+    missing: Vec<String>,
+}
+
+impl<'a> Members<'a> {
+    fn new(btf: &'a Btf) -> Self {
+        Members {
+            btf,
+            missing: Vec::new(),
+        }
     }
-    probe.found(ACCEPT_OWNERS);
-    Some(offsets)
+
+    /// Offset of `ty.name` if it is `size` bytes; 0, noted as missing, if not.
+    fn offset(&mut self, ty: &str, name: &str, size: u32) -> u32 {
+        let found = self.btf.member(ty, name).filter(|&(_, s)| s == size);
+        if found.is_none() {
+            self.missing.push(format!("{ty}.{name}"));
+        }
+        found.map_or(0, |(offset, _)| offset)
+    }
+
+    /// Whether every member was found; tells `probe` either way.
+    fn all_found(self, probe: &mut Probe, feature: &'static str) -> bool {
+        if self.missing.is_empty() {
+            probe.found(feature);
+            return true;
+        }
+        let reason = format!("not in the kernel's BTF: {}", self.missing.join(", "));
+        probe.missing(feature, reason);
+        false
+    }
 }
 
 /// Where the listener-owner exit handler finds the exiting process's first
@@ -92,14 +113,8 @@ pub(super) fn task_offsets(btf: Option<&Btf>, probe: &mut Probe) -> Option<TaskO
         probe.missing(LISTENER_HEIRS, "no kernel BTF");
         return None;
     };
-    let mut missing = Vec::new();
-    let mut member = |ty: &str, name: &str, size: u32| {
-        let found = btf.member(ty, name).filter(|&(_, s)| s == size);
-        if found.is_none() {
-            missing.push(format!("{ty}.{name}"));
-        }
-        found.map_or(0, |(offset, _)| offset)
-    };
+    let mut members = Members::new(btf);
+    let mut member = |ty: &str, name: &str, size: u32| members.offset(ty, name, size);
     let offsets = TaskOffsets {
         children: member("task_struct", "children", 16),
         sibling: member("task_struct", "sibling", 16),
@@ -110,15 +125,7 @@ pub(super) fn task_offsets(btf: Option<&Btf>, probe: &mut Probe) -> Option<TaskO
         cgroup_kn: member("cgroup", "kn", 8),
         kernfs_node_id: member("kernfs_node", "id", 8),
     };
-    if !missing.is_empty() {
-        probe.missing(
-            LISTENER_HEIRS,
-            format!("not in the kernel's BTF: {}", missing.join(", ")),
-        );
-        return None;
-    }
-    probe.found(LISTENER_HEIRS);
-    Some(offsets)
+    members.all_found(probe, LISTENER_HEIRS).then_some(offsets)
 }
 
 /// `(sock.__sk_common.skc_net, net.ns.inum)`: where a socket's namespace and
