@@ -164,7 +164,8 @@ static TASK_OFFSETS: TaskOffsets = TaskOffsets {
 
 /// Owners of connections open before the program was attached, by endpoints,
 /// from userspace's start-up scan; taken out at the socket's first event.
-/// Not preallocated: it costs only what the scan puts in.
+/// Not preallocated: it costs only what the scan puts in; userspace sizes it
+/// like `SOCKETS`.
 #[map]
 static SEEDS: HashMap<ConnKey, Owner> = HashMap::with_max_entries(131_072, BPF_F_NO_PREALLOC);
 

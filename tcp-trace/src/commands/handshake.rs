@@ -28,7 +28,7 @@ use crate::{
         monotonic_ns, owner_json, quantiles_json,
         text::{
             endpoint, human_duration, max_cell, owner_cells, printable_comm, quantile_cell,
-            report_kind,
+            report_kind, ContainerColumn,
         },
         Clock, Sink,
     },
@@ -185,6 +185,7 @@ struct HandshakeCommand {
     groups: HashMap<Side, BoundedGroups<String, Summary>>,
     /// Server handshakes by socket, until their `accept()`.
     awaiting_accept: HashMap<u64, Handshake>,
+    container: ContainerColumn,
 }
 
 impl HandshakeCommand {
@@ -241,7 +242,12 @@ impl HandshakeCommand {
             add_owner_origin(&mut line, h.owner.as_ref());
             return self.sink.json_line(&line);
         }
+        if self.container.joins(h.owner.as_ref()) {
+            let header = self.container.header(&header());
+            self.sink.text(&header)?;
+        }
         let (pid, comm) = owner_cells(h.owner.as_ref());
+        let comm = self.container.comm_cells(comm, h.owner.as_ref());
         let line = format!(
             "{:<12} {pid:>7} {comm:<16} {:<6} {:<21} {:<21} {:>9} {:>7} {:>11} {}\n",
             self.sink.clock.local_time(h.ts_ns),
@@ -366,16 +372,20 @@ fn report_text(
     s
 }
 
+/// The column header of handshake lines.
+fn header() -> String {
+    format!(
+        "{:<12} {:>7} {:<16} {:<6} {:<21} {:<21} {:>9} {:>7} {:>11} OUTCOME\n",
+        "TIME", "PID", "COMM", "SIDE", "LOCAL", "REMOTE", "DURATION", "RETRANS", "ACCEPT-WAIT"
+    )
+}
+
 impl Consumer for HandshakeCommand {
     fn start(&mut self) -> Result<()> {
         if self.sink.is_json() {
             return Ok(());
         }
-        let header = format!(
-            "{:<12} {:>7} {:<16} {:<6} {:<21} {:<21} {:>9} {:>7} {:>11} OUTCOME\n",
-            "TIME", "PID", "COMM", "SIDE", "LOCAL", "REMOTE", "DURATION", "RETRANS", "ACCEPT-WAIT"
-        );
-        self.sink.text(&header)
+        self.sink.text(&header())
     }
 
     fn event(&mut self, t: &Transition) -> Result<()> {
@@ -425,6 +435,7 @@ pub fn run(config: HandshakeConfig) -> Result<()> {
         sides: HashMap::new(),
         groups: HashMap::new(),
         awaiting_accept: HashMap::new(),
+        container: ContainerColumn::default(),
     };
     let settings = config.tracing.streaming();
     let timing = Timing {

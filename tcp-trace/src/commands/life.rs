@@ -13,7 +13,7 @@ use crate::{
     },
     output::{
         add_owner_origin, owner_json,
-        text::{endpoint, human_duration, owner_cells},
+        text::{endpoint, human_duration, owner_cells, ContainerColumn},
         Clock, Sink,
     },
     source::{self, Consumer, Timing, Totals},
@@ -245,8 +245,9 @@ fn bytes(n: u64) -> String {
     }
 }
 
-pub fn text_line(life: &Life, clock: &Clock) -> String {
+pub fn text_line(life: &Life, clock: &Clock, container: &ContainerColumn) -> String {
     let (pid, comm) = owner_cells(life.owner.as_ref());
+    let comm = container.comm_cells(comm, life.owner.as_ref());
     let lifetime = format!(
         "{}{}",
         if life.complete { "" } else { ">=" },
@@ -307,6 +308,7 @@ pub fn json_line(life: &Life) -> serde_json::Value {
 struct LifeCommand {
     connections: Connections,
     sink: Sink,
+    container: ContainerColumn,
 }
 
 impl Consumer for LifeCommand {
@@ -322,7 +324,11 @@ impl Consumer for LifeCommand {
             if self.sink.is_json() {
                 self.sink.json_line(&json_line(&life))?;
             } else {
-                let line = text_line(&life, &self.sink.clock);
+                if self.container.joins(life.owner.as_ref()) {
+                    self.sink
+                        .text(&format!("{}\n", self.container.header(HEADER)))?;
+                }
+                let line = text_line(&life, &self.sink.clock, &self.container);
                 self.sink.text(&format!("{line}\n"))?;
             }
         }
@@ -348,6 +354,7 @@ pub fn run(config: LifeConfig) -> Result<()> {
     let mut command = LifeCommand {
         connections: Connections::new(config.tracing.max_sockets as usize),
         sink: Sink::stdout(config.json),
+        container: ContainerColumn::default(),
     };
     if let Some(path) = &config.from {
         return source::replay(
@@ -437,7 +444,7 @@ mod tests {
         assert_eq!(life.lifetime_ns, close.ts_ns - seq[0].ts_ns);
         assert!(life.complete);
         assert_eq!(life.ending, Ending::Passive);
-        let line = text_line(&life, &Clock::with_offset(0));
+        let line = text_line(&life, &Clock::with_offset(0), &ContainerColumn::default());
         assert!(
             line.contains("SYN_SENT 200ns > ESTABLISHED 5.0us > CLOSE_WAIT 100ns > LAST_ACK 50ns"),
             "{line}"
@@ -484,7 +491,10 @@ mod tests {
         let life = tr.event(&ev(2, 25, "FIN_WAIT2", "CLOSE", Some(5))).one();
         assert!(!life.complete);
         assert_eq!(life.ending, Ending::Active);
-        assert!(text_line(&life, &Clock::with_offset(0)).contains(">=15ns"));
+        assert!(
+            text_line(&life, &Clock::with_offset(0), &ContainerColumn::default())
+                .contains(">=15ns")
+        );
         assert_eq!(
             json_line(&life)["states"][0]["duration_ns"],
             serde_json::Value::Null

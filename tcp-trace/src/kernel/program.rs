@@ -251,6 +251,9 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         // a timer otherwise (see source/live.rs).
         .override_global("WAKEUP_BYTES", &u64::from(ring_bytes / 8), true)
         .map_max_entries("SOCKETS", settings.max_sockets)
+        // Not preallocated: sized like the socket map, it costs what the
+        // start-up scan puts in.
+        .map_max_entries("SEEDS", settings.max_sockets)
         .map_max_entries("EVENTS", ring_bytes)
         .map_max_entries("HISTOGRAMS", histogram_slots)
         .load(PROGRAM)

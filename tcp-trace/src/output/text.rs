@@ -80,10 +80,44 @@ pub fn container_cell(owner: Option<&Owner>) -> String {
         .map_or_else(|| "-".into(), |id| id.chars().take(12).collect())
 }
 
-/// Whether the owner runs in a container (text output then shows a
-/// CONTAINER column from the first such event on).
-pub fn in_container(owner: Option<&Owner>) -> bool {
-    owner.is_some_and(|o| o.placement.as_ref().is_some_and(|p| p.container.is_some()))
+/// The CONTAINER column of text output: absent until the first owner in a
+/// container, then shown (under a header printed again) right after COMM.
+#[derive(Debug, Default)]
+pub struct ContainerColumn {
+    shown: bool,
+}
+
+impl ContainerColumn {
+    /// Whether `owner` makes the column appear now: the caller prints its
+    /// header again before the line.
+    pub fn joins(&mut self, owner: Option<&Owner>) -> bool {
+        let contained =
+            owner.is_some_and(|o| o.placement.as_ref().is_some_and(|p| p.container.is_some()));
+        let joins = contained && !self.shown;
+        self.shown |= contained;
+        joins
+    }
+
+    /// The COMM cell, followed by the CONTAINER cell once the column shows.
+    pub fn comm_cells(&self, comm: String, owner: Option<&Owner>) -> String {
+        if self.shown {
+            format!("{comm:<16} {:<12}", container_cell(owner))
+        } else {
+            comm
+        }
+    }
+
+    /// `header` (whose COMM column is 16 wide) with CONTAINER after COMM
+    /// once the column shows.
+    pub fn header(&self, header: &str) -> String {
+        match header.find("COMM") {
+            Some(at) if self.shown => {
+                let after = (at + 17).min(header.len());
+                format!("{}CONTAINER    {}", &header[..after], &header[after..])
+            }
+            _ => header.to_string(),
+        }
+    }
 }
 
 /// The `q`-quantile as a duration cell, `-` when there are no values.
@@ -103,6 +137,33 @@ pub fn max_cell(h: &Histogram) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_container_column_joins_after_comm() {
+        let mut column = ContainerColumn::default();
+        let header = format!("{:<12} {:>7} {:<16} {:<21}", "TIME", "PID", "COMM", "LOCAL");
+        assert_eq!(column.header(&header), header, "not shown yet");
+        let mut owner = Owner::process(7, b"nginx", crate::model::OwnerSource::Task);
+        assert!(!column.joins(Some(&owner)) && !column.joins(None));
+        owner.placement = Some(std::sync::Arc::new(crate::model::Placement {
+            cgroup: "/docker/x".into(),
+            container: Some("ab".repeat(32)),
+            ..Default::default()
+        }));
+        assert!(column.joins(Some(&owner)), "the first container");
+        assert!(!column.joins(Some(&owner)), "only once");
+        let shown = column.header(&header);
+        let cells = column.comm_cells("nginx".into(), Some(&owner));
+        assert_eq!(
+            shown.find("CONTAINER"),
+            Some(header.find("COMM").unwrap() + 17)
+        );
+        assert_eq!(cells, format!("{:<16} {}", "nginx", "ab".repeat(6)));
+        assert_eq!(
+            column.comm_cells("-".into(), None),
+            format!("{:<16} {:<12}", "-", "-")
+        );
+    }
 
     #[test]
     fn durations_read_like_a_person_writes_them() {

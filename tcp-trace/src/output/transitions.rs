@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use super::{
     clock::Clock,
-    text::{container_cell, endpoint, human_duration, in_container, owner_cells},
+    text::{endpoint, human_duration, owner_cells, ContainerColumn},
 };
 use crate::model::{recording, Transition};
 
@@ -46,7 +46,7 @@ impl Format {
 pub struct TextColumns {
     clock: Clock,
     endpoint_width: usize,
-    containers: bool,
+    container: ContainerColumn,
 }
 
 impl TextColumns {
@@ -54,33 +54,29 @@ impl TextColumns {
         Self {
             clock,
             endpoint_width: 21,
-            containers: false,
+            container: ContainerColumn::default(),
         }
     }
 
     fn header(&self, out: &mut impl Write) -> io::Result<()> {
         let w = self.endpoint_width;
-        let container = if self.containers { "CONTAINER    " } else { "" };
-        writeln!(
-            out,
-            "{:<12} {:>7} {:<16} {container}{:<w$} {:<w$} {:<11}    {:<11} {:>8}",
+        let header = format!(
+            "{:<12} {:>7} {:<16} {:<w$} {:<w$} {:<11}    {:<11} {:>8}",
             "TIME", "PID", "COMM", "LOCAL", "REMOTE", "OLDSTATE", "NEWSTATE", "DURATION"
-        )
+        );
+        writeln!(out, "{}", self.container.header(&header))
     }
 
     fn write(&mut self, out: &mut impl Write, t: &Transition) -> io::Result<()> {
-        if !self.containers && in_container(t.owner.as_ref()) {
-            self.containers = true;
+        if self.container.joins(t.owner.as_ref()) {
             self.header(out)?;
         }
         let local = endpoint(t.laddr, t.lport);
         let remote = endpoint(t.raddr, t.rport);
         self.endpoint_width = self.endpoint_width.max(local.len()).max(remote.len());
         let w = self.endpoint_width;
-        let (pid, mut comm) = owner_cells(t.owner.as_ref());
-        if self.containers {
-            comm = format!("{comm:<16} {:<12}", container_cell(t.owner.as_ref()));
-        }
+        let (pid, comm) = owner_cells(t.owner.as_ref());
+        let comm = self.container.comm_cells(comm, t.owner.as_ref());
         let duration = t
             .duration_ns
             .map_or_else(|| "-".to_string(), human_duration);
