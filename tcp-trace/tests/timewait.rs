@@ -241,7 +241,6 @@ fn sockets_of_another_network_namespace_are_confirmed_there() {
         .filter(|p| p["pid"].as_u64() == Some(u64::from(child.id())))
         .collect();
     assert_eq!(ours.len(), 1, "{report:#}");
-    assert_eq!(ours[0]["entered"], CONNECTIONS, "{report:#}");
     assert_eq!(ours[0]["closed_without_timewait"], 0, "{report:#}");
     let filter = format!("( sport = :{port} or dport = :{port} )");
     let out = Command::new("ip")
@@ -266,7 +265,19 @@ fn sockets_of_another_network_namespace_are_confirmed_there() {
     );
     let _ = child.kill();
     let _ = child.wait();
-    agent.stop_raw();
+    // Every close is ours, unless the kernel skipped its event (other
+    // tracers running at once): such a socket is listed without an owner.
+    let entered = ours[0]["entered"].as_u64().unwrap();
+    let (_, stderr) = agent.stop_raw();
+    let summary = stderr
+        .iter()
+        .find(|l| l.contains("events received"))
+        .expect("the exit summary");
+    let dropped = common::summary_count(summary, " dropped");
+    assert!(
+        entered <= CONNECTIONS as u64 && entered + dropped >= CONNECTIONS as u64,
+        "{entered} entered of {CONNECTIONS}, {dropped} dropped: {report:#}"
+    );
 }
 
 /// Lingering sockets a report counts in network namespace `netns`.

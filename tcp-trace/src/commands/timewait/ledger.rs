@@ -229,6 +229,11 @@ impl Ledger {
     fn confirm(&mut self, netns: u32, s: &TimewaitSocket, by_pid: bool) {
         let key = (netns, s.endpoints);
         if let Some(c) = self.candidates.remove(&key) {
+            // Its close may have been read after the kernel listed it (the
+            // timewait socket exists just before the CLOSE event): it is
+            // ours after all, not one from before start or unattributed.
+            self.before_start.remove(&key);
+            self.unattributed.remove(&key);
             let lingering = Lingering {
                 owner: c.owner,
                 closed_ns: c.closed_ns,

@@ -374,6 +374,21 @@ mod tests {
     }
 
     #[test]
+    fn a_close_read_after_its_socket_was_listed_is_still_ours() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.poll_host(&[], 0);
+        let late = close(40_031, "FIN_WAIT2", 5, 0);
+        // Listed before its CLOSE event arrives: unattributed for now.
+        tr.poll_host(&[listed(&late, true)], S);
+        assert_eq!(tr.unattributed.len(), 1);
+        tr.event(&late);
+        tr.poll_host(&[listed(&late, true)], 2 * S);
+        assert!(tr.unattributed.is_empty());
+        assert_eq!(tr.rows.get(&(5, b"curl".to_vec())).unwrap().entered, 1);
+        assert_eq!(tr.lingering_total(), 1, "counted once");
+    }
+
+    #[test]
     fn by_container_folds_the_processes_of_one_container() {
         let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
         tr.poll_host(&[], 0);
