@@ -9,5 +9,4 @@ mod probe;
 mod program;
 pub mod tracefs;
 
-pub use owners::in_subtree;
 pub use program::{attach_floor, Counters, Program, Settings, RING_BYTES};

@@ -14,10 +14,13 @@ use tcp_trace_common::{
 };
 
 use super::{btf::Btf, probe::Probe, program::attach_tracepoint, tracefs};
-use crate::system::{
-    cgroup::{proc_cgroup, CgroupFs},
-    owners::{socket_holders, Holder, Scan},
-    sock_diag::{tcp_sockets, TcpSocket},
+use crate::{
+    model::cgroup_within,
+    system::{
+        cgroup::{proc_cgroup, CgroupFs},
+        owners::{socket_holders, Holder, Scan},
+        sock_diag::{tcp_sockets, TcpSocket},
+    },
 };
 
 /// Names of the optional features, as the start-up notes print them.
@@ -262,7 +265,7 @@ impl<'a> ScanOwners<'a> {
             _ => 0,
         };
         let in_cgroup = match (self.cgroup_filter, &path) {
-            (Some(filter), Some(path)) => in_subtree(path, filter),
+            (Some(filter), Some(path)) => cgroup_within(path, filter),
             _ => false,
         };
         let mut comm = [0u8; COMM_LEN];
@@ -280,16 +283,6 @@ impl<'a> ScanOwners<'a> {
         self.by_pid.insert(holder.pid, owner);
         owner
     }
-}
-
-/// Whether cgroup `path` is `subtree` or below it.
-pub fn in_subtree(path: &str, subtree: &str) -> bool {
-    let subtree = subtree.trim_end_matches('/');
-    subtree.is_empty()
-        || path == subtree
-        || path
-            .strip_prefix(subtree)
-            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Listener owners that exited, drained from the kernel. The kernel handed

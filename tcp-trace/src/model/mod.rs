@@ -6,7 +6,7 @@ mod owner;
 pub mod recording;
 mod transition;
 
-pub use owner::{Owner, OwnerSource, Placement};
+pub use owner::{cgroup_within, Owner, OwnerSource, Placement};
 pub use transition::{decode, family, SockFields, TcpState, Transition};
 
 #[cfg(test)]

@@ -95,6 +95,16 @@ pub struct Placement {
     pub pod_uid: Option<String>,
 }
 
+/// Whether cgroup `path` is `subtree` or below it, by whole path components.
+pub fn cgroup_within(path: &str, subtree: &str) -> bool {
+    let subtree = subtree.trim_end_matches('/');
+    subtree.is_empty()
+        || path == subtree
+        || path
+            .strip_prefix(subtree)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

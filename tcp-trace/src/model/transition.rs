@@ -127,7 +127,7 @@ impl Transition {
         let Some(placement) = self.owner.as_ref().and_then(|o| o.placement.as_ref()) else {
             return false;
         };
-        crate::kernel::in_subtree(&placement.cgroup, path)
+        super::cgroup_within(&placement.cgroup, path)
     }
 
     /// The transition `old -> new`.
