@@ -365,6 +365,17 @@ mod tests {
     use super::*;
     use crate::model::{from_event, sample_event};
 
+    /// Every transition of a recording that must read back whole.
+    fn read_all(text: &str) -> Vec<Transition> {
+        let mut all = Vec::new();
+        read(text.as_bytes(), "recording", |t| {
+            all.push(t);
+            Ok(())
+        })
+        .unwrap();
+        all
+    }
+
     fn to_line(t: &Transition) -> String {
         let mut out = Vec::new();
         write(&mut out, t).unwrap();
@@ -401,22 +412,12 @@ mod tests {
         let t = from_event(&ev).unwrap();
         let line = to_line(&t);
         assert!(line.contains(r#""event":"accept""#), "{line}");
-        let mut back = Vec::new();
-        read(line.as_bytes(), "rec", |t| {
-            back.push(t);
-            Ok(())
-        })
-        .unwrap();
+        let back = read_all(&line);
         assert_eq!(back, [t]);
 
         // Before 0.3: no event, owner_source, placement or netns fields.
         let old = r#"{"ts_ns":5,"sk":"0x1","pid":9,"comm":"nc","family":"ipv4","laddr":"127.0.0.1","lport":1,"raddr":"127.0.0.1","rport":2,"old_state":"SYN_SENT","new_state":"ESTABLISHED","duration_ns":3,"bytes_sent":null,"bytes_received":null,"error":null,"retransmits":null,"handshake_ns":null}"#;
-        let mut back = Vec::new();
-        read(old.as_bytes(), "old", |t| {
-            back.push(t);
-            Ok(())
-        })
-        .unwrap();
+        let back = read_all(old);
         let owner = back[0].owner.as_ref().unwrap();
         assert_eq!(
             (owner.source, back[0].accept, back[0].netns),
@@ -468,12 +469,7 @@ mod tests {
         }));
         let line = to_line(&t);
         assert!(line.contains(r#""error":"ECONNRESET""#), "{line}");
-        let mut back = Vec::new();
-        read(line.as_bytes(), "rec", |t| {
-            back.push(t);
-            Ok(())
-        })
-        .unwrap();
+        let back = read_all(&line);
         assert_eq!(back, [t]);
     }
 
