@@ -266,6 +266,7 @@ fn parse_stat(stat: &[u8]) -> Option<(&[u8], u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::system::sock_diag::tests::{endpoints, inode_of};
     use std::{
         net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
         os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -366,20 +367,6 @@ mod tests {
 
     fn me() -> Holder {
         read_holder(std::process::id()).unwrap()
-    }
-
-    fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u64 {
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
-        socket_inode(link.as_os_str().as_encoded_bytes()).unwrap()
-    }
-
-    fn endpoints(local: SocketAddr, remote: SocketAddr) -> Endpoints {
-        Endpoints {
-            laddr: local.ip(),
-            lport: local.port(),
-            raddr: remote.ip(),
-            rport: remote.port(),
-        }
     }
 
     /// A dump of a table that other tests' sockets churn through may pass

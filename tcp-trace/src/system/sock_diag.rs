@@ -192,7 +192,7 @@ fn tcp_socket(r: &InetResponse) -> TcpSocket {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::{
         net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
@@ -244,7 +244,8 @@ mod tests {
         assert!(ours[0].time_wait);
     }
 
-    fn endpoints(local: SocketAddr, remote: SocketAddr) -> Endpoints {
+    /// A connection's endpoints as sock_diag lists them.
+    pub(in crate::system) fn endpoints(local: SocketAddr, remote: SocketAddr) -> Endpoints {
         Endpoints {
             laddr: local.ip(),
             lport: local.port(),
@@ -253,7 +254,8 @@ mod tests {
         }
     }
 
-    fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u64 {
+    /// The inode of the socket behind `fd`, as `/proc/self/fd` names it.
+    pub(in crate::system) fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u64 {
         let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
         let link = link.to_str().unwrap();
         link["socket:[".len()..link.len() - 1].parse().unwrap()
