@@ -15,12 +15,18 @@ use serde_json::Value;
 
 /// Timewait sockets on `port` that `ss` counts right now.
 fn ss_time_wait(port: u16) -> usize {
+    time_wait_by(Command::new("ss"), port)
+}
+
+/// Timewait sockets on `port` that `ss` (run as `ss`, for example inside a
+/// network namespace) counts right now.
+fn time_wait_by(mut ss: Command, port: u16) -> usize {
     let filter = format!("( sport = :{port} or dport = :{port} )");
-    let out = Command::new("ss")
+    let out = ss
         .args(["-Htan", "state", "time-wait", &filter])
         .output()
         .expect("running ss (iproute2)");
-    assert!(out.status.success());
+    assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
@@ -262,21 +268,7 @@ fn sockets_of_another_network_namespace_are_confirmed_there() {
         .collect();
     assert_eq!(ours.len(), 1, "{report:#}");
     assert_eq!(ours[0]["closed_without_timewait"], 0, "{report:#}");
-    let filter = format!("( sport = :{port} or dport = :{port} )");
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns.name(),
-            "ss",
-            "-Htan",
-            "state",
-            "time-wait",
-            &filter,
-        ])
-        .output()
-        .expect("ip netns exec ss");
-    let in_namespace = String::from_utf8_lossy(&out.stdout).lines().count();
+    let in_namespace = time_wait_by(ns.command("ss"), port);
     assert_eq!(in_namespace, CONNECTIONS, "ss in the namespace");
     assert_eq!(
         namespace_lingering(&report, netns),
