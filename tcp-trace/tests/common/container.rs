@@ -213,16 +213,23 @@ impl Container {
         self.bundle.path()
     }
 
-    /// Waits (up to 30 s) for the container to exit; returns its status and
-    /// what it printed.
+    /// Waits (up to 30 s) for the container to exit, which it must do
+    /// successfully; returns its status and what it printed.
     pub fn wait(mut self) -> ContainerOutput {
         let status = wait_timeout(self.runc.as_mut().unwrap(), Duration::from_secs(30));
         self.runc = None;
-        ContainerOutput {
+        let out = ContainerOutput {
             status,
             stdout: self.stdout.take().unwrap().join().unwrap(),
             stderr: self.stderr.take().unwrap().join().unwrap(),
-        }
+        };
+        assert!(
+            out.status.success(),
+            "container exited with {}: {}",
+            out.status,
+            out.stderr
+        );
+        out
     }
 }
 
