@@ -82,43 +82,48 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     a.finish();
     b.finish();
 
+    // Every close is resolved within a few 1 s polls: entered, or closed
+    // without TIME_WAIT. The kernel may skip runs while other tests' agents
+    // run (counted host-wide as dropped): a skipped close is never charged.
     let report = wait_for(&agent, Duration::from_secs(20), |r| {
-        row_lingering(r, "tt-closer-a") == 50 && row_lingering(r, "tt-closer-b") == 20
+        let dropped = r["events_dropped"].as_u64().unwrap();
+        [("tt-closer-a", 50), ("tt-closer-b", 20)]
+            .iter()
+            .all(|&(comm, n)| resolved(r, comm) + dropped >= n)
     });
-    let rows = rows(&report);
-    let (ra, rb) = (&rows["tt-closer-a"], &rows["tt-closer-b"]);
-    assert_eq!(
-        (
-            ra["pid"].as_u64(),
-            ra["entered"].as_u64(),
-            ra["lingering"].as_u64()
-        ),
-        (Some(a_pid as u64), Some(50), Some(50))
-    );
-    assert_eq!(
-        (
-            rb["pid"].as_u64(),
-            rb["entered"].as_u64(),
-            rb["lingering"].as_u64()
-        ),
-        (Some(b_pid as u64), Some(20), Some(20))
-    );
+    let dropped = report["events_dropped"].as_u64().unwrap();
+    let by_comm = rows(&report);
+    let (ra, rb) = (&by_comm["tt-closer-a"], &by_comm["tt-closer-b"]);
+    assert_eq!(ra["pid"].as_u64(), Some(a_pid as u64));
+    assert_eq!(rb["pid"].as_u64(), Some(b_pid as u64));
+    for (row, n) in [(ra, 50), (rb, 20)] {
+        let entered = row["entered"].as_u64().unwrap();
+        assert_eq!(row["lingering"].as_u64(), Some(entered), "{report:#}");
+        assert!(entered <= n, "{report:#}");
+        if dropped == 0 {
+            assert_eq!(resolved(&report, row["comm"].as_str().unwrap()), n);
+        }
+    }
     assert!(
-        !rows.contains_key("tt-server"),
+        !by_comm.contains_key("tt-server"),
         "the server closed second: {report:#}"
     );
     assert_eq!(ra["top_remotes"][0]["rport"], port);
-    // Timewait sockets an earlier test left with this remote port count as
-    // "before start", for us and for ss alike.
+    // What we count lingering is what the kernel lists: ours, any whose
+    // close was skipped (unattributed), and timewait sockets an earlier test
+    // left with this remote port ("before start", for us and for ss alike).
+    let ours = ra["entered"].as_u64().unwrap() + rb["entered"].as_u64().unwrap();
+    let unattributed = report["unattributed"]["lingering"].as_u64().unwrap();
     let before = report["before_start"]["lingering"].as_u64().unwrap();
+    assert!(unattributed <= dropped, "{report:#}");
     assert_eq!(
         report["lingering_total"].as_u64(),
-        Some(70 + before),
+        Some(ours + unattributed + before),
         "{report:#}"
     );
     let ss = ss_time_wait(port) as u64;
     assert!(
-        (70..=70 + before).contains(&ss),
+        (ours + unattributed..=ours + unattributed + before).contains(&ss),
         "ss counts {ss}: {report:#}"
     );
 
@@ -126,9 +131,9 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     let reaped = wait_for(&agent, Duration::from_secs(80), |r| {
         row_lingering(r, "tt-closer-a") == 0 && row_lingering(r, "tt-closer-b") == 0
     });
-    let ra = &rows_of(&reaped)["tt-closer-a"];
-    assert_eq!(ra["entered"], 50);
-    assert_eq!(ra["time_wait"]["count"], 50);
+    let ra = &rows(&reaped)["tt-closer-a"];
+    let entered = ra["entered"].as_u64().unwrap();
+    assert_eq!(ra["time_wait"]["count"].as_u64(), Some(entered));
     let p50 = ra["time_wait"]["p50_ns"].as_u64().unwrap() as f64 / 1e9;
     // 60 s, measured by 1 s polls (and the histogram's 1.6 %).
     assert!((58.5..=62.5).contains(&p50), "TIME_WAIT p50 {p50:.2} s");
@@ -137,8 +142,12 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     agent.stop_raw();
 }
 
-fn rows_of(report: &Value) -> HashMap<String, Value> {
-    rows(report)
+/// Closes of the process named `comm` resolved so far: confirmed in
+/// TIME_WAIT, or closed without it.
+fn resolved(report: &Value, comm: &str) -> u64 {
+    rows(report).get(comm).map_or(0, |p| {
+        p["entered"].as_u64().unwrap() + p["closed_without_timewait"].as_u64().unwrap()
+    })
 }
 
 /// Lingering sockets charged to the process named `comm` (0 when not listed).

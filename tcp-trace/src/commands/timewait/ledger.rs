@@ -220,7 +220,7 @@ impl Ledger {
         }
         let read: HashSet<u32> = readings.iter().map(|r| r.netns).collect();
         self.end_stays(&present, &read, now_ns);
-        self.expire_candidates(&read);
+        self.expire_candidates(&read, now_ns);
         self.count_lingering();
     }
 
@@ -282,10 +282,16 @@ impl Ledger {
     }
 
     /// Candidates never listed: closed without TIME_WAIT, where their
-    /// namespace was read; out of reach where it could not be.
-    fn expire_candidates(&mut self, read: &HashSet<u32>) {
+    /// namespace was read; out of reach where it could not be. Only readings
+    /// taken after the close count against a candidate: one taken before it
+    /// but applied after its event (they come from another thread) cannot
+    /// have listed it.
+    fn expire_candidates(&mut self, read: &HashSet<u32>, taken_ns: u64) {
         let mut expired = Vec::new();
         for (key, c) in self.candidates.iter_mut() {
+            if taken_ns < c.closed_ns {
+                continue;
+            }
             c.polls += 1;
             if c.polls >= CANDIDATE_POLLS {
                 expired.push(*key);

@@ -129,12 +129,12 @@ impl TimewaitCommand {
         }
     }
 
-    fn report(&mut self, now_ns: u64, last: bool) -> Result<()> {
+    fn report(&mut self, now_ns: u64, last: bool, totals: &Totals) -> Result<()> {
         let sysctls = read_timewait_sysctls();
-        let (ledger, by) = (&self.ledger, self.by);
+        let (ledger, by, dropped) = (&self.ledger, self.by, totals.dropped());
         self.sink.report(
-            || report::json(ledger, by, now_ns, last, &sysctls),
-            |clock| report::text(ledger, by, now_ns, last, &sysctls, clock),
+            || report::json(ledger, by, now_ns, last, &sysctls, dropped),
+            |clock| report::text(ledger, by, now_ns, last, &sysctls, dropped, clock),
         )
     }
 }
@@ -173,22 +173,22 @@ impl Consumer for TimewaitCommand {
         self.apply_pending()
     }
 
-    fn interval(&mut self, now_ns: u64, _totals: &Totals) -> Result<()> {
+    fn interval(&mut self, now_ns: u64, totals: &Totals) -> Result<()> {
         self.apply_pending()?;
         self.ticks += 1;
         if self.ticks.is_multiple_of(self.report_every) {
-            self.report(now_ns, false)?;
+            self.report(now_ns, false, totals)?;
         }
         Ok(())
     }
 
-    fn finish(&mut self, _totals: &Totals) -> Result<()> {
+    fn finish(&mut self, totals: &Totals) -> Result<()> {
         self.apply_pending()?;
         self.dumps = None;
         let dump = dump_now(self.host_netns, &self.reach);
         let taken = dump.0;
         self.apply(dump)?;
-        self.report(taken, true)
+        self.report(taken, true, totals)
     }
 }
 
@@ -359,6 +359,22 @@ mod tests {
     }
 
     #[test]
+    fn readings_taken_before_a_close_do_not_refute_it() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.poll_host(&[], 0);
+        let mut late = close(40_008, "FIN_WAIT2", 8, 0);
+        late.ts_ns = 10 * S;
+        tr.event(&late);
+        // Readings queued before the close, applied after its event.
+        for i in 1..=CANDIDATE_POLLS as u64 {
+            tr.poll_host(&[], i * S);
+        }
+        assert_eq!(tr.candidates(), 1, "still a candidate");
+        tr.poll_host(&[listed(&late, true)], 11 * S);
+        assert_eq!(tr.rows.get(&(8, b"curl".to_vec())).unwrap().entered, 1);
+    }
+
+    #[test]
     fn fin_wait2_substate_counts_once_it_reaches_time_wait() {
         let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
         tr.poll_host(&[], 0);
@@ -413,6 +429,7 @@ mod tests {
             S,
             false,
             &read_timewait_sysctls(),
+            0,
         );
         let groups = v["groups"].as_array().unwrap();
         let entered = |key: &str| {
@@ -435,6 +452,7 @@ mod tests {
             S,
             false,
             &read_timewait_sysctls(),
+            0,
             &Clock::with_offset(0),
         );
         assert!(text.contains("CONTAINER"), "{text}");
@@ -445,7 +463,7 @@ mod tests {
         let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
         let old = close(40_007, "FIN_WAIT2", 1, 0);
         tr.poll_host(&[listed(&old, true)], 0);
-        let v = report::json(&tr, None, S, false, &read_timewait_sysctls());
+        let v = report::json(&tr, None, S, false, &read_timewait_sysctls(), 0);
         assert_eq!(v["before_start"]["lingering"], 1);
         assert_eq!(v["processes"].as_array().unwrap().len(), 0);
         assert_eq!(v["lingering_total"], 1);
@@ -466,10 +484,14 @@ mod tests {
             values: vec![("ip_local_port_range", "40000-40099".into())],
             port_range: Some((40_000, 40_099)),
         };
-        let text = report::text(&tr, None, S, false, &sysctls, &Clock::with_offset(0));
+        let text = report::text(&tr, None, S, false, &sysctls, 7, &Clock::with_offset(0));
         assert!(
             text.contains("warning: 60 lingering sockets to 10.1.2.3:80 hold 60 %"),
             "{text}"
+        );
+        assert!(
+            text.contains("7 transitions dropped"),
+            "what was missed is said: {text}"
         );
     }
 }

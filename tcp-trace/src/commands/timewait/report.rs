@@ -103,6 +103,7 @@ pub fn json(
     now_ns: u64,
     last: bool,
     sysctls: &Sysctls,
+    dropped: u64,
 ) -> Value {
     let elapsed = elapsed_s(ledger, now_ns);
     let processes: Vec<Value> = ranked_rows(ledger, by)
@@ -169,6 +170,7 @@ pub fn json(
             .collect::<Vec<_>>(),
         "out_of_reach": ledger.out_of_reach,
         "port_pressure": pressure,
+        "events_dropped": dropped,
     })
 }
 
@@ -178,6 +180,7 @@ pub fn text(
     now_ns: u64,
     last: bool,
     sysctls: &Sysctls,
+    dropped: u64,
     clock: &Clock,
 ) -> String {
     let mut s = String::new();
@@ -248,6 +251,13 @@ pub fn text(
             s,
             "{} closes in network namespaces no process of which was left to read: unconfirmed",
             ledger.out_of_reach
+        );
+    }
+    if dropped > 0 {
+        let _ = writeln!(
+            s,
+            "{dropped} transitions dropped so far (host-wide; see the summary): \
+             counts may be short by as many"
         );
     }
     if let Some(range) = sysctls.port_range {
