@@ -196,6 +196,99 @@ pub mod counter {
     pub const COUNT: u32 = 6;
 }
 
+/// Linux errno values a connection ends with (`sock.sk_err`), as the kernel
+/// program classifies them (the generic ABI's numbers).
+pub mod errno {
+    pub const EPIPE: u16 = 32;
+    pub const ECONNRESET: u16 = 104;
+    pub const ETIMEDOUT: u16 = 110;
+    pub const ECONNREFUSED: u16 = 111;
+}
+
+/// Which end of a handshake: index of the kernel's handshake histograms.
+pub mod side {
+    pub const CLIENT: u32 = 0;
+    pub const SERVER: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// How a handshake ended.
+pub mod outcome {
+    pub const ESTABLISHED: u32 = 0;
+    pub const REFUSED: u32 = 1;
+    pub const TIMEOUT: u32 = 2;
+    /// Torn down by either end for any other reason.
+    pub const ABORTED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// How a connection closed, from its last state and its error alone.
+pub mod close_kind {
+    /// We sent the first FIN (closed from FIN_WAIT1, FIN_WAIT2 or CLOSING).
+    pub const ACTIVE: u32 = 0;
+    /// The peer sent the first FIN (closed from LAST_ACK).
+    pub const PASSIVE: u32 = 1;
+    /// A reset from the peer (ECONNRESET, EPIPE).
+    pub const RESET: u32 = 2;
+    /// Torn down without a FIN exchange or for another error.
+    pub const ABORTED: u32 = 3;
+    /// A connect answered by a reset (ECONNREFUSED).
+    pub const REFUSED: u32 = 4;
+    /// Retransmissions or keep-alive probes gave up (ETIMEDOUT).
+    pub const TIMEOUT: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// Slots of the per-CPU `TALLIES` array, summed by the kernel program when it
+/// aggregates (`stats`' kernel mode, `serve`).
+pub mod tally {
+    use super::{close_kind, side};
+    /// Transitions by states: `TRANSITIONS + old * 16 + new`.
+    pub const TRANSITIONS: u32 = 0;
+    /// SYN (client) and SYN-ACK (server) retransmissions: `+ side`.
+    pub const HANDSHAKE_RETRANS: u32 = 256;
+    /// Closed connections: `+ close_kind`.
+    pub const CLOSES: u32 = HANDSHAKE_RETRANS + side::COUNT;
+    pub const COUNT: u32 = CLOSES + close_kind::COUNT;
+}
+
+/// The outcome of a handshake that left SYN_SENT or SYN_RECV for `new_state`,
+/// given the socket's error where known.
+#[inline(always)]
+pub fn handshake_outcome(new_state: u8, error: Option<u16>) -> u32 {
+    if new_state == state::ESTABLISHED {
+        return outcome::ESTABLISHED;
+    }
+    match error {
+        Some(errno::ECONNREFUSED) => outcome::REFUSED,
+        Some(errno::ETIMEDOUT) => outcome::TIMEOUT,
+        _ => outcome::ABORTED,
+    }
+}
+
+/// How a connection that closed from `old_state` ended, given its error
+/// where known; `None` for what is not a connection (a listener, or a
+/// socket that never connected).
+#[inline(always)]
+pub fn close_kind(old_state: u8, error: Option<u16>) -> Option<u32> {
+    if old_state == state::LISTEN || old_state == state::CLOSE {
+        return None;
+    }
+    Some(match error {
+        Some(errno::ECONNREFUSED) => close_kind::REFUSED,
+        Some(errno::ETIMEDOUT) => close_kind::TIMEOUT,
+        Some(errno::ECONNRESET | errno::EPIPE) => close_kind::RESET,
+        Some(e) if e != 0 => close_kind::ABORTED,
+        _ => match old_state {
+            state::FIN_WAIT1 | state::FIN_WAIT2 | state::CLOSING | state::TIME_WAIT => {
+                close_kind::ACTIVE
+            }
+            state::LAST_ACK => close_kind::PASSIVE,
+            _ => close_kind::ABORTED,
+        },
+    })
+}
+
 /// Offsets of the tracepoint's fields, read from its tracefs format file at load
 /// time and handed to the program as read-only globals.
 #[repr(C)]
@@ -480,7 +573,50 @@ pub mod hist {
 
 #[cfg(test)]
 mod tests {
-    use super::{Filter, AF_INET, AF_INET6};
+    use super::{
+        close_kind, errno, handshake_outcome, outcome, state, tally, Filter, AF_INET, AF_INET6,
+    };
+
+    #[test]
+    fn handshakes_end_by_state_then_error() {
+        assert_eq!(
+            handshake_outcome(state::ESTABLISHED, None),
+            outcome::ESTABLISHED
+        );
+        let closed = |e| handshake_outcome(state::CLOSE, e);
+        assert_eq!(closed(Some(errno::ECONNREFUSED)), outcome::REFUSED);
+        assert_eq!(closed(Some(errno::ETIMEDOUT)), outcome::TIMEOUT);
+        assert_eq!(closed(Some(0)), outcome::ABORTED);
+        assert_eq!(closed(None), outcome::ABORTED);
+    }
+
+    #[test]
+    fn closes_are_classified_by_error_then_by_who_sent_the_first_fin() {
+        let kind = |old, e| close_kind(old, e);
+        assert_eq!(kind(state::FIN_WAIT2, Some(0)), Some(close_kind::ACTIVE));
+        assert_eq!(kind(state::CLOSING, None), Some(close_kind::ACTIVE));
+        assert_eq!(kind(state::LAST_ACK, Some(0)), Some(close_kind::PASSIVE));
+        let reset = Some(errno::ECONNRESET);
+        assert_eq!(kind(state::ESTABLISHED, reset), Some(close_kind::RESET));
+        assert_eq!(
+            kind(state::FIN_WAIT1, Some(errno::EPIPE)),
+            Some(close_kind::RESET)
+        );
+        let refused = Some(errno::ECONNREFUSED);
+        assert_eq!(kind(state::SYN_SENT, refused), Some(close_kind::REFUSED));
+        let timeout = Some(errno::ETIMEDOUT);
+        assert_eq!(kind(state::ESTABLISHED, timeout), Some(close_kind::TIMEOUT));
+        assert_eq!(kind(state::ESTABLISHED, Some(0)), Some(close_kind::ABORTED));
+        assert_eq!(kind(state::SYN_SENT, Some(113)), Some(close_kind::ABORTED));
+        assert_eq!(kind(state::LISTEN, Some(0)), None);
+        assert_eq!(kind(state::CLOSE, None), None);
+    }
+
+    #[test]
+    fn tallies_do_not_overlap() {
+        assert_eq!(tally::TRANSITIONS + 16 * 16, tally::HANDSHAKE_RETRANS);
+        assert!(tally::CLOSES + close_kind::COUNT <= tally::COUNT);
+    }
 
     #[test]
     fn an_empty_filter_matches_everything() {

@@ -1,5 +1,4 @@
-//! What a streamed event carries beyond the record, and streaming it (or
-//! aggregating it in place).
+//! What a streamed event carries beyond the record, and streaming it.
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -7,7 +6,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tcp_trace_common::{
-    counter, hist, state, Event, HalfOpenKey, TracepointLayout, AF_INET, FLAG_ACTIVE_OPEN,
+    counter, state, Event, HalfOpenKey, TracepointLayout, AF_INET, FLAG_ACTIVE_OPEN,
     FLAG_DURATION_KNOWN, FLAG_HANDSHAKE, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, FLAG_RETRANS,
     FLAG_SOCK_FIELDS,
 };
@@ -16,7 +15,7 @@ use crate::{
     count, global,
     record::{read_addresses_into, Record},
     sockets::Tracked,
-    EVENTS, FIRST_SYNACK, HISTOGRAMS, MAX_NS, SOCK_OFFSETS, WAKEUP_BYTES,
+    EVENTS, FIRST_SYNACK, SOCK_OFFSETS, WAKEUP_BYTES,
 };
 
 /// A `SOCK_OFFSETS` field (one at a time: a copy of the whole struct costs
@@ -136,50 +135,96 @@ fn close_fields(ev: &mut Event, rec: &Record) -> Result<(), i32> {
     Ok(())
 }
 
-/// Leaving SYN_SENT or SYN_RECV: `tcp_sock.total_retrans`, the handshake's
-/// SYN (or SYN-ACK) retransmissions; at the server's SYN_RECV -> ESTABLISHED,
-/// its handshake time, from its first SYN-ACK to the final ACK.
+/// Leaving SYN_SENT or SYN_RECV: the handshake's SYN (or SYN-ACK)
+/// retransmissions and, at the server's SYN_RECV -> ESTABLISHED, its time.
 #[inline(always)]
 fn handshake_fields(ev: &mut Event, rec: &Record, now: u64) -> Result<(), i32> {
+    let daddr = &ev.daddr;
+    let facts = handshake_facts(rec, now, |raddr| {
+        *raddr = *daddr;
+        Ok(())
+    })?;
+    if let Some(retrans) = facts.retrans {
+        ev.total_retrans = retrans;
+        ev.flags |= FLAG_RETRANS;
+    }
+    if let Some(ns) = facts.server_ns {
+        ev.handshake_ns = ns;
+        ev.flags |= FLAG_HANDSHAKE;
+    }
+    Ok(())
+}
+
+/// What the kernel knows of a handshake as the socket leaves it.
+pub(crate) struct HandshakeFacts {
+    /// `tcp_sock.total_retrans`: SYN (or SYN-ACK) retransmissions.
+    pub(crate) retrans: Option<u32>,
+    /// The server's handshake time, from its first SYN-ACK to the final ACK.
+    pub(crate) server_ns: Option<u64>,
+}
+
+/// Leaving SYN_SENT or SYN_RECV: the retransmissions; at the server's
+/// SYN_RECV -> ESTABLISHED, its handshake time. `raddr` writes the peer's
+/// address, needed only after SYN-ACK retransmissions (rare).
+#[inline(always)]
+pub(crate) fn handshake_facts(
+    rec: &Record,
+    now: u64,
+    raddr: impl FnOnce(&mut [u8; 16]) -> Result<(), i32>,
+) -> Result<HandshakeFacts, i32> {
+    let mut facts = HandshakeFacts {
+        retrans: None,
+        server_ns: None,
+    };
     let in_handshake = rec.old_state == state::SYN_SENT || rec.old_state == state::SYN_RECV;
     if !in_handshake || offset!(total_retrans) == 0 {
-        return Ok(());
+        return Ok(facts);
     }
     // SAFETY: as in `close_fields`: a checked read at a BTF offset.
-    ev.total_retrans = unsafe { read_at(rec.skaddr, offset!(total_retrans))? };
-    ev.flags |= FLAG_RETRANS;
+    let retrans: u32 = unsafe { read_at(rec.skaddr, offset!(total_retrans))? };
+    facts.retrans = Some(retrans);
     if rec.old_state != state::SYN_RECV || rec.new_state != state::ESTABLISHED {
-        return Ok(());
+        return Ok(facts);
     }
-    if ev.total_retrans == 0 {
+    if retrans == 0 {
         if offset!(srtt_us) == 0 {
-            return Ok(());
+            return Ok(facts);
         }
         // The kernel's first RTT sample: first SYN-ACK to final ACK.
         // SAFETY: as in `close_fields`: a checked read at a BTF offset.
         let srtt_us: u32 = unsafe { read_at(rec.skaddr, offset!(srtt_us))? };
         if srtt_us != 0 {
-            ev.handshake_ns = u64::from(srtt_us >> 3) * 1000;
-            ev.flags |= FLAG_HANDSHAKE;
+            facts.server_ns = Some(u64::from(srtt_us >> 3) * 1000);
         }
-        return Ok(());
+        return Ok(facts);
     }
     // SYN-ACKs were retransmitted: `tcp_retransmit_synack` kept the first.
-    let key = HalfOpenKey {
+    let mut key = HalfOpenKey {
         lport: rec.sport,
         rport: rec.dport,
         family: rec.family,
         _pad: 0,
-        raddr: ev.daddr,
+        raddr: [0; 16],
     };
+    raddr(&mut key.raddr)?;
     // SAFETY: the value is copied out at once; as in `start_tracking`, the
     // memory stays valid and a concurrent update makes it stale at worst.
     if let Some(first) = unsafe { FIRST_SYNACK.get(key) } {
-        ev.handshake_ns = now.saturating_sub(*first);
-        ev.flags |= FLAG_HANDSHAKE;
+        facts.server_ns = Some(now.saturating_sub(*first));
     }
     let _ = FIRST_SYNACK.remove(key);
-    Ok(())
+    Ok(facts)
+}
+
+/// The socket's error (`sk_err`) at a transition to CLOSE, where the kernel's
+/// BTF gave its offset.
+#[inline(always)]
+pub(crate) fn sock_error(sk: u64) -> Result<Option<u16>, i32> {
+    if offset!(sk_err) == 0 {
+        return Ok(None);
+    }
+    // SAFETY: as in `close_fields`: a checked read at a BTF offset.
+    Ok(Some(unsafe { read_at::<i32>(sk, offset!(sk_err))? } as u16))
 }
 
 /// The inode number of socket `sk`'s network namespace; 0 where the kernel's
@@ -194,21 +239,5 @@ pub(crate) fn netns(sk: u64) -> Result<u32, i32> {
     unsafe {
         let net: u64 = read_at(sk, offset!(skc_net))?;
         read_at(net, offset!(net_inum))
-    }
-}
-
-#[inline(always)]
-pub(crate) fn aggregate(old_state: u8, duration_ns: u64) {
-    let index = old_state as u32 * hist::BUCKETS + hist::bucket(duration_ns);
-    if let Some(slot) = HISTOGRAMS.get_ptr_mut(index) {
-        // SAFETY: as in `count`: a per-CPU value, valid for this run, ours alone.
-        unsafe { *slot += 1 };
-    }
-    if let Some(max) = MAX_NS.get_ptr_mut(old_state as u32) {
-        // SAFETY: as in `count`: a per-CPU value, valid for this run, ours alone.
-        let max = unsafe { &mut *max };
-        if duration_ns > *max {
-            *max = duration_ns;
-        }
     }
 }

@@ -7,8 +7,9 @@
 //!
 //! This file holds the globals, the maps and the handlers; `record` reads the
 //! tracepoint's record, `sockets` keeps per-socket state, `emit` builds and
-//! streams the event. The steps are `#[inline(always)]`: one program, no
-//! BPF-to-BPF calls.
+//! streams the event, `sums` sums it instead when aggregating, `owners`
+//! follows `accept()` and exits. The steps are `#[inline(always)]`: one
+//! program, no BPF-to-BPF calls.
 #![no_std]
 #![no_main]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -17,6 +18,7 @@ mod emit;
 mod owners;
 mod record;
 mod sockets;
+mod sums;
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
@@ -26,16 +28,17 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcp_trace_common::{
-    counter, hist, state, AcceptOffsets, ConnKey, Filter, HalfOpenKey, Listener, Owner,
-    SockOffsets, SockState, SynackLayout, TaskOffsets, TracepointLayout, AF_INET, IPPROTO_TCP,
-    KNOWN_LAYOUT,
+    counter, hist, outcome, side, state, tally, AcceptOffsets, ConnKey, Filter, HalfOpenKey,
+    Listener, Owner, SockOffsets, SockState, SynackLayout, TaskOffsets, TracepointLayout, AF_INET,
+    IPPROTO_TCP, KNOWN_LAYOUT,
 };
 
 use crate::{
-    emit::{aggregate, fill_transition, submit},
+    emit::{fill_transition, submit},
     owners::seeded_owner,
     record::{in_task_context, read_record, Record},
     sockets::{track_listener, track_socket},
+    sums::aggregate,
 };
 
 /// The program's license, which the kernel checks at load time. It must be
@@ -115,9 +118,15 @@ static SYNACK_LAYOUT: SynackLayout = SynackLayout {
     daddr_v6: 0,
 };
 
-/// Nonzero: aggregate durations into `HISTOGRAMS` in place and stream nothing.
+/// Nonzero: sum transitions into `HISTOGRAMS`, `HANDSHAKES` and `TALLIES`
+/// in place, and stream only what `STREAM_MASK` asks for.
 #[no_mangle]
 static AGGREGATE: u8 = 0;
+
+/// When aggregating, transitions that are streamed as well: bit `old` (0-15)
+/// for transitions from state `old`, bit `16 + new` for those into `new`.
+#[no_mangle]
+static STREAM_MASK: u32 = 0;
 
 /// Wake the reader only once this many bytes are queued; it also drains the
 /// ring buffer on a short timer, so quiet periods still flow.
@@ -190,6 +199,18 @@ static HISTOGRAMS: PerCpuArray<u64> =
 /// Per CPU, per old state: the longest time spent in it.
 #[map]
 static MAX_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(hist::STATES, 0);
+
+/// Per CPU, per side and outcome: a log-linear histogram of handshake times
+/// (index = (side * outcome::COUNT + outcome) * hist::BUCKETS + bucket).
+/// Sized to 1 unless aggregating.
+#[map]
+static HANDSHAKES: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(side::COUNT * outcome::COUNT * hist::BUCKETS, 0);
+
+/// Per CPU: transitions by states, handshake retransmissions and closes by
+/// kind (see `tally`), when aggregating.
+#[map]
+static TALLIES: PerCpuArray<u64> = PerCpuArray::with_max_entries(tally::COUNT, 0);
 
 /// When each half-open connection whose SYN-ACK was retransmitted sent its
 /// first SYN-ACK (ns, monotonic), for the server's handshake time.
@@ -320,14 +341,20 @@ fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     if global(&AGGREGATE) != 0 {
-        count(counter::AGGREGATED);
-        if tracked.duration_known {
-            aggregate(rec.old_state, tracked.duration_ns);
+        aggregate(ctx, direct, &layout, &rec, now, &tracked)?;
+        if !streamed_too(&rec) {
+            return Ok(());
         }
-        return Ok(());
     }
 
     submit(|ev| fill_transition(ev, ctx, direct, &layout, &rec, now, &tracked, in_irq))
+}
+
+/// Whether an aggregated transition is streamed as well (`STREAM_MASK`).
+#[inline(always)]
+fn streamed_too(rec: &Record) -> bool {
+    let mask = global(&STREAM_MASK);
+    mask & (1 << (rec.old_state & 15)) != 0 || mask & (1 << (16 + (rec.new_state & 15))) != 0
 }
 
 /// The `close_from` filter (kernel only): nonzero streams only transitions to

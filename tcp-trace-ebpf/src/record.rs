@@ -115,34 +115,53 @@ pub(crate) fn read_addresses_into(
     saddr: &mut [u8; 16],
     daddr: &mut [u8; 16],
 ) -> Result<(), i32> {
+    read_address_into(ctx, direct, layout, ipv4, false, saddr)?;
+    read_address_into(ctx, direct, layout, ipv4, true, daddr)
+}
+
+/// The destination (peer's) address when `destination`, else the source.
+#[inline(always)]
+pub(crate) fn read_address_into(
+    ctx: &TracePointContext,
+    direct: bool,
+    layout: &TracepointLayout,
+    ipv4: bool,
+    destination: bool,
+    out: &mut [u8; 16],
+) -> Result<(), i32> {
     let base = ctx.as_ptr() as *const u8;
     if direct {
         let l = KNOWN_LAYOUT;
+        let (v4, v6) = if destination {
+            (l.daddr, l.daddr_v6)
+        } else {
+            (l.saddr, l.saddr_v6)
+        };
         // SAFETY: as in `read_record`: `KNOWN_LAYOUT`'s constant, aligned
         // offsets inside the record, checked by the verifier.
         unsafe {
             if ipv4 {
-                saddr[..4].copy_from_slice(&load::<u32>(base, l.saddr).to_ne_bytes());
-                daddr[..4].copy_from_slice(&load::<u32>(base, l.daddr).to_ne_bytes());
+                out[..4].copy_from_slice(&load::<u32>(base, v4).to_ne_bytes());
             } else {
-                saddr[..8].copy_from_slice(&load::<u64>(base, l.saddr_v6).to_ne_bytes());
-                saddr[8..].copy_from_slice(&load::<u64>(base, l.saddr_v6 + 8).to_ne_bytes());
-                daddr[..8].copy_from_slice(&load::<u64>(base, l.daddr_v6).to_ne_bytes());
-                daddr[8..].copy_from_slice(&load::<u64>(base, l.daddr_v6 + 8).to_ne_bytes());
+                out[..8].copy_from_slice(&load::<u64>(base, v6).to_ne_bytes());
+                out[8..].copy_from_slice(&load::<u64>(base, v6 + 8).to_ne_bytes());
             }
         }
         return Ok(());
     }
+    let (v4, v6) = if destination {
+        (layout.daddr, layout.daddr_v6)
+    } else {
+        (layout.saddr, layout.saddr_v6)
+    };
     // SAFETY: bpf_probe_read_kernel_buf checks the source and fails instead
     // of faulting, and writes only within the slice it is given; the offsets
     // come from the tracepoint's format file.
     unsafe {
         if ipv4 {
-            bpf_probe_read_kernel_buf(base.add(layout.saddr as usize), &mut saddr[..4])?;
-            bpf_probe_read_kernel_buf(base.add(layout.daddr as usize), &mut daddr[..4])?;
+            bpf_probe_read_kernel_buf(base.add(v4 as usize), &mut out[..4])?;
         } else {
-            bpf_probe_read_kernel_buf(base.add(layout.saddr_v6 as usize), saddr)?;
-            bpf_probe_read_kernel_buf(base.add(layout.daddr_v6 as usize), daddr)?;
+            bpf_probe_read_kernel_buf(base.add(v6 as usize), out)?;
         }
     }
     Ok(())

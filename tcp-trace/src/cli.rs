@@ -1,12 +1,13 @@
 //! Command-line flags, turned into plain configs for the commands.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use tcp_trace_common::{Filter, AF_INET, AF_INET6};
 
 use crate::{
     aggregate::GroupBy,
+    commands::serve::GroupLabel,
     kernel::{Settings, RING_BYTES},
 };
 
@@ -33,6 +34,8 @@ pub enum Command {
     Handshake(HandshakeArgs),
     /// Which processes leave sockets in TIME_WAIT, how many linger, for how long.
     Timewait(TimewaitArgs),
+    /// Serve Prometheus metrics (/metrics, /healthz) until stopped: an always-on agent.
+    Serve(ServeArgs),
     /// Attach an empty program to the tracepoint (the benchmark's floor).
     #[command(hide = true)]
     BenchFloor,
@@ -122,6 +125,7 @@ impl Tracing {
             max_sockets: self.max_sockets,
             ring_bytes: self.ring_bytes,
             aggregate: false,
+            stream_mask: 0,
         }
     }
 }
@@ -355,6 +359,45 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(bytes)
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub tracing: TracingArgs,
+    /// Address to serve on. Beyond loopback, anyone who can reach it reads
+    /// the host's connection figures: bind wider only on purpose.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9977")]
+    pub listen: SocketAddr,
+    /// What per-group metrics' `group` label names.
+    #[arg(long, value_enum, default_value_t = GroupLabel::Comm)]
+    pub group_by: GroupLabel,
+    /// Groups kept apart at most; later ones count as group="other".
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_groups: u32,
+    /// Forget a group (its series leave the page) once idle this long.
+    #[arg(long, value_name = "SECONDS", default_value = "600", value_parser = parse_seconds)]
+    pub group_ttl: Duration,
+}
+
+pub struct ServeConfig {
+    pub tracing: Tracing,
+    pub listen: SocketAddr,
+    pub group_by: GroupLabel,
+    pub max_groups: usize,
+    pub group_ttl: Duration,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> ServeConfig {
+        ServeConfig {
+            tracing: self.tracing.to_tracing(),
+            listen: self.listen,
+            group_by: self.group_by,
+            max_groups: self.max_groups as usize,
+            group_ttl: self.group_ttl,
+        }
+    }
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

@@ -22,7 +22,7 @@ use clap::Parser as _;
 
 use crate::{
     cli::{Cli, Command},
-    commands::{bench_floor, handshake, life, stats, timewait, watch},
+    commands::{bench_floor, handshake, life, serve, stats, timewait, watch},
 };
 
 /// The whole program: parse the flags, run the command, report.
@@ -37,6 +37,7 @@ pub fn run() -> ExitCode {
         Command::Life(args) => life::run(args.into_config()),
         Command::Handshake(args) => handshake::run(args.into_config()),
         Command::Timewait(args) => timewait::run(args.into_config()),
+        Command::Serve(args) => serve::run(args.into_config()),
         Command::BenchFloor => bench_floor::run(),
     };
     match result {

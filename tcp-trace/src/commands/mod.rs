@@ -3,6 +3,7 @@
 pub mod bench_floor;
 pub mod handshake;
 pub mod life;
+pub mod serve;
 pub mod stats;
 pub mod timewait;
 pub mod watch;

@@ -88,7 +88,7 @@ async fn in_kernel(settings: &Settings, timing: Timing, report: &mut Report) -> 
     let snapshot = |program: &Program| -> Result<(Stats, Totals)> {
         let kernel = program.counters()?;
         let mut stats = Stats::new(Mode::Kernel, None, 0);
-        stats.total = program.histograms()?;
+        stats.total = program.sums()?.states;
         stats.seen = kernel.aggregated;
         let totals = Totals {
             received: kernel.aggregated,

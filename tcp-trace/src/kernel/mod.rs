@@ -7,6 +7,8 @@ mod owners;
 mod privileges;
 mod probe;
 mod program;
+mod sums;
 pub mod tracefs;
 
 pub use program::{attach_floor, Counters, Program, Settings, RING_BYTES};
+pub use sums::KernelSums;

@@ -12,7 +12,9 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use tcp_trace_common::{counter, hist, Filter, SockOffsets, TracepointLayout, KNOWN_LAYOUT};
+use tcp_trace_common::{
+    counter, hist, outcome, side, tally, Filter, SockOffsets, TracepointLayout, KNOWN_LAYOUT,
+};
 
 use super::{
     btf::Btf,
@@ -20,13 +22,10 @@ use super::{
     owners::{self, ExitedOwners},
     privileges::{check_privileges, drop_privileges, raise_memlock_limit},
     probe::Probe,
+    sums::{per_cpu_sums, KernelSums, SumMaps},
     tracefs,
 };
-use crate::{
-    aggregate::{Histogram, StateHistograms},
-    model::TcpState,
-    system::{cgroup::CgroupFs, owners::scan},
-};
+use crate::system::{cgroup::CgroupFs, owners::scan};
 
 /// Default size of the event ring buffer in bytes (a power of two, as the
 /// kernel requires).
@@ -43,15 +42,19 @@ pub struct Settings {
     pub max_sockets: u32,
     /// Size of the event ring buffer (a power of two, at least a page).
     pub ring_bytes: u32,
-    /// Aggregate durations into histograms in the kernel; stream nothing.
+    /// Sum durations, transitions, handshakes and closes in the kernel, and
+    /// stream only `stream_mask`'s transitions.
     pub aggregate: bool,
+    /// With `aggregate`: transitions streamed as well, bit `old` for those
+    /// from state `old`, bit `16 + new` for those into `new` (0: none).
+    pub stream_mask: u32,
 }
 
 /// The attached program; dropping it detaches the program.
 pub struct Program {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
-    histograms: Option<(PerCpuArray<MapData, u64>, PerCpuArray<MapData, u64>)>,
+    sums: Option<SumMaps>,
     /// Runs of the main program the kernel had skipped when tracing began.
     skipped_before_start: u64,
     exited_owners: ExitedOwners,
@@ -113,12 +116,23 @@ impl Program {
         );
         let mut counters = per_cpu_array(&mut ebpf, "COUNTERS")?;
         reset(&mut counters, counter::COUNT)?;
-        let histograms = if settings.aggregate {
-            let mut buckets = per_cpu_array(&mut ebpf, "HISTOGRAMS")?;
-            let mut maxima = per_cpu_array(&mut ebpf, "MAX_NS")?;
-            reset(&mut buckets, hist::STATES * hist::BUCKETS)?;
-            reset(&mut maxima, hist::STATES)?;
-            Some((buckets, maxima))
+        let sums = if settings.aggregate {
+            let mut maps = SumMaps {
+                buckets: per_cpu_array(&mut ebpf, "HISTOGRAMS")?,
+                maxima: per_cpu_array(&mut ebpf, "MAX_NS")?,
+                handshakes: per_cpu_array(&mut ebpf, "HANDSHAKES")?,
+                tallies: per_cpu_array(&mut ebpf, "TALLIES")?,
+            };
+            for array in [
+                &mut maps.buckets,
+                &mut maps.maxima,
+                &mut maps.handshakes,
+                &mut maps.tallies,
+            ] {
+                let len = array.len();
+                reset(array, len)?;
+            }
+            Some(maps)
         } else {
             None
         };
@@ -132,7 +146,7 @@ impl Program {
             Self {
                 ebpf,
                 counters,
-                histograms,
+                sums,
                 skipped_before_start: skipped_before_start.unwrap_or(0),
                 exited_owners,
             },
@@ -174,34 +188,12 @@ impl Program {
         Ok(now.saturating_sub(self.skipped_before_start))
     }
 
-    /// The kernel's histograms (aggregating mode), summed over CPUs.
-    pub fn histograms(&self) -> Result<StateHistograms> {
-        let (buckets, maxima) = self
-            .histograms
+    /// What the kernel summed so far (aggregating mode), over all CPUs.
+    pub fn sums(&self) -> Result<KernelSums> {
+        self.sums
             .as_ref()
-            .context("the program was not loaded to aggregate")?;
-        let mut all = StateHistograms::default();
-        for state in 1..hist::STATES {
-            let mut h = Histogram::default();
-            for b in 0..hist::BUCKETS {
-                let n: u64 = buckets
-                    .get(&(state * hist::BUCKETS + b), 0)
-                    .context("reading the kernel's histograms")?
-                    .iter()
-                    .sum();
-                if n > 0 {
-                    h.add_bucket(b, n);
-                }
-            }
-            if h.count() > 0 {
-                let max = maxima
-                    .get(&state, 0)
-                    .context("reading the kernel's maxima")?;
-                h.observe_max(max.iter().copied().max().unwrap_or(0));
-                all.state_mut(TcpState(state as u8)).merge(&h);
-            }
-        }
-        Ok(all)
+            .context("the program was not loaded to aggregate")?
+            .read()
     }
 }
 
@@ -230,10 +222,22 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
             None
         }
     };
-    let (ring_bytes, histogram_slots) = if settings.aggregate {
-        (4096, hist::STATES * hist::BUCKETS)
-    } else {
-        (settings.ring_bytes, 1)
+    // Aggregating, the ring carries only `stream_mask`'s transitions; the
+    // sums' arrays hold one slot otherwise.
+    let (ring_bytes, histogram_slots, handshake_slots, tally_slots) = match settings.aggregate {
+        true if settings.stream_mask == 0 => (
+            4096,
+            hist::STATES * hist::BUCKETS,
+            HANDSHAKE_SLOTS,
+            tally::COUNT,
+        ),
+        true => (
+            settings.ring_bytes,
+            hist::STATES * hist::BUCKETS,
+            HANDSHAKE_SLOTS,
+            tally::COUNT,
+        ),
+        false => (settings.ring_bytes, 1, 1, 1),
     };
     // No kernel BTF for aya: Rust BPF objects carry no CO-RE relocations,
     // and parsing vmlinux BTF would cost the agent ~10 MiB of memory.
@@ -247,6 +251,7 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .override_global("ACCEPT_OFFSETS", &accept.unwrap_or_default(), true)
         .override_global("TASK_OFFSETS", &task.unwrap_or_default(), true)
         .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
+        .override_global("STREAM_MASK", &settings.stream_mask, true)
         // Wake the reader when an eighth of the ring is queued; it drains on
         // a timer otherwise (see source/live.rs).
         .override_global("WAKEUP_BYTES", &u64::from(ring_bytes / 8), true)
@@ -256,6 +261,8 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .map_max_entries("SEEDS", settings.max_sockets)
         .map_max_entries("EVENTS", ring_bytes)
         .map_max_entries("HISTOGRAMS", histogram_slots)
+        .map_max_entries("HANDSHAKES", handshake_slots)
+        .map_max_entries("TALLIES", tally_slots)
         .load(PROGRAM)
         .context("loading the BPF program into the kernel")?;
     let attachments = Attachments {
@@ -264,6 +271,9 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
     };
     Ok((ebpf, attachments))
 }
+
+/// Slots of the handshake histograms: one per bucket, side and outcome.
+const HANDSHAKE_SLOTS: u32 = side::COUNT * outcome::COUNT * hist::BUCKETS;
 
 /// Seeds the kernel's maps with the owners of sockets that existed before the
 /// program was attached (after attaching, so no socket falls between). A
@@ -368,11 +378,11 @@ pub(super) fn attach_tracepoint(ebpf: &mut Ebpf, name: &str, to: &[(&str, &str)]
 
 /// The per-CPU counters, summed (`skipped` comes from the program's fdinfo).
 fn read_counters(counters: &PerCpuArray<MapData, u64>) -> Result<Counters> {
+    let all = per_cpu_sums(counters).context("reading the kernel's counters")?;
     let sum = |index: u32| -> Result<u64> {
-        let values = counters
-            .get(&index, 0)
-            .context("reading the kernel's counters")?;
-        Ok(values.iter().sum())
+        all.get(index as usize)
+            .copied()
+            .context("the kernel's counters are short")
     };
     Ok(Counters {
         ringbuf_full: sum(counter::RINGBUF_FULL)?,
@@ -534,6 +544,8 @@ pub fn attach_floor() -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .btf(None)
         .map_max_entries("HISTOGRAMS", 1)
+        .map_max_entries("HANDSHAKES", 1)
+        .map_max_entries("TALLIES", 1)
         .map_max_entries("SOCKETS", 1)
         .map_max_entries("EVENTS", 4096)
         .load(PROGRAM)

@@ -2,10 +2,8 @@
 
 use std::borrow::Cow;
 
-pub const EPIPE: u16 = libc::EPIPE as u16;
-pub const ECONNRESET: u16 = libc::ECONNRESET as u16;
-pub const ETIMEDOUT: u16 = libc::ETIMEDOUT as u16;
-pub const ECONNREFUSED: u16 = libc::ECONNREFUSED as u16;
+/// The ones the kernel program also tells apart.
+pub use tcp_trace_common::errno::{ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT};
 
 const NAMES: &[(u16, &str)] = &[
     (EPIPE, "EPIPE"),
@@ -38,6 +36,23 @@ pub fn from_name(name: &str) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kernel_programs_numbers_are_this_systems() {
+        let ours = [
+            super::EPIPE,
+            super::ECONNRESET,
+            super::ETIMEDOUT,
+            super::ECONNREFUSED,
+        ];
+        let libc = [
+            libc::EPIPE,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+            libc::ECONNREFUSED,
+        ];
+        assert_eq!(ours, libc.map(|e| e as u16));
+    }
+
     #[test]
     fn names_round_trip() {
         for errno in [super::ECONNRESET, super::ETIMEDOUT, 113, 9999] {

@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
+    sync::mpsc,
     time::{interval, MissedTickBehavior},
 };
 
@@ -23,9 +24,23 @@ use crate::{
 /// wake-up per event and quiet ones still show within this latency.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
+/// A look into a live run from outside its loop (a scrape): run by the loop
+/// between two drains, with the program and the totals as of now.
+pub type Visit<C> = Box<dyn FnOnce(&Program, &Totals, &mut C) + Send>;
+
 /// Streams live transitions into `consumer` until stopped, then prints the
 /// summary on stderr.
 pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consumer) -> Result<()> {
+    live_visited(settings, timing, consumer, None).await
+}
+
+/// `live`, also running each `Visit` that arrives on `visits`.
+pub async fn live_visited<C: Consumer>(
+    settings: &Settings,
+    timing: Timing,
+    consumer: &mut C,
+    mut visits: Option<mpsc::UnboundedReceiver<Visit<C>>>,
+) -> Result<()> {
     let (mut program, events) = Program::attach(settings)?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged
     // for as long as the AsyncFd holds it.
@@ -59,6 +74,11 @@ pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consu
                     totals.kernel = program.counters()?;
                     consumer.interval(monotonic_ns(), &totals)?;
                 }
+                Some(visit) = next_visit(&mut visits) => {
+                    reader.drain(events.get_mut(), consumer, &mut totals)?;
+                    totals.kernel = program.counters()?;
+                    visit(&program, &totals, consumer);
+                }
                 _ = stop.wait() => break,
             }
         }
@@ -74,6 +94,17 @@ pub async fn live(settings: &Settings, timing: Timing, consumer: &mut impl Consu
     let finished = streamed.and_then(|()| consumer.finish(&totals));
     eprintln!("{}", totals.summary());
     finished
+}
+
+/// The next visit; never resolves without a channel, or once it closed.
+async fn next_visit<C>(visits: &mut Option<mpsc::UnboundedReceiver<Visit<C>>>) -> Option<Visit<C>> {
+    match visits {
+        Some(rx) => match rx.recv().await {
+            Some(visit) => Some(visit),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Turns ring-buffer records into transitions with their owners resolved.

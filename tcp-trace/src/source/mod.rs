@@ -7,7 +7,7 @@ mod stop;
 
 use anyhow::{Context as _, Result};
 
-pub use live::live;
+pub use live::{live, live_visited, Visit};
 pub use replay::replay;
 pub use stop::{next_tick, ticker, Stop};
 

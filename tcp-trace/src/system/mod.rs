@@ -1,5 +1,6 @@
 //! Readers of the kernel's own tables and settings: sock_diag, sysctls, the
-//! cgroup hierarchy, and the owners of sockets found through `/proc`.
+//! cgroup hierarchy, the owners of sockets found through `/proc`, and the
+//! agent's own usage.
 
 pub mod cgroup;
 mod dir;
@@ -7,3 +8,4 @@ pub mod owners;
 pub mod proc_net;
 pub mod sock_diag;
 pub mod sysctl;
+pub mod usage;

@@ -77,6 +77,19 @@ pub fn timewait_sockets() -> Result<Vec<TimewaitSocket>> {
     Ok(found)
 }
 
+/// The endpoints of every socket in CLOSE_WAIT, both families, in this
+/// network namespace.
+pub fn close_wait_sockets() -> Result<Vec<Endpoints>> {
+    let mut found = Vec::new();
+    dump(StateFlags::CLOSE_WAIT, |kind, socket| {
+        if kind == Kind::Full {
+            found.push(socket.endpoints);
+        }
+    })
+    .context("dumping CLOSE_WAIT sockets via sock_diag")?;
+    Ok(found)
+}
+
 /// Every full TCP socket, both families, in this network namespace: every
 /// state but `TIME_WAIT` and `NEW_SYN_RECV`, which no process holds.
 pub fn tcp_sockets() -> Result<Vec<TcpSocket>> {

@@ -126,6 +126,8 @@ pub struct Ledger {
     pub started_ns: u64,
     /// The ephemeral port range, to tell a client's end from a server's.
     ephemeral: (u16, u16),
+    /// Owners of the entries confirmed since `take_entries`, when recorded.
+    entries: Option<Vec<Option<Owner>>>,
 }
 
 fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
@@ -149,7 +151,29 @@ impl Ledger {
             unknown_owner: ProcessRow::default(),
             started_ns,
             ephemeral,
+            entries: None,
         }
+    }
+
+    /// Keeps the owner of each entry confirmed from now on, for `take_entries`.
+    pub fn record_entries(&mut self) {
+        self.entries = Some(Vec::new());
+    }
+
+    /// The owners of the entries confirmed since the last call.
+    pub fn take_entries(&mut self) -> Vec<Option<Owner>> {
+        self.entries
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The owner of each socket lingering in TIME_WAIT now (ours, confirmed).
+    pub fn lingering_owners(&self) -> impl Iterator<Item = Option<&Owner>> {
+        self.lingering
+            .values()
+            .filter(|l| l.entered)
+            .map(|l| l.owner.as_ref())
     }
 
     fn row(&mut self, owner: &Option<Owner>) -> &mut ProcessRow {
@@ -253,6 +277,9 @@ impl Ledger {
         };
         l.entered = true;
         let owner = l.owner.clone();
+        if let Some(entries) = &mut self.entries {
+            entries.push(owner.clone());
+        }
         let row = self.row(&owner);
         row.entered += 1;
         row.count_remote(remote, 1);
@@ -341,10 +368,8 @@ impl Ledger {
         }
         self.unknown_owner.lingering = 0;
         let owners: Vec<Option<Owner>> = self
-            .lingering
-            .values()
-            .filter(|l| l.entered)
-            .map(|l| l.owner.clone())
+            .lingering_owners()
+            .map(Option::<&Owner>::cloned)
             .collect();
         for owner in owners {
             self.row(&owner).lingering += 1;

@@ -12,14 +12,9 @@
 
 mod ledger;
 mod report;
+mod tracker;
 
-use std::{
-    collections::HashMap,
-    sync::{mpsc, Arc, Mutex},
-    thread,
-};
-
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use tcp_trace_common::state;
 
 use crate::{
@@ -27,111 +22,27 @@ use crate::{
     cli::TimewaitConfig,
     kernel::Settings,
     model::Transition,
-    output::{monotonic_ns, Sink},
+    output::Sink,
     source::{self, Consumer, Timing, Totals},
-    system::{
-        owners::process_start,
-        proc_net::{own_netns, timewait_sockets_of},
-        sock_diag,
-        sysctl::read_timewait_sysctls,
-    },
+    system::sysctl::read_timewait_sysctls,
 };
-use ledger::{Ledger, Reading, POLL};
-
-/// Readings of the namespaces' timewait tables, and when they were taken.
-type Dump = (u64, Result<Vec<Reading>>);
-
-/// Network namespaces other than the agent's, each with a process last seen
-/// owning a socket in it (pid and start time): the way to read its table.
-type Reach = Arc<Mutex<HashMap<u32, (u32, u64)>>>;
-
-/// Namespaces followed at once; sockets of more stay unconfirmed.
-const NAMESPACES: usize = 1024;
+use ledger::POLL;
+pub use tracker::Tracker;
 
 struct TimewaitCommand {
-    ledger: Ledger,
-    host_netns: u32,
-    reach: Reach,
+    tracker: Tracker,
     /// `--by`: rows per container, unit or cgroup instead of per process.
     by: Option<GroupBy>,
     sink: Sink,
-    /// Readings from the dumping thread: a dump of a busy host's table takes
-    /// long enough that the event loop must not wait for it.
-    dumps: Option<mpsc::Receiver<Dump>>,
     /// Report every this many ticks of `POLL`.
     report_every: u32,
     ticks: u32,
 }
 
-/// The agent's own namespace through sock_diag, the others through a
-/// process in each. A process that is gone (its pid free, or another
-/// process's: the start time tells) is forgotten. Whether it is still in the
-/// namespace cannot be checked without the privileges the agent gave up
-/// (`/proc/PID/ns` needs ptrace rights); processes rarely change namespace.
-fn dump_now(host_netns: u32, reach: &Reach) -> Dump {
-    let taken = monotonic_ns();
-    let host = sock_diag::timewait_sockets().context("reading the kernel's timewait sockets");
-    let readings = host.map(|sockets| {
-        let mut readings = vec![Reading {
-            netns: host_netns,
-            sockets,
-        }];
-        let known: Vec<(u32, (u32, u64))> = lock(reach).iter().map(|(n, p)| (*n, *p)).collect();
-        for (netns, (pid, start)) in known {
-            let sockets = (process_start(pid) == Some(start))
-                .then(|| timewait_sockets_of(pid).ok())
-                .flatten();
-            match sockets {
-                Some(sockets) => readings.push(Reading { netns, sockets }),
-                None => {
-                    lock(reach).remove(&netns);
-                }
-            }
-        }
-        readings
-    });
-    (taken, readings)
-}
-
-fn lock(reach: &Reach) -> std::sync::MutexGuard<'_, HashMap<u32, (u32, u64)>> {
-    // A panic elsewhere cannot leave the map half-written: take it as is.
-    reach
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl TimewaitCommand {
-    fn apply(&mut self, (taken, readings): Dump) -> Result<()> {
-        self.ledger.poll(&readings?, taken);
-        // Namespaces with nothing left to confirm need no more reading.
-        let wanted = self.ledger.foreign_namespaces();
-        lock(&self.reach).retain(|netns, _| wanted.contains(netns));
-        Ok(())
-    }
-
-    /// Applies the readings that arrived; events up to now are already in.
-    fn apply_pending(&mut self) -> Result<()> {
-        while let Some(dump) = self.dumps.as_ref().and_then(|d| d.try_recv().ok()) {
-            self.apply(dump)?;
-        }
-        Ok(())
-    }
-
-    /// Keeps `pid` as the way into namespace `netns`.
-    fn remember_reach(&mut self, netns: u32, pid: u32) {
-        let mut reach = lock(&self.reach);
-        let known = reach.get(&netns).is_some_and(|(p, _)| *p == pid);
-        if known || (reach.len() >= NAMESPACES && !reach.contains_key(&netns)) {
-            return;
-        }
-        if let Some(start) = process_start(pid) {
-            reach.insert(netns, (pid, start));
-        }
-    }
-
     fn report(&mut self, now_ns: u64, last: bool, totals: &Totals) -> Result<()> {
         let sysctls = read_timewait_sysctls();
-        let (ledger, by, dropped) = (&self.ledger, self.by, totals.dropped());
+        let (ledger, by, dropped) = (&self.tracker.ledger, self.by, totals.dropped());
         self.sink.report(
             || report::json(ledger, by, now_ns, last, &sysctls, dropped),
             |clock| report::text(ledger, by, now_ns, last, &sysctls, dropped, clock),
@@ -141,40 +52,20 @@ impl TimewaitCommand {
 
 impl Consumer for TimewaitCommand {
     fn start(&mut self) -> Result<()> {
-        // The first reading marks what existed before us.
-        self.apply(dump_now(self.host_netns, &self.reach))?;
-        let (tx, rx) = mpsc::channel();
-        let (host_netns, reach) = (self.host_netns, self.reach.clone());
-        thread::spawn(move || loop {
-            thread::sleep(POLL);
-            if tx.send(dump_now(host_netns, &reach)).is_err() {
-                break;
-            }
-        });
-        self.dumps = Some(rx);
-        Ok(())
+        self.tracker.start()
     }
 
     fn event(&mut self, t: &Transition) -> Result<()> {
-        // An accept changes no state; the close carries the acceptor.
-        if t.accept {
-            return Ok(());
-        }
-        if let (Some(netns), Some(owner)) = (t.netns, &t.owner) {
-            if netns != self.host_netns {
-                self.remember_reach(netns, owner.pid);
-            }
-        }
-        self.ledger.event(t);
+        self.tracker.event(t);
         Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
-        self.apply_pending()
+        self.tracker.apply_pending()
     }
 
     fn interval(&mut self, now_ns: u64, totals: &Totals) -> Result<()> {
-        self.apply_pending()?;
+        self.tracker.apply_pending()?;
         self.ticks += 1;
         if self.ticks.is_multiple_of(self.report_every) {
             self.report(now_ns, false, totals)?;
@@ -183,11 +74,7 @@ impl Consumer for TimewaitCommand {
     }
 
     fn finish(&mut self, totals: &Totals) -> Result<()> {
-        self.apply_pending()?;
-        self.dumps = None;
-        let dump = dump_now(self.host_netns, &self.reach);
-        let taken = dump.0;
-        self.apply(dump)?;
+        let taken = self.tracker.finish()?;
         self.report(taken, true, totals)
     }
 }
@@ -196,20 +83,13 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
     let report_every = (config.interval.as_secs_f64() / POLL.as_secs_f64())
         .round()
         .max(1.0) as u32;
-    let ephemeral = read_timewait_sysctls().port_range.unwrap_or((32768, 60999));
-    let host_netns = own_netns().context("reading /proc/self/ns/net")?;
     let mut command = TimewaitCommand {
-        ledger: Ledger::new(config.tracing.filter, monotonic_ns(), ephemeral, host_netns),
-        host_netns,
-        reach: Reach::default(),
+        tracker: Tracker::new(config.tracing.filter)?,
         by: config.by,
         sink: Sink::stdout(config.json),
-        dumps: None,
         report_every,
         ticks: 0,
     };
-    // sock_diag must answer before we trace: fail early and clearly.
-    sock_diag::timewait_sockets().context("reading the kernel's timewait sockets")?;
     // Only the transitions that can leave a timewait socket reach userspace.
     let close_from = (1 << state::FIN_WAIT2) | (1 << state::CLOSING);
     let filter = tcp_trace_common::Filter {
@@ -229,7 +109,7 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::ledger::CANDIDATE_POLLS;
+    use super::ledger::{Ledger, Reading, CANDIDATE_POLLS};
     use super::*;
     use crate::{
         model::{from_event, sample_event, SockFields, TcpState},
