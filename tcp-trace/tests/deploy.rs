@@ -18,7 +18,7 @@ use common::{TempDir, AGENT_BIN};
 use serde_json::Value;
 
 const UNIT: &str = "deploy/systemd/tcp-trace.service";
-const UNIT_EXEC_START: &str = "ExecStart=/usr/bin/tcp-trace serve";
+const UNIT_COMMAND: &str = "/usr/bin/tcp-trace serve";
 const MANIFESTS: &str = "deploy/kubernetes/tcp-trace.yaml";
 const SERVICE_MONITOR: &str = "deploy/kubernetes/servicemonitor.yaml";
 
@@ -76,21 +76,30 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// The values of the unit's one `KEY=` line.
+fn unit_setting(unit: &str, key: &str) -> String {
+    let values: Vec<&str> = unit
+        .lines()
+        .filter_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .collect();
+    assert_eq!(values.len(), 1, "the unit must set {key}= once");
+    values[0].to_owned()
+}
+
+fn read_unit() -> String {
+    fs::read_to_string(repo_file(UNIT)).expect("reading the unit")
+}
+
 /// The unit in a directory of its own, starting the binary under test:
 /// `systemd-analyze verify` fails on an ExecStart program that is missing.
 fn unit_under_test(dir: &TempDir) -> PathBuf {
-    let unit = fs::read_to_string(repo_file(UNIT)).expect("reading the unit");
-    let exec_starts: Vec<&str> = unit
-        .lines()
-        .filter(|line| line.starts_with("ExecStart="))
-        .collect();
-    assert_eq!(
-        exec_starts,
-        [UNIT_EXEC_START],
-        "the unit must run `tcp-trace serve` from /usr/bin, once"
-    );
+    let unit = read_unit();
+    assert_eq!(unit_setting(&unit, "ExecStart"), UNIT_COMMAND);
     let path = dir.join("tcp-trace.service");
-    let ours = unit.replace(UNIT_EXEC_START, &format!("ExecStart={AGENT_BIN} serve"));
+    let ours = unit.replace(
+        &format!("ExecStart={UNIT_COMMAND}"),
+        &format!("ExecStart={AGENT_BIN} serve"),
+    );
     fs::write(&path, ours).expect("writing the unit under test");
     path
 }
@@ -259,17 +268,7 @@ fn service_monitor_scrapes_the_service_metrics_port() {
 
 /// `CapabilityBoundingSet=` of the unit, without the `CAP_` prefixes.
 fn unit_capabilities() -> BTreeSet<String> {
-    let unit = fs::read_to_string(repo_file(UNIT)).expect("reading the unit");
-    let lines: Vec<&str> = unit
-        .lines()
-        .filter_map(|line| line.strip_prefix("CapabilityBoundingSet="))
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "the unit must set one CapabilityBoundingSet="
-    );
-    lines[0]
+    unit_setting(&read_unit(), "CapabilityBoundingSet")
         .split_whitespace()
         .map(|cap| cap.strip_prefix("CAP_").unwrap_or(cap).to_owned())
         .collect()
