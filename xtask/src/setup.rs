@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: the nightly's rust-src, a bpf-linker built against
-//! the nightly toolchain's own libLLVM, and cargo-fuzz, cached outside target/.
+//! the nightly toolchain's own libLLVM, and cargo-fuzz, cached outside target/;
+//! the Debian packages and the Python package the tests call.
 
 use std::{
     env,
@@ -14,6 +15,9 @@ use anyhow::{bail, Context as _, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Validates the Kubernetes manifests offline (tests/deploy.rs); each release
+/// bundles the schemas of the Kubernetes versions up to its own.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// What later steps need from the set-up.
 pub struct Tools {
@@ -24,6 +28,7 @@ pub struct Tools {
 pub fn setup() -> Result<Tools> {
     ensure_rust_src()?;
     ensure_packages()?;
+    ensure_kubernetes_validate()?;
     let bin = ensure_bpf_linker()?;
     let fuzz = ensure_cargo_fuzz()?;
     let mut paths = vec![bin, fuzz];
@@ -80,6 +85,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ab", "apache2-utils"),
     ("runc", "runc"),
     ("busybox", "busybox-static"),
+    // The deployment test: systemd-analyze checks the unit, kubernetes-validate
+    // (installed by pip, below) the manifests.
+    ("systemd-analyze", "systemd"),
+    ("python3", "python3"),
+    ("pip3", "python3-pip"),
 ];
 
 /// Where Debian's invoke-rc.d asks whether a package's maintainer script may
@@ -175,6 +185,36 @@ fn stop_system_nginx() {
     // SIGQUIT: nginx's graceful stop.
     // SAFETY: sending a signal to a pid read from nginx's own pid file.
     unsafe { libc::kill(pid, libc::SIGQUIT) };
+}
+
+/// kubernetes-validate, pinned, in the `python3` the tests call; asking its
+/// version costs one interpreter start when it is already there.
+fn ensure_kubernetes_validate() -> Result<()> {
+    let installed = Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('kubernetes-validate'))",
+        ])
+        .output()
+        .context("running python3 (the deployment test needs it)")?;
+    if String::from_utf8_lossy(&installed.stdout).trim() == KUBERNETES_VALIDATE_VERSION {
+        return Ok(());
+    }
+    eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION}");
+    output(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            ))
+            // Debian's own python3 marks itself externally managed (PEP 668)
+            // and refuses root installs without this; others ignore it.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+    )
+    .context("is pip installed for python3? (Debian: apt-get install python3-pip)")?;
+    Ok(())
 }
 
 fn cache_dir() -> Result<PathBuf> {
