@@ -90,6 +90,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("python3", "python3"),
     ("pip3", "python3-pip"),
+    // The serve test scrapes the agent with a real Prometheus, and checks the
+    // page with its promtool.
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 /// Where Debian's invoke-rc.d asks whether a package's maintainer script may

@@ -10,14 +10,19 @@
 mod agent;
 mod cgroup;
 mod container;
+mod http;
 mod net;
 mod nft;
 mod nginx;
 mod peer;
+mod prometheus;
 mod py;
 mod scratch;
 
 // Flat re-exports keep the tests' `use common::...` lines short; a binary that
 // uses nothing from one module would otherwise warn about its glob.
 #[allow(unused_imports)]
-pub use {agent::*, cgroup::*, container::*, net::*, nft::*, nginx::*, peer::*, py::*, scratch::*};
+pub use {
+    agent::*, cgroup::*, container::*, http::*, net::*, nft::*, nginx::*, peer::*, prometheus::*,
+    py::*, scratch::*,
+};
