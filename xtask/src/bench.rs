@@ -61,6 +61,11 @@ const CONFIGS: &[Config] = &[
         what: "streaming every transition (the handshake ends are picked in userspace); almost nothing is printed",
     },
     Config {
+        name: "serve",
+        args: &["serve", "--listen", "127.0.0.1:0"],
+        what: "the kernel aggregation of stats plus tallies of transitions, handshakes and closes; only closes out of FIN_WAIT2/CLOSING and moves into or out of CLOSE_WAIT are streamed (about 3 of 10 transitions here), plus the timewait confirmation's sock_diag dump each second",
+    },
+    Config {
         name: "timewait",
         args: &["timewait", "--interval", "60"],
         what: "streaming every transition plus a sock_diag dump of every timewait socket each second (tens of thousands under this churn)",
@@ -198,6 +203,8 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
     println!("{memory}");
     let skips = skips(tracer, churn_bin)?;
     println!("{skips}");
+    let scrapes = serve_scrapes(tracer, churn_bin)?;
+    println!("{scrapes}");
     let report = format!(
         "# Benchmarks\n\n\
          Written by `cargo xtask bench` on {date}. Machine: Linux {kernel}, {cpus} CPUs. \
@@ -220,7 +227,8 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
          which is why the agent's CPU per event stays flat across loads; the cost at low rates is \
          the 20 drains a second, spread over fewer events.\n\n\
          ## Kernel memory at {HELD_CONNECTIONS} open connections\n\n{memory}\n\
-         ## Runs the kernel skips\n\n{skips}\n",
+         ## Runs the kernel skips\n\n{skips}\n\
+         ## `serve` under many process names\n\n{scrapes}\n",
         date = date(),
         kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         cpus = thread::available_parallelism().map_or(0, |n| n.get()),
@@ -395,6 +403,74 @@ fn skips(tracer: &Path, churn_bin: &Path) -> Result<String> {
          ones, widen the window in which a softirq's transition finds the guard taken.\n",
         SKIP_CONNECTIONS * 10 + 2
     ))
+}
+
+/// Seconds of churn from client threads cycling through `SCRAPE_NAMES`
+/// names before `serve`'s page is timed.
+const SCRAPE_CHURN_SECONDS: u64 = 30;
+const SCRAPE_NAMES: u32 = 10_000;
+const SCRAPES: usize = 20;
+
+/// `serve` at its group bound: the agent's memory and the time a scrape
+/// takes, after churn from thousands of distinct process names.
+fn serve_scrapes(tracer: &Path, churn_bin: &Path) -> Result<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let agent = Agent::start(tracer, &["serve", "--listen", &listen])?;
+    let out = Command::new(churn_bin)
+        .args([SCRAPE_CHURN_SECONDS.to_string(), "2000".into()])
+        .env("CHURN_NAMES", SCRAPE_NAMES.to_string())
+        .output()
+        .context("running churn")?;
+    if !out.status.success() {
+        bail!("churn failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut times = Vec::new();
+    let mut page = String::new();
+    for _ in 0..SCRAPES {
+        let started = Instant::now();
+        page = http_get(&listen, "/metrics")?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let groups: std::collections::BTreeSet<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("tcp_trace_timewait_entered_total{"))
+        .filter_map(|l| l.split('"').nth(1))
+        .collect();
+    let rss = agent.rss_kib();
+    let peak = agent.peak_rss_kib();
+    agent.stop()?;
+    Ok(format!(
+        "`tcp-trace serve` (default `--max-groups 20`) after {SCRAPE_CHURN_SECONDS} s of churn at          2,000 connections/s from client threads cycling through {SCRAPE_NAMES} names:          {} groups on the page ({} lines, {} bytes); a scrape took {:.1} ms (median of          {SCRAPES}, max {:.1} ms); agent RSS {:.1} MiB (peak {:.1} MiB). Hour-long memory          under the same names: docs/SOAK.md.\n",
+        groups.len(),
+        page.lines().count(),
+        page.len(),
+        times[times.len() / 2],
+        times[times.len() - 1],
+        rss as f64 / 1024.0,
+        peak as f64 / 1024.0,
+    ))
+}
+
+/// The body of `http://addr/path` (HTTP/1.1, connection closed after).
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::Read as _;
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body.to_string())
 }
 
 pub fn date() -> String {

@@ -19,11 +19,19 @@ const RATE: u64 = 2_000;
 /// How much an agent's resident memory may grow after its first sample.
 const RSS_SLACK: f64 = 1.10;
 
-/// Runs `minutes` of churn with `watch` and `life` attached, samples their
-/// resident memory and map memory every minute, writes docs/SOAK.md, and
-/// fails when either grew.
+/// Distinct process names the churn cycles through, for `serve`'s groups.
+const NAMES: u32 = 10_000;
+
+/// Runs `minutes` of churn with `watch`, `life` and `serve` attached, samples
+/// their resident memory and map memory every minute, writes docs/SOAK.md,
+/// and fails when any grew.
 pub fn soak(minutes: u64, root: &Path, tracer: &Path, churn_bin: &Path) -> Result<()> {
-    let configs: [&[&str]; 2] = [&["watch", "--json"], &["life", "--json"]];
+    let configs: [&[&str]; 3] = [
+        &["watch", "--json"],
+        &["life", "--json"],
+        // Groups idle for a minute are dropped, so the names come and go.
+        &["serve", "--listen", "127.0.0.1:0", "--group-ttl", "60"],
+    ];
     let agents: Vec<Agent> = configs
         .iter()
         .map(|args| Agent::start(tracer, args))
@@ -31,6 +39,7 @@ pub fn soak(minutes: u64, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
     let seconds = minutes * 60;
     let churn = Command::new(churn_bin)
         .args([seconds.to_string(), RATE.to_string()])
+        .env("CHURN_NAMES", NAMES.to_string())
         .stdout(Stdio::piped())
         .spawn()
         .context("starting churn")?;
@@ -96,8 +105,8 @@ pub fn soak(minutes: u64, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
     let report = format!(
         "# Soak\n\n\
          Written by `cargo xtask soak` on {date}: {minutes} minutes of `churn` at {RATE} \
-         connections per second ({made} connections, {elapsed:.0} s) with two streaming agents \
-         attached, sampled every minute. Flat means the last sample's resident memory is within \
+         connections per second ({made} connections, {elapsed:.0} s, from client threads \
+         cycling through {NAMES} names) with the agents attached, sampled every minute. Flat means the last sample's resident memory is within \
          {slack:.0} % (+1 MiB) of the first's, and its maps' memory (memlock, from fdinfo) is \
          unchanged.\n\n{table}\n{verdicts}",
         date = date(),

@@ -63,16 +63,6 @@ impl<K: Hash + Eq + Clone + Ord, V: Default + Merge + Clone> BoundedGroups<K, V>
             .chain(std::iter::once(&mut self.other))
     }
 
-    /// Drops the groups `keep` refuses, making room for new keys.
-    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
-        self.groups.retain(|k, v| keep(k, v));
-    }
-
-    /// Whether `key` has a group of its own.
-    pub fn contains(&self, key: &K) -> bool {
-        self.groups.contains_key(key)
-    }
-
     /// The `top` heaviest groups by `weight`, heaviest first (ties by key),
     /// then "other" (groups past `top` folded in) when any key went there.
     pub fn ranked(&self, top: usize, weight: impl Fn(&V) -> u64) -> Vec<(Group<K>, V)> {
@@ -112,24 +102,6 @@ mod tests {
         fn merge(&mut self, other: &u64) {
             *self += other;
         }
-    }
-
-    #[test]
-    fn retained_groups_make_room_for_new_keys() {
-        let mut g = BoundedGroups::<u16, u64>::with_capacity(2);
-        *g.entry(1) += 1;
-        *g.entry(2) += 1;
-        *g.entry(3) += 1; // no room: "other"
-        assert!(!g.contains(&3));
-        g.retain(|k, _| *k != 1);
-        *g.entry(3) += 1;
-        assert!(g.contains(&3) && !g.contains(&1));
-        let ranked = g.ranked(usize::MAX, |v| *v);
-        assert_eq!(
-            ranked.last(),
-            Some(&(Group::Other, 1)),
-            "other keeps its count"
-        );
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! source address (IP_BIND_ADDRESS_NO_PORT) so that no one address pair runs
 //! out of ephemeral ports. Prints one JSON object with the result.
 //!
+//! With `CHURN_NAMES=N` in the environment, each client thread renames
+//! itself before each connection, cycling through N names (`churn-0` ...):
+//! N distinct process names, as a host running many short-lived programs
+//! shows an agent that groups by name.
+//!
 //! Each connection makes ten transitions: the client's CLOSE -> SYN_SENT ->
 //! ESTABLISHED -> FIN_WAIT1 -> FIN_WAIT2 -> CLOSE and the server's LISTEN ->
 //! SYN_RECV -> ESTABLISHED -> CLOSE_WAIT -> LAST_ACK -> CLOSE.
@@ -93,6 +98,7 @@ fn run(duration: Duration, rate: u64, port: u16) -> std::io::Result<()> {
         });
     }
 
+    let names: Option<u32> = env::var("CHURN_NAMES").ok().and_then(|n| n.parse().ok());
     let start = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -115,6 +121,9 @@ fn run(duration: Duration, rate: u64, port: u16) -> std::io::Result<()> {
                     }
                     // 127.1.0.1 .. 127.1.255.254, one per connection in turn.
                     n = n.wrapping_add(CLIENTS as u32);
+                    if let Some(names) = names.filter(|&k| k > 0) {
+                        name_thread(&format!("churn-{}", n % names));
+                    }
                     let source = Ipv4Addr::new(127, 1, (n >> 8) as u8, (n as u8).max(1));
                     match exchange(source, server, &mut buf) {
                         Ok(()) => done.fetch_add(1, Ordering::Relaxed),
@@ -138,6 +147,16 @@ fn run(duration: Duration, rate: u64, port: u16) -> std::io::Result<()> {
         connections * TRANSITIONS_PER_CONNECTION
     );
     Ok(())
+}
+
+/// Sets this thread's name (its comm, as the kernel reports owners).
+fn name_thread(name: &str) {
+    let mut comm = [0u8; 16];
+    let len = name.len().min(15);
+    comm[..len].copy_from_slice(&name.as_bytes()[..len]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
+    // from a buffer that outlives the call.
+    unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
 
 /// `churn burst N THREADS`: N connections from THREADS threads at once on one

@@ -10,7 +10,7 @@ use std::{
 use clap::ValueEnum;
 
 use crate::{
-    aggregate::{group_name, BoundedGroups, Group, GroupBy, Merge},
+    aggregate::{group_name, GroupBy},
     model::{Owner, Transition},
     system::sock_diag::Endpoints,
 };
@@ -41,77 +41,138 @@ impl GroupLabel {
     }
 }
 
-/// A group's counters, and when it was last active.
+/// A group's counter, and how active it is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GroupFigures {
     pub timewait_entered: u64,
-    pub last_active_ns: u64,
-}
-
-impl Merge for GroupFigures {
-    fn merge(&mut self, other: &GroupFigures) {
-        self.timewait_entered += other.timewait_entered;
-        self.last_active_ns = self.last_active_ns.max(other.last_active_ns);
-    }
+    /// Events since the last rebalance (halved at each): how busy it is.
+    recent: u64,
+    last_active_ns: u64,
 }
 
 /// The name of the group that holds what groups past the bound count.
 pub const OTHER: &str = "other";
 
-/// Groups by label, bounded in number and in idle time.
+/// Groups by label: the `max` busiest kept apart, the rest counted as
+/// "other". A group idle for the TTL is dropped, and one far busier than
+/// the least busy kept group takes its place; either way the group that
+/// leaves hands its count to "other", so the sum over groups never falls.
 pub struct GroupTable {
-    groups: BoundedGroups<String, GroupFigures>,
+    kept: HashMap<String, GroupFigures>,
+    other: GroupFigures,
+    /// Recent events of labels counted as "other", the busiest candidates
+    /// for a place (bounded: later labels wait for the next round).
+    candidates: HashMap<String, u64>,
+    max: usize,
     ttl_ns: u64,
 }
 
 impl GroupTable {
-    pub fn new(max_groups: usize, ttl_ns: u64) -> GroupTable {
+    pub fn new(max: usize, ttl_ns: u64) -> GroupTable {
         GroupTable {
-            groups: BoundedGroups::with_capacity(max_groups),
+            kept: HashMap::new(),
+            other: GroupFigures::default(),
+            candidates: HashMap::new(),
+            max,
             ttl_ns,
         }
     }
 
-    /// Marks `label` active at `now_ns`; returns the name its figures go
-    /// under: its own, or "other" when the table is full.
-    pub fn touch(&mut self, label: String, now_ns: u64) -> String {
-        let kept = self.groups.contains(&label);
-        let figures = self.groups.entry(label.clone());
-        figures.last_active_ns = figures.last_active_ns.max(now_ns);
-        if kept || self.groups.contains(&label) {
-            label
-        } else {
-            OTHER.to_string()
+    /// The name `label`'s figures go under at `now_ns`: its own when kept (or
+    /// when there is room), else "other". `event` counts towards busyness;
+    /// either way a kept group stays alive.
+    pub fn name(&mut self, label: String, now_ns: u64, event: bool) -> String {
+        if !self.kept.contains_key(&label) && self.kept.len() < self.max {
+            self.kept.insert(label.clone(), GroupFigures::default());
         }
+        if let Some(g) = self.kept.get_mut(&label) {
+            g.last_active_ns = g.last_active_ns.max(now_ns);
+            g.recent += u64::from(event);
+            return label;
+        }
+        if event {
+            let room = self.candidates.len() < 4 * self.max;
+            match self.candidates.get_mut(&label) {
+                Some(n) => *n += 1,
+                None if room => {
+                    self.candidates.insert(label, 1);
+                }
+                None => {}
+            }
+        }
+        OTHER.to_string()
     }
 
     pub fn count_timewait_entry(&mut self, label: String, now_ns: u64) {
-        let name = self.touch(label, now_ns);
-        self.figures_mut(&name).timewait_entered += 1;
+        let name = self.name(label, now_ns, true);
+        match self.kept.get_mut(&name) {
+            Some(g) => g.timewait_entered += 1,
+            None => self.other.timewait_entered += 1,
+        }
     }
 
-    fn figures_mut(&mut self, name: &str) -> &mut GroupFigures {
-        // `touch` made the entry (or "other" holds it).
-        self.groups.entry(name.to_string())
-    }
-
-    /// Forgets the groups idle for longer than the TTL at `now_ns`.
-    pub fn expire(&mut self, now_ns: u64) {
+    /// Drops the groups idle past the TTL at `now_ns`, gives the places of
+    /// the least busy to candidates more than twice as busy, then halves
+    /// every group's recent count.
+    pub fn rebalance(&mut self, now_ns: u64) {
         let ttl = self.ttl_ns;
-        self.groups
-            .retain(|_, g| now_ns.saturating_sub(g.last_active_ns) <= ttl);
+        let idle: Vec<String> = self
+            .kept
+            .iter()
+            .filter(|(_, g)| now_ns.saturating_sub(g.last_active_ns) > ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for label in idle {
+            self.retire(&label);
+        }
+        let mut candidates: Vec<(String, u64)> = self.candidates.drain().collect();
+        candidates.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        for (label, busy) in candidates {
+            if self.kept.len() >= self.max {
+                let Some((least, its)) = self
+                    .kept
+                    .iter()
+                    .min_by(|a, b| a.1.recent.cmp(&b.1.recent).then_with(|| a.0.cmp(b.0)))
+                    .map(|(k, g)| (k.clone(), g.recent))
+                else {
+                    break;
+                };
+                if busy <= 2 * its {
+                    break;
+                }
+                self.retire(&least);
+            }
+            let figures = GroupFigures {
+                recent: busy,
+                last_active_ns: now_ns,
+                ..GroupFigures::default()
+            };
+            self.kept.insert(label, figures);
+        }
+        for g in self.kept.values_mut() {
+            g.recent /= 2;
+        }
     }
 
-    /// Every group's figures, "other" last when it ever counted anything.
-    pub fn all(&self) -> Vec<(String, GroupFigures)> {
-        self.groups
-            .ranked(usize::MAX, |g| g.timewait_entered)
-            .into_iter()
-            .map(|(group, figures)| match group {
-                Group::Key(name) => (name, figures),
-                Group::Other => (OTHER.to_string(), figures),
-            })
-            .collect()
+    /// Removes a kept group; "other" takes over its count.
+    fn retire(&mut self, label: &str) {
+        if let Some(g) = self.kept.remove(label) {
+            self.other.timewait_entered += g.timewait_entered;
+        }
+    }
+
+    /// Every kept group by name, then "other" once it counted anything.
+    pub fn all(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = self
+            .kept
+            .iter()
+            .map(|(k, g)| (k.clone(), g.timewait_entered))
+            .collect();
+        all.sort();
+        if self.other.timewait_entered > 0 {
+            all.push((OTHER.to_string(), self.other.timewait_entered));
+        }
+        all
     }
 }
 
@@ -189,23 +250,44 @@ mod tests {
         table.count_timewait_entry("a".into(), S);
         table.count_timewait_entry("b".into(), 2 * S);
         table.count_timewait_entry("c".into(), 3 * S);
-        let names = |t: &GroupTable| {
-            t.all()
-                .into_iter()
-                .map(|(n, g)| (n, g.timewait_entered))
-                .collect::<Vec<_>>()
-        };
+        let all = |t: &GroupTable| t.all();
         assert_eq!(
-            names(&table),
+            all(&table),
             vec![("a".into(), 1), ("b".into(), 1), (OTHER.into(), 1)]
         );
-        // "a" idles past the TTL; "c" then gets a group of its own.
-        table.expire(11 * S + 1);
+        // "a" idles past the TTL: "other" takes its count, and "c", a
+        // candidate, gets its place.
+        table.count_timewait_entry("b".into(), 11 * S);
+        table.rebalance(11 * S + 1);
         table.count_timewait_entry("c".into(), 12 * S);
         assert_eq!(
-            names(&table),
-            vec![("b".into(), 1), ("c".into(), 1), (OTHER.into(), 1)]
+            all(&table),
+            vec![("b".into(), 2), ("c".into(), 1), (OTHER.into(), 2)]
         );
+    }
+
+    #[test]
+    fn a_far_busier_group_takes_the_least_busy_ones_place() {
+        let mut table = GroupTable::new(2, 600 * S);
+        for label in ["quiet", "steady", "steady", "steady"] {
+            table.count_timewait_entry(label.into(), S);
+        }
+        for _ in 0..3 {
+            table.count_timewait_entry("busy".into(), S);
+        }
+        table.rebalance(2 * S);
+        assert_eq!(
+            table.all(),
+            vec![("busy".into(), 0), ("steady".into(), 3), (OTHER.into(), 4)],
+            "busy's 3 stay counted in other; quiet's 1 joins them"
+        );
+        // Merely as busy as the least busy kept group is not enough.
+        for _ in 0..2 {
+            table.count_timewait_entry("newer".into(), 3 * S);
+            table.count_timewait_entry("busy".into(), 3 * S);
+        }
+        table.rebalance(4 * S);
+        assert!(table.all().iter().all(|(k, _)| k != "newer"));
     }
 
     #[test]

@@ -33,6 +33,8 @@ use metrics::{GroupRow, Snapshot};
 /// How often sockets believed in CLOSE_WAIT are checked against the
 /// kernel's table (an exit the kernel skipped would keep one forever).
 const RECONCILE_EVERY: u32 = 10;
+/// How often (in seconds) idle groups are dropped and busier ones promoted.
+const REBALANCE_EVERY: u32 = 10;
 
 /// The per-group state the agent follows between scrapes.
 pub struct ServeState {
@@ -60,18 +62,18 @@ impl ServeState {
         let mut rows: BTreeMap<String, GroupRow> = BTreeMap::new();
         let (groups, label) = (&mut self.groups, self.label);
         for owner in self.tracker.ledger.lingering_owners() {
-            let name = groups.touch(label.of(owner), now_ns);
+            let name = groups.name(label.of(owner), now_ns, false);
             rows.entry(name).or_default().timewait_sockets += 1;
         }
         for (owner, entered_ns) in self.close_waits.iter() {
-            let name = groups.touch(label.of(owner), now_ns);
+            let name = groups.name(label.of(owner), now_ns, false);
             let row = rows.entry(name).or_default();
             row.close_wait_sockets += 1;
             let age = now_ns.saturating_sub(entered_ns) as f64 / 1e9;
             row.close_wait_oldest_seconds = row.close_wait_oldest_seconds.max(age);
         }
-        for (name, figures) in groups.all() {
-            rows.entry(name).or_default().timewait_entered = figures.timewait_entered;
+        for (name, entered) in groups.all() {
+            rows.entry(name).or_default().timewait_entered = entered;
         }
         rows.into_iter()
             .map(|(group, row)| GroupRow { group, ..row })
@@ -111,7 +113,8 @@ impl Consumer for ServeState {
         self.tracker.event(t);
         self.close_waits.event(t, self.tracker.host_netns());
         if t.new_state == TcpState::CLOSE_WAIT {
-            self.groups.touch(self.label.of(t.owner.as_ref()), t.ts_ns);
+            self.groups
+                .name(self.label.of(t.owner.as_ref()), t.ts_ns, true);
         }
         Ok(())
     }
@@ -124,8 +127,10 @@ impl Consumer for ServeState {
 
     fn interval(&mut self, now_ns: u64, _totals: &Totals) -> Result<()> {
         self.flush()?;
-        self.groups.expire(now_ns);
         self.ticks += 1;
+        if self.ticks.is_multiple_of(REBALANCE_EVERY) {
+            self.groups.rebalance(now_ns);
+        }
         if self.ticks.is_multiple_of(RECONCILE_EVERY) {
             // A failed reading keeps the sockets: said, not fatal.
             if let Err(err) = self.reconcile_close_waits() {
