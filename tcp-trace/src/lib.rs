@@ -28,9 +28,16 @@ use crate::{
 /// The whole program: parse the flags, run the command, report.
 pub fn run() -> ExitCode {
     // One malloc arena: the agent's few threads do not need their own, and
-    // each would hold on to memory (RSS) the main thread cannot reuse.
+    // each would hold on to memory (RSS) the main thread cannot reuse. And a
+    // fixed mmap threshold: glibc raises it to the size of each large block
+    // freed, after which the agent's big transient tables (a sock_diag
+    // reading of a hundred thousand timewait sockets, every second) would
+    // come from the heap and stay resident; mapped, they go back when freed.
     // SAFETY: mallopt only tunes glibc's allocator.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
     let result = match Cli::parse().command {
         Command::Watch(args) => watch::run(args.into_config()),
         Command::Stats(args) => stats::run(args.into_config()),

@@ -142,6 +142,11 @@ impl Program {
         seed_from_scan(&mut ebpf, settings.cgroup.as_deref());
         let exited_owners = ExitedOwners::take(&mut ebpf, settings.cgroup.clone())?;
         drop_privileges()?;
+        // Loading parsed the kernel's BTF and the scan read every process's
+        // descriptors: give the freed memory back rather than hold it for
+        // the agent's whole life.
+        // SAFETY: malloc_trim only releases free memory of glibc's heap.
+        unsafe { libc::malloc_trim(0) };
         Ok((
             Self {
                 ebpf,

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -44,16 +45,20 @@ pub type ProcessKey = (u32, Vec<u8>);
 /// service's (our local port is ephemeral); a server's clients count per address.
 pub type RemoteKey = (IpAddr, Option<u16>);
 
+/// An owner shared by the sockets it holds: one copy per process, not one
+/// per socket (a busy host lingers in TIME_WAIT by the hundred thousand).
+type Shared = Arc<Owner>;
+
 #[derive(Debug)]
 struct Candidate {
-    owner: Option<Owner>,
+    owner: Option<Shared>,
     closed_ns: u64,
     polls: u32,
 }
 
 #[derive(Debug)]
 struct Lingering {
-    owner: Option<Owner>,
+    owner: Option<Shared>,
     closed_ns: u64,
     /// Confirmed in TIME_WAIT (not only the FIN_WAIT2 substate).
     entered: bool,
@@ -127,7 +132,9 @@ pub struct Ledger {
     /// The ephemeral port range, to tell a client's end from a server's.
     ephemeral: (u16, u16),
     /// Owners of the entries confirmed since `take_entries`, when recorded.
-    entries: Option<Vec<Option<Owner>>>,
+    entries: Option<Vec<Option<Shared>>>,
+    /// The last owner seen per pid, shared by its sockets.
+    interned: HashMap<u32, Shared>,
 }
 
 fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
@@ -152,16 +159,38 @@ impl Ledger {
             started_ns,
             ephemeral,
             entries: None,
+            interned: HashMap::new(),
         }
     }
 
-    /// Keeps the owner of each entry confirmed from now on, for `take_entries`.
+    /// `owner`, shared with the sockets before it of the same process.
+    fn intern(&mut self, owner: &Owner) -> Shared {
+        if let Some(known) = self.interned.get(&owner.pid) {
+            let same = known.comm == owner.comm
+                && known.cgroup_id == owner.cgroup_id
+                && known.source == owner.source;
+            if same {
+                return known.clone();
+            }
+        }
+        // Bounded: past it, start over (the sockets keep their copies).
+        if self.interned.len() >= PROCESS_ROWS {
+            self.interned.clear();
+        }
+        let shared = Arc::new(owner.clone());
+        self.interned.insert(owner.pid, shared.clone());
+        shared
+    }
+
+    /// Keeps the owner of each entry confirmed from now on, for
+    /// `take_entries`, instead of per-process rows (a row holds a histogram:
+    /// thousands of short-lived processes would cost megabytes).
     pub fn record_entries(&mut self) {
         self.entries = Some(Vec::new());
     }
 
     /// The owners of the entries confirmed since the last call.
-    pub fn take_entries(&mut self) -> Vec<Option<Owner>> {
+    pub fn take_entries(&mut self) -> Vec<Option<Shared>> {
         self.entries
             .as_mut()
             .map(std::mem::take)
@@ -173,11 +202,16 @@ impl Ledger {
         self.lingering
             .values()
             .filter(|l| l.entered)
-            .map(|l| l.owner.as_ref())
+            .map(|l| l.owner.as_deref())
     }
 
-    fn row(&mut self, owner: &Option<Owner>) -> &mut ProcessRow {
-        match owner {
+    /// The row `owner`'s figures go to; none when entries are recorded
+    /// instead (`record_entries`).
+    fn row(&mut self, owner: Option<&Owner>) -> Option<&mut ProcessRow> {
+        if self.entries.is_some() {
+            return None;
+        }
+        Some(match owner {
             Some(o) => {
                 let key = (o.pid, o.comm.clone());
                 // Bounded as the rows are: owners past them share "other".
@@ -187,7 +221,7 @@ impl Ledger {
                 self.rows.entry(key)
             }
             None => &mut self.unknown_owner,
-        }
+        })
     }
 
     /// A transition from the tracepoint.
@@ -206,7 +240,7 @@ impl Ledger {
         };
         let key = (t.netns.unwrap_or(self.host_netns), endpoints);
         let candidate = Candidate {
-            owner: t.owner.clone(),
+            owner: t.owner.as_ref().map(|o| self.intern(o)),
             closed_ns: t.ts_ns,
             polls: 0,
         };
@@ -278,11 +312,13 @@ impl Ledger {
         l.entered = true;
         let owner = l.owner.clone();
         if let Some(entries) = &mut self.entries {
-            entries.push(owner.clone());
+            entries.push(owner);
+            return;
         }
-        let row = self.row(&owner);
-        row.entered += 1;
-        row.count_remote(remote, 1);
+        if let Some(row) = self.row(owner.as_deref()) {
+            row.entered += 1;
+            row.count_remote(remote, 1);
+        }
     }
 
     /// Sockets of the namespaces `read` gone from their table: their stay is
@@ -298,9 +334,9 @@ impl Ledger {
             let l = self.lingering.remove(&key).expect("listed key");
             if l.entered {
                 let exit_ns = now_ns.saturating_sub(POLL.as_nanos() as u64 / 2);
-                self.row(&l.owner)
-                    .stay
-                    .record(exit_ns.saturating_sub(l.closed_ns));
+                if let Some(row) = self.row(l.owner.as_deref()) {
+                    row.stay.record(exit_ns.saturating_sub(l.closed_ns));
+                }
             }
         }
         let kept = |k: &SocketKey| !read.contains(&k.0) || present.contains(k);
@@ -327,7 +363,9 @@ impl Ledger {
         for key in expired {
             let c = self.candidates.remove(&key).expect("listed key");
             if read.contains(&key.0) {
-                self.row(&c.owner).without_timewait += 1;
+                if let Some(row) = self.row(c.owner.as_deref()) {
+                    row.without_timewait += 1;
+                }
             } else {
                 self.out_of_reach += 1;
             }
@@ -363,16 +401,23 @@ impl Ledger {
 
     /// Lingering now, per owner.
     fn count_lingering(&mut self) {
+        if self.entries.is_some() {
+            return;
+        }
         for row in self.rows.values_mut() {
             row.lingering = 0;
         }
         self.unknown_owner.lingering = 0;
-        let owners: Vec<Option<Owner>> = self
-            .lingering_owners()
-            .map(Option::<&Owner>::cloned)
+        let owners: Vec<Option<Shared>> = self
+            .lingering
+            .values()
+            .filter(|l| l.entered)
+            .map(|l| l.owner.clone())
             .collect();
         for owner in owners {
-            self.row(&owner).lingering += 1;
+            if let Some(row) = self.row(owner.as_deref()) {
+                row.lingering += 1;
+            }
         }
     }
 
