@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what a fresh machine lacks (idempotent): rust-src for the nightly, bpf-linker,
-    /// the test tools (Debian packages, kubernetes-validate).
+    /// cargo-fuzz, cargo-deb, the test tools (Debian packages, kubernetes-validate).
     Setup,
     /// Set up, then build everything in release mode (target/release/tcp-trace).
     Build,
