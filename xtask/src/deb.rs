@@ -98,7 +98,7 @@ pub fn test_deb(root: &Path, deb: &Path) -> Result<()> {
 }
 
 /// The package installed by `dpkg -i`; purged when dropped unless `remove`
-/// did it, so that a failed check leaves no package behind.
+/// did it, so that a failed install or check leaves no package behind.
 struct Installed {
     removed: bool,
 }
@@ -106,6 +106,7 @@ struct Installed {
 impl Installed {
     fn new(deb: &Path) -> Result<Installed> {
         println!("xtask: dpkg -i {}", deb.display());
+        // Made first, so that a half-done install is purged too.
         let installed = Installed { removed: false };
         run(Command::new("dpkg").arg("-i").arg(deb)).context("installing the package")?;
         Ok(installed)
@@ -124,7 +125,6 @@ impl Installed {
     /// `dpkg -r`, which must take every file in `files` away, then `dpkg
     /// --purge`, which must leave dpkg no record and systemd no mask.
     fn remove(mut self, files: &[PathBuf]) -> Result<()> {
-        self.removed = true;
         println!("xtask: dpkg -r {PACKAGE}");
         run(Command::new("dpkg").args(["-r", PACKAGE])).context("removing the package")?;
         let left: Vec<&PathBuf> = files.iter().filter(|f| f.exists()).collect();
@@ -138,6 +138,7 @@ impl Installed {
         }
         println!("xtask: dpkg --purge {PACKAGE}");
         run(Command::new("dpkg").args(["--purge", PACKAGE])).context("purging the package")?;
+        self.removed = true;
         if let Some(status) = package_status()? {
             bail!("after `dpkg --purge {PACKAGE}` dpkg still has it as {status}");
         }
@@ -162,8 +163,8 @@ impl Drop for Installed {
 }
 
 /// What the installed package must hold: the binary of this version, a man
-/// page for each generated one, the completions, README, and the unit, which
-/// installing must have made known to systemd but neither enabled nor started.
+/// page for each generated one, the completions, README, and the unit, with
+/// a postinst that reloads systemd and neither enables nor starts it.
 fn check_installed(root: &Path) -> Result<()> {
     let version = run(Command::new(INSTALLED_BINARY).arg("--version"))?;
     let expected = format!("{PACKAGE} {}", env!("CARGO_PKG_VERSION"));
