@@ -11,9 +11,12 @@ use crate::{
     kernel::{Settings, RING_BYTES},
 };
 
+/// The installed program's name: man pages and completions are named after it.
+pub const BIN_NAME: &str = "tcp-trace";
+
 #[derive(Parser, Debug)]
 #[command(
-    name = "tcp-trace",
+    name = BIN_NAME,
     version,
     about = "Times every TCP state transition on this host"
 )]
@@ -39,6 +42,16 @@ pub enum Command {
     /// Attach an empty program to the tracepoint (the benchmark's floor).
     #[command(hide = true)]
     BenchFloor,
+    /// Write the man pages and shell completions that a package installs.
+    #[command(hide = true)]
+    GenerateAssets(GenerateAssetsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateAssetsArgs {
+    /// Directory to write into (created if missing); its man/ and
+    /// completions/ are replaced.
+    pub dir: PathBuf,
 }
 
 /// Filters shared by every tracing command; applied in the kernel.

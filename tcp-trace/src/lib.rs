@@ -22,7 +22,7 @@ use clap::Parser as _;
 
 use crate::{
     cli::{Cli, Command},
-    commands::{bench_floor, handshake, life, serve, stats, timewait, watch},
+    commands::{bench_floor, generate_assets, handshake, life, serve, stats, timewait, watch},
 };
 
 /// The whole program: parse the flags, run the command, report.
@@ -46,6 +46,7 @@ pub fn run() -> ExitCode {
         Command::Timewait(args) => timewait::run(args.into_config()),
         Command::Serve(args) => serve::run(args.into_config()),
         Command::BenchFloor => bench_floor::run(),
+        Command::GenerateAssets(args) => generate_assets::run(&args.dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

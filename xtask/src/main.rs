@@ -1,7 +1,8 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|lint|bench|soak|fuzz`.
+//! Developer tasks: `cargo xtask setup|build|run|test|lint|bench|soak|fuzz|deb`.
 
 mod agent;
 mod bench;
+mod deb;
 mod setup;
 mod soak;
 
@@ -26,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what a fresh machine lacks (idempotent): rust-src for the nightly, bpf-linker,
-    /// the test tools (Debian packages, kubernetes-validate).
+    /// cargo-fuzz, cargo-deb, the test tools (Debian packages, kubernetes-validate).
     Setup,
     /// Set up, then build everything in release mode (target/release/tcp-trace).
     Build,
@@ -35,7 +36,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Build, then run every test: lints, unit tests and the kernel integration tests.
+    /// Build, then run every test: lints, unit tests, the kernel integration
+    /// tests and, without ARGS, a short fuzz pass and the package's test.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -62,6 +64,13 @@ enum Task {
         /// How long to churn.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=1440))]
         minutes: u64,
+    },
+    /// Build, then make the Debian package (target/debian/tcp-trace_*.deb).
+    Deb {
+        /// Then install it with dpkg, check it, and remove it (needs root;
+        /// refuses where tcp-trace is installed already).
+        #[arg(long)]
+        test: bool,
     },
 }
 
@@ -95,9 +104,12 @@ fn run(task: Task) -> Result<ExitCode> {
             lint(&root)?;
             let tools = setup::setup()?;
             run_tests(&root, &tools, &args)?;
-            // A short pass on every run; `cargo xtask fuzz` goes longer.
+            // Without a filter, also a short fuzz pass (`cargo xtask fuzz`
+            // goes longer) and the package: built, installed, run, removed.
             if args.is_empty() {
                 fuzz(&root, &tools, FUZZ_SECONDS_IN_TEST)?;
+                let deb = deb::build_deb(&root, &tools)?;
+                deb::test_deb(&root, &deb)?;
             }
         }
         Task::Bench { quick } => {
@@ -121,6 +133,14 @@ fn run(task: Task) -> Result<ExitCode> {
                 &root.join("target/release/tcp-trace"),
                 &root.join("target/release/churn"),
             )?;
+        }
+        Task::Deb { test } => {
+            build(&root)?;
+            let tools = setup::setup()?;
+            let deb = deb::build_deb(&root, &tools)?;
+            if test {
+                deb::test_deb(&root, &deb)?;
+            }
         }
         Task::Lint => {
             setup::setup()?;

@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: the nightly's rust-src, a bpf-linker built against
-//! the nightly toolchain's own libLLVM, and cargo-fuzz, cached outside target/;
-//! the Debian packages and the Python package the tests call.
+//! the nightly toolchain's own libLLVM, cargo-fuzz and cargo-deb, cached
+//! outside target/; the Debian packages and the Python package the tests call.
 
 use std::{
     env,
@@ -15,13 +15,14 @@ use anyhow::{bail, Context as _, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Validates the Kubernetes manifests offline (tests/deploy.rs); each release
 /// bundles the schemas of the Kubernetes versions up to its own.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// What later steps need from the set-up.
 pub struct Tools {
-    /// PATH with bpf-linker's directory first.
+    /// PATH with the directories of bpf-linker, cargo-fuzz and cargo-deb first.
     pub path: OsString,
 }
 
@@ -30,8 +31,9 @@ pub fn setup() -> Result<Tools> {
     ensure_packages()?;
     ensure_kubernetes_validate()?;
     let bin = ensure_bpf_linker()?;
-    let fuzz = ensure_cargo_fuzz()?;
-    let mut paths = vec![bin, fuzz];
+    let fuzz = ensure_cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION)?;
+    let deb = ensure_cargo_tool("cargo-deb", CARGO_DEB_VERSION)?;
+    let mut paths = vec![bin, fuzz, deb];
     paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
     Ok(Tools {
         path: env::join_paths(paths).context("building PATH")?,
@@ -94,6 +96,10 @@ const PACKAGES: &[(&str, &str)] = &[
     // page with its promtool.
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // The package: cargo-deb finds its libc dependency with dpkg-shlibdeps,
+    // and its test looks the installed man page up with `man -w`.
+    ("dpkg-shlibdeps", "dpkg-dev"),
+    ("man", "man-db"),
 ];
 
 /// Where Debian's invoke-rc.d asks whether a package's maintainer script may
@@ -310,30 +316,28 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Returns the directory holding cargo-fuzz (for the fuzz pass), installing
-/// the pinned version into the cache if needed.
-fn ensure_cargo_fuzz() -> Result<PathBuf> {
-    let root = cache_dir()?.join("cargo-fuzz");
+/// Returns the directory holding `cargo-NAME` at the pinned `version`
+/// (cargo-fuzz for the fuzz pass, cargo-deb for the package), installing it
+/// into the cache if needed.
+fn ensure_cargo_tool(name: &str, version: &str) -> Result<PathBuf> {
+    let root = cache_dir()?.join(name);
     let bin = root.join("bin");
-    let installed = Command::new(bin.join("cargo-fuzz"))
+    let installed = Command::new(bin.join(name))
         .arg("--version")
         .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout).trim() == format!("cargo-fuzz {CARGO_FUZZ_VERSION}")
-        });
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == format!("{name} {version}"));
     if installed {
         return Ok(bin);
     }
-    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    eprintln!("xtask: installing {name} {version} (a minute or two)");
     let status = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["install", "cargo-fuzz", "--locked", "--force", "--version"])
-        .arg(CARGO_FUZZ_VERSION)
+        .args(["install", name, "--locked", "--force", "--version", version])
         .arg("--root")
         .arg(&root)
         .status()
-        .context("running cargo install cargo-fuzz")?;
+        .with_context(|| format!("running cargo install {name}"))?;
     if !status.success() {
-        bail!("installing cargo-fuzz failed");
+        bail!("installing {name} {version} failed");
     }
     Ok(bin)
 }
