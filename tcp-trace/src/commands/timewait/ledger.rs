@@ -23,6 +23,8 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub const CANDIDATE_POLLS: u32 = 3;
 /// Processes kept apart; later new ones are counted together.
 const PROCESS_ROWS: usize = 4096;
+/// Owners shared by their sockets at most; past it, sharing starts over.
+const INTERNED_OWNERS: usize = 16_384;
 
 /// A socket by its network namespace (inode number) and endpoints: the same
 /// endpoints can linger in two namespaces at once.
@@ -133,8 +135,8 @@ pub struct Ledger {
     ephemeral: (u16, u16),
     /// Owners of the entries confirmed since `take_entries`, when recorded.
     entries: Option<Vec<Option<Shared>>>,
-    /// The last owner seen per pid, shared by its sockets.
-    interned: HashMap<u32, Shared>,
+    /// Owners seen, by pid and name, shared by their sockets.
+    interned: HashMap<(u32, [u8; 16]), Shared>,
 }
 
 fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
@@ -163,22 +165,24 @@ impl Ledger {
         }
     }
 
-    /// `owner`, shared with the sockets before it of the same process.
+    /// `owner`, shared with the sockets before it of the same process
+    /// (threads renamed apart count as owners of their own).
     fn intern(&mut self, owner: &Owner) -> Shared {
-        if let Some(known) = self.interned.get(&owner.pid) {
-            let same = known.comm == owner.comm
-                && known.cgroup_id == owner.cgroup_id
-                && known.source == owner.source;
-            if same {
+        let mut comm = [0u8; 16];
+        let len = owner.comm.len().min(comm.len());
+        comm[..len].copy_from_slice(&owner.comm[..len]);
+        let key = (owner.pid, comm);
+        if let Some(known) = self.interned.get(&key) {
+            if known.cgroup_id == owner.cgroup_id && known.source == owner.source {
                 return known.clone();
             }
         }
         // Bounded: past it, start over (the sockets keep their copies).
-        if self.interned.len() >= PROCESS_ROWS {
+        if self.interned.len() >= INTERNED_OWNERS {
             self.interned.clear();
         }
         let shared = Arc::new(owner.clone());
-        self.interned.insert(owner.pid, shared.clone());
+        self.interned.insert(key, shared.clone());
         shared
     }
 
