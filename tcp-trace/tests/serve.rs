@@ -13,18 +13,24 @@ use std::{
     collections::BTreeMap,
     io::Write as _,
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixDatagram,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use common::*;
 
-/// Starts `serve` on `metrics` for sockets on `port`, with `extra` flags.
-fn serve(metrics: SocketAddr, port: u16, extra: &[&str]) -> Agent {
+/// Starts `serve` on `metrics` for sockets on `port`, with `extra` flags
+/// and environment `env`.
+fn serve_env(metrics: SocketAddr, port: u16, extra: &[&str], env: &[(&str, &str)]) -> Agent {
     let (listen, port) = (metrics.to_string(), port.to_string());
     let mut args = vec!["serve", "--listen", &listen, "--port", &port];
     args.extend_from_slice(extra);
-    Agent::command(&args)
+    Agent::command_env(&args, env)
+}
+
+fn serve(metrics: SocketAddr, port: u16, extra: &[&str]) -> Agent {
+    serve_env(metrics, port, extra, &[])
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -200,7 +206,22 @@ fn prometheus_sees_the_traffic_the_test_made() {
 #[test]
 fn groups_are_bounded_privileges_dropped_and_sigterm_stops_it() {
     let (port, metrics) = (free_port(), local(free_port()));
-    let agent = serve(metrics, port, &["--max-groups", "3"]);
+    // systemd's notification socket, as a `Type=notify` unit gets it.
+    let dir = TempDir::new("notify");
+    let notify = UnixDatagram::bind(dir.join("notify")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let socket = dir.join("notify").to_string_lossy().into_owned();
+    let agent = serve_env(
+        metrics,
+        port,
+        &["--max-groups", "3"],
+        &[("NOTIFY_SOCKET", &socket)],
+    );
+    let mut message = [0u8; 64];
+    let n = notify.recv(&mut message).expect("READY=1 from the agent");
+    assert_eq!(&message[..n], b"READY=1\n");
     // After attaching, the agent keeps CAP_BPF (bit 39) alone.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
@@ -269,9 +290,13 @@ fn groups_are_bounded_privileges_dropped_and_sigterm_stops_it() {
     assert_eq!(get(metrics, "/nope", "*/*").unwrap().status, 404);
 
     server.finish();
-    // SIGTERM: a clean exit (stop_raw asserts success), after which nothing
-    // answers any more.
+    // SIGTERM: a clean exit (stop_raw asserts success), said to systemd,
+    // after which nothing answers any more.
     agent.stop_raw();
+    let n = notify
+        .recv(&mut message)
+        .expect("STOPPING=1 from the agent");
+    assert_eq!(&message[..n], b"STOPPING=1\n");
     assert!(get(metrics, "/healthz", "*/*").is_none());
 }
 
