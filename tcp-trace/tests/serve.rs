@@ -304,6 +304,8 @@ fn groups_are_bounded_privileges_dropped_and_sigterm_stops_it() {
 fn close_wait_sockets_a_process_never_closes_are_counted_and_aged() {
     let (port, metrics) = (free_port(), local(free_port()));
     let agent = serve(metrics, port, &[]);
+    // Nothing listens yet: a refused connect, a handshake that failed.
+    assert!(TcpStream::connect(local(port)).is_err());
     let listener = TcpListener::bind(local(port)).unwrap();
     // The peer closes each connection first; we never close ours.
     let mut closer = Peer::closer(local(port), 5, "tt-serve-peer", false);
