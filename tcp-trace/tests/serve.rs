@@ -252,14 +252,19 @@ fn groups_are_bounded_privileges_dropped_and_sigterm_stops_it() {
             .map(|(l, _)| l["group"].clone())
             .collect();
         let dropped = dropped(&page);
-        if total + dropped >= 12.0 || Instant::now() > deadline {
+        if total >= 12.0 || Instant::now() > deadline {
             break (groups, total, dropped);
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_up_to_dropped("entries", total, 12.0, dropped);
     assert!(groups.len() <= 4, "{groups:?}");
-    assert!(groups.iter().any(|g| g == "other"), "{groups:?}");
+    // Six closers, three places, one of them the server's: "other" counts
+    // the rest (unless the kernel skipped their closes).
+    assert!(
+        groups.iter().any(|g| g == "other") || dropped > 0.0,
+        "{groups:?}"
+    );
     assert!(
         groups
             .iter()

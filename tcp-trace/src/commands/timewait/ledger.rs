@@ -62,6 +62,8 @@ struct Candidate {
 struct Lingering {
     owner: Option<Shared>,
     closed_ns: u64,
+    /// The reading that last listed it (see `Ledger::generation`).
+    seen: u32,
     /// Confirmed in TIME_WAIT (not only the FIN_WAIT2 substate).
     entered: bool,
 }
@@ -117,10 +119,15 @@ pub struct Ledger {
     host_netns: u32,
     candidates: HashMap<SocketKey, Candidate>,
     lingering: HashMap<SocketKey, Lingering>,
-    /// Listed by the kernel when its namespace was first read: owner unknown.
-    pub before_start: HashSet<SocketKey>,
+    /// Listed by the kernel when its namespace was first read: owner
+    /// unknown. With the reading that last listed each.
+    pub before_start: HashMap<SocketKey, u32>,
     /// Listed by the kernel later without any candidate (missed or unowned).
-    pub unattributed: HashSet<SocketKey>,
+    pub unattributed: HashMap<SocketKey, u32>,
+    /// Readings so far: each marks the sockets it lists, and those of a
+    /// namespace read but left unmarked are gone (no set of the listed
+    /// sockets is built: it would double a busy host's peak memory).
+    generation: u32,
     /// Namespaces read at least once.
     polled: HashSet<u32>,
     /// Candidates in namespaces that could not be read (no process of
@@ -151,8 +158,9 @@ impl Ledger {
             host_netns,
             candidates: HashMap::new(),
             lingering: HashMap::new(),
-            before_start: HashSet::new(),
-            unattributed: HashSet::new(),
+            before_start: HashMap::new(),
+            unattributed: HashMap::new(),
+            generation: 0,
             polled: HashSet::new(),
             out_of_reach: 0,
             rows: BoundedGroups::with_capacity(PROCESS_ROWS),
@@ -256,7 +264,8 @@ impl Ledger {
     pub fn poll(&mut self, readings: &[Reading], now_ns: u64) {
         // Listed sockets have no owner: under --pid only candidates count.
         let by_pid = self.filter.pid != 0;
-        let mut present: HashSet<SocketKey> = HashSet::new();
+        self.generation = self.generation.wrapping_add(1);
+        let now = self.generation;
         for reading in readings {
             let listed: Vec<&TimewaitSocket> = reading
                 .sockets
@@ -271,17 +280,16 @@ impl Ledger {
                 for s in &listed {
                     let key = (reading.netns, s.endpoints);
                     if !self.candidates.contains_key(&key) {
-                        self.before_start.insert(key);
+                        self.before_start.insert(key, now);
                     }
                 }
             }
             for s in &listed {
                 self.confirm(reading.netns, s, by_pid);
             }
-            present.extend(listed.iter().map(|s| (reading.netns, s.endpoints)));
         }
         let read: HashSet<u32> = readings.iter().map(|r| r.netns).collect();
-        self.end_stays(&present, &read, now_ns);
+        self.end_stays(&read, now_ns);
         self.expire_candidates(&read, now_ns);
         self.count_lingering();
     }
@@ -290,6 +298,7 @@ impl Ledger {
     /// charged as an entry once it is in TIME_WAIT proper.
     fn confirm(&mut self, netns: u32, s: &TimewaitSocket, by_pid: bool) {
         let key = (netns, s.endpoints);
+        let now = self.generation;
         if let Some(c) = self.candidates.remove(&key) {
             // Its close may have been read after the kernel listed it (the
             // timewait socket exists just before the CLOSE event): it is
@@ -299,12 +308,16 @@ impl Ledger {
             let lingering = Lingering {
                 owner: c.owner,
                 closed_ns: c.closed_ns,
+                seen: now,
                 entered: false,
             };
             self.lingering.insert(key, lingering);
-        } else if !by_pid && !self.lingering.contains_key(&key) && !self.before_start.contains(&key)
-        {
-            self.unattributed.insert(key);
+        } else if let Some(l) = self.lingering.get_mut(&key) {
+            l.seen = now;
+        } else if let Some(seen) = self.before_start.get_mut(&key) {
+            *seen = now;
+        } else if !by_pid {
+            self.unattributed.insert(key, now);
         }
         if !s.time_wait {
             return;
@@ -327,12 +340,13 @@ impl Ledger {
 
     /// Sockets of the namespaces `read` gone from their table: their stay is
     /// over (an exit between two polls, counted at the midpoint).
-    fn end_stays(&mut self, present: &HashSet<SocketKey>, read: &HashSet<u32>, now_ns: u64) {
+    fn end_stays(&mut self, read: &HashSet<u32>, now_ns: u64) {
+        let now = self.generation;
         let gone: Vec<SocketKey> = self
             .lingering
-            .keys()
-            .filter(|k| read.contains(&k.0) && !present.contains(k))
-            .copied()
+            .iter()
+            .filter(|(k, l)| read.contains(&k.0) && l.seen != now)
+            .map(|(k, _)| *k)
             .collect();
         for key in gone {
             let l = self.lingering.remove(&key).expect("listed key");
@@ -343,7 +357,7 @@ impl Ledger {
                 }
             }
         }
-        let kept = |k: &SocketKey| !read.contains(&k.0) || present.contains(k);
+        let kept = |k: &SocketKey, seen: &mut u32| !read.contains(&k.0) || *seen == now;
         self.before_start.retain(kept);
         self.unattributed.retain(kept);
     }
@@ -386,7 +400,10 @@ impl Ledger {
             .iter()
             .filter(|(_, l)| l.entered)
             .map(|(k, _)| k);
-        for key in ours.chain(&self.before_start).chain(&self.unattributed) {
+        for key in ours
+            .chain(self.before_start.keys())
+            .chain(self.unattributed.keys())
+        {
             *per.entry(key.0).or_default() += 1;
         }
         per
