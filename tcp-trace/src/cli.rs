@@ -109,10 +109,9 @@ pub struct TracingArgs {
     #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
     /// Bytes of ring buffer between the kernel and the agent: a power of two
-    /// from 4096 to 1 GiB. A larger ring rides out longer bursts. Default:
-    /// 4 MiB; 1 MiB for serve, which streams a few transitions in ten.
-    #[arg(long, value_name = "BYTES", value_parser = parse_ring_bytes)]
-    pub ring_bytes: Option<u32>,
+    /// from 4096 to 1 GiB. A larger ring rides out longer bursts.
+    #[arg(long, value_name = "BYTES", default_value_t = RING_BYTES, value_parser = parse_ring_bytes)]
+    pub ring_bytes: u32,
     /// Stop by itself after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     pub duration: Option<Duration>,
@@ -126,8 +125,7 @@ pub struct Tracing {
     /// it when the program is loaded.
     pub cgroup: Option<String>,
     pub max_sockets: u32,
-    /// `--ring-bytes`; each command has its default.
-    pub ring_bytes: Option<u32>,
+    pub ring_bytes: u32,
     pub duration: Option<Duration>,
 }
 
@@ -138,7 +136,7 @@ impl Tracing {
             filter: self.filter,
             cgroup: self.cgroup.clone(),
             max_sockets: self.max_sockets,
-            ring_bytes: self.ring_bytes.unwrap_or(RING_BYTES),
+            ring_bytes: self.ring_bytes,
             aggregate: false,
             stream_mask: 0,
         }

@@ -16,7 +16,7 @@ use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 use tcp_trace_common::state;
 
 /// A socket's two ends, as sock_diag lists them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoints {
     pub laddr: IpAddr,
     pub lport: u16,

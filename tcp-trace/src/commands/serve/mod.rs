@@ -30,10 +30,6 @@ pub use groups::GroupLabel;
 use groups::{CloseWaits, GroupTable};
 use metrics::{GroupRow, Snapshot};
 
-/// The ring buffer's default size: a few transitions in ten are streamed,
-/// so a quarter of other commands' ring rides out the same bursts.
-const RING_BYTES: u32 = 1 << 20;
-
 /// How often sockets believed in CLOSE_WAIT are checked against the
 /// kernel's table (an exit the kernel skipped would keep one forever).
 const RECONCILE_EVERY: u32 = 10;
@@ -180,7 +176,6 @@ pub fn run(config: ServeConfig) -> Result<()> {
         let settings = Settings {
             aggregate: true,
             stream_mask: STREAM_MASK,
-            ring_bytes: config.tracing.ring_bytes.unwrap_or(RING_BYTES),
             ..config.tracing.streaming()
         };
         let timing = Timing {

