@@ -22,6 +22,20 @@ const RSS_SLACK: f64 = 1.10;
 /// Distinct process names the churn cycles through, for `serve`'s groups.
 const NAMES: u32 = 10_000;
 
+/// An agent's resident memory between its once-a-second timewait readings
+/// (whose transient tables live a few hundred milliseconds): the least of
+/// five reads over a second.
+fn settled_rss_kib(agent: &Agent) -> u64 {
+    (0..5)
+        .map(|_| {
+            let rss = agent.rss_kib();
+            thread::sleep(Duration::from_millis(200));
+            rss
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 /// Runs `minutes` of churn with `watch`, `life` and `serve` attached, samples
 /// their resident memory and map memory every minute, writes docs/SOAK.md,
 /// and fails when any grew.
@@ -51,7 +65,7 @@ pub fn soak(minutes: u64, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
         thread::sleep(due.saturating_sub(started.elapsed()));
         let sample = agents
             .iter()
-            .map(|a| (a.rss_kib(), a.map_memlock()))
+            .map(|a| (settled_rss_kib(a), a.map_memlock()))
             .collect();
         println!("minute {minute}: {sample:?}");
         samples.push((minute, sample));
@@ -106,7 +120,8 @@ pub fn soak(minutes: u64, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
         "# Soak\n\n\
          Written by `cargo xtask soak` on {date}: {minutes} minutes of `churn` at {RATE} \
          connections per second ({made} connections, {elapsed:.0} s, from client threads \
-         cycling through {NAMES} names) with the agents attached, sampled every minute. Flat means the last sample's resident memory is within \
+         cycling through {NAMES} names) with the agents attached, sampled every minute (resident memory: the least of five reads over a second, \
+         between `serve`'s timewait readings). Flat means the last sample's resident memory is within \
          {slack:.0} % (+1 MiB) of the first's, and its maps' memory (memlock, from fdinfo) is \
          unchanged.\n\n{table}\n{verdicts}",
         date = date(),
