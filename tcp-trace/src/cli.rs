@@ -7,7 +7,7 @@ use tcp_trace_common::{Filter, AF_INET, AF_INET6};
 
 use crate::{
     aggregate::GroupBy,
-    commands::serve::GroupLabel,
+    commands::{doctor::Thresholds, serve::GroupLabel},
     kernel::{Settings, RING_BYTES},
 };
 
@@ -37,6 +37,8 @@ pub enum Command {
     Handshake(HandshakeArgs),
     /// Which processes leave sockets in TIME_WAIT, how many linger, for how long.
     Timewait(TimewaitArgs),
+    /// Watch a while, then diagnose: CLOSE_WAIT and TIME_WAIT pile-ups, failed and slow connects, resets, short connections.
+    Doctor(DoctorArgs),
     /// Serve Prometheus metrics (/metrics, /healthz) until stopped: an always-on agent.
     Serve(ServeArgs),
     /// Attach an empty program to the tracepoint (the benchmark's floor).
@@ -342,6 +344,82 @@ impl TimewaitArgs {
     }
 }
 
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub tracing: TracingArgs,
+    /// The findings as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// A process holding this many sockets in CLOSE_WAIT is piling them up.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub close_wait_sockets: u64,
+    /// So is one holding a socket in CLOSE_WAIT this long (e.g. 60s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub close_wait_age: Duration,
+    /// Percent of the ephemeral port range in TIME_WAIT toward one remote
+    /// endpoint that counts as pressure.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10.0, value_parser = parse_percent)]
+    pub timewait_percent: f64,
+    /// Refused or timed-out connects toward one endpoint worth a finding.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_failures: u64,
+    /// Handshakes with a retransmitted SYN or SYN-ACK toward one endpoint
+    /// worth a finding (each costs at least a second).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub retransmitted_handshakes: u64,
+    /// Connections reset by one remote endpoint worth a finding.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub resets: u64,
+    /// Short connections a process opens to one endpoint before reuse is suggested.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub short_connections: u64,
+    /// A connection living less than this (handshake to close) is short...
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    pub short_lifetime: Duration,
+    /// ...when it also carries fewer bytes than this, both ways together.
+    #[arg(long, value_name = "BYTES", default_value_t = 16384)]
+    pub short_bytes: u64,
+}
+
+pub struct DoctorConfig {
+    pub tracing: Tracing,
+    pub json: bool,
+    pub thresholds: Thresholds,
+}
+
+/// How long `doctor` watches without `--duration`.
+const DOCTOR_DURATION: Duration = Duration::from_secs(30);
+
+impl DoctorArgs {
+    pub fn into_config(self) -> DoctorConfig {
+        let mut tracing = self.tracing.to_tracing();
+        tracing.duration = Some(tracing.duration.unwrap_or(DOCTOR_DURATION));
+        DoctorConfig {
+            tracing,
+            json: self.json,
+            thresholds: Thresholds {
+                close_wait_sockets: self.close_wait_sockets,
+                close_wait_age_ns: self.close_wait_age.as_nanos() as u64,
+                timewait_share: self.timewait_percent / 100.0,
+                connect_failures: self.connect_failures,
+                retransmitted_handshakes: self.retransmitted_handshakes,
+                resets: self.resets,
+                short_connections: self.short_connections,
+                short_lifetime_ns: self.short_lifetime.as_nanos() as u64,
+                short_bytes: self.short_bytes,
+            },
+        }
+    }
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
+        _ => Err(format!("`{s}` must be a percentage above 0, at most 100")),
+    }
+}
+
 /// `250ms`, `1.5s`, `40us`, `2m`, or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s
@@ -477,6 +555,10 @@ mod tests {
             &["life", "--json=3"],
             &["handshake", "--slow", "fast"],
             &["handshake", "--slow", "3parsecs"],
+            &["doctor", "--timewait-percent", "0"],
+            &["doctor", "--timewait-percent", "101"],
+            &["doctor", "--close-wait-sockets", "0"],
+            &["doctor", "--short-lifetime", "soon"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

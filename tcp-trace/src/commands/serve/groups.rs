@@ -220,11 +220,11 @@ impl CloseWaits {
         });
     }
 
-    /// Each socket: its owner, and when it entered CLOSE_WAIT.
-    pub fn iter(&self) -> impl Iterator<Item = (Option<&Owner>, u64)> {
+    /// Each socket: its endpoints, its owner, and when it entered CLOSE_WAIT.
+    pub fn iter(&self) -> impl Iterator<Item = (&Endpoints, Option<&Owner>, u64)> {
         self.sockets
-            .values()
-            .map(|(at, owner)| (owner.as_ref(), *at))
+            .iter()
+            .map(|((_, e), (at, owner))| (e, owner.as_ref(), *at))
     }
 }
 

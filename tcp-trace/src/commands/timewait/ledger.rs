@@ -12,6 +12,7 @@ use tcp_trace_common::Filter;
 
 use crate::{
     aggregate::{BoundedGroups, Histogram, Merge},
+    commands::doctor::TimewaitPressure,
     model::{family, Owner, TcpState, Transition},
     system::sock_diag::{Endpoints, TimewaitSocket},
 };
@@ -139,7 +140,7 @@ pub struct Ledger {
     interned: HashMap<(u32, [u8; 16]), Shared>,
 }
 
-fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
+pub fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
     let client_end = (ephemeral.0..=ephemeral.1).contains(&e.lport);
     (e.raddr, client_end.then_some(e.rport))
 }
@@ -430,17 +431,43 @@ impl Ledger {
     pub fn pressure(&self, range: (u16, u16)) -> Vec<(IpAddr, u16, u64, f64)> {
         let size = (range.1 - range.0 + 1) as f64;
         let mut per_remote: HashMap<(IpAddr, u16), u64> = HashMap::new();
-        // Ports are per namespace: the agent's own range is the host's.
-        for ((netns, e), l) in &self.lingering {
-            if *netns == self.host_netns && l.entered && (range.0..=range.1).contains(&e.lport) {
-                *per_remote.entry((e.raddr, e.rport)).or_default() += 1;
-            }
+        for p in self.pressure_by_owner(range) {
+            *per_remote.entry((p.raddr, p.rport)).or_default() += p.sockets;
         }
         let mut out: Vec<_> = per_remote
             .into_iter()
             .map(|((a, p), n)| (a, p, n, n as f64 / size))
             .collect();
         out.sort_by_key(|r| std::cmp::Reverse(r.2));
+        out
+    }
+
+    /// `pressure`, apart per owner (process), busiest first.
+    pub fn pressure_by_owner(&self, range: (u16, u16)) -> Vec<TimewaitPressure> {
+        let size = (range.1 - range.0 + 1) as f64;
+        type Key = (Option<(u32, Vec<u8>)>, IpAddr, u16);
+        let mut per_remote: HashMap<Key, (Option<Shared>, u64)> = HashMap::new();
+        // Ports are per namespace: the agent's own range is the host's.
+        for ((netns, e), l) in &self.lingering {
+            if *netns == self.host_netns && l.entered && (range.0..=range.1).contains(&e.lport) {
+                let process = l.owner.as_ref().map(|o| (o.pid, o.comm.clone()));
+                let entry = per_remote
+                    .entry((process, e.raddr, e.rport))
+                    .or_insert_with(|| (l.owner.clone(), 0));
+                entry.1 += 1;
+            }
+        }
+        let mut out: Vec<TimewaitPressure> = per_remote
+            .into_iter()
+            .map(|((_, raddr, rport), (owner, sockets))| TimewaitPressure {
+                owner: owner.as_deref().cloned(),
+                raddr,
+                rport,
+                sockets,
+                share: sockets as f64 / size,
+            })
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.sockets));
         out
     }
 
