@@ -380,6 +380,13 @@ pub struct DoctorArgs {
     /// ...when it also carries fewer bytes than this, both ways together.
     #[arg(long, value_name = "BYTES", default_value_t = 16384)]
     pub short_bytes: u64,
+    /// A stay in FIN_WAIT2 or LAST_ACK this long makes a half-closed finding.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub half_closed_age: Duration,
+    /// Established connections ended by a timeout (keep-alive probes or
+    /// retransmissions unanswered) toward one endpoint worth a finding.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_timeouts: u64,
 }
 
 pub struct DoctorConfig {
@@ -408,6 +415,8 @@ impl DoctorArgs {
                 short_connections: self.short_connections,
                 short_lifetime_ns: self.short_lifetime.as_nanos() as u64,
                 short_bytes: self.short_bytes,
+                half_closed_age_ns: self.half_closed_age.as_nanos() as u64,
+                keepalive_timeouts: self.keepalive_timeouts,
             },
         }
     }

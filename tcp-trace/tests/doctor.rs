@@ -343,5 +343,73 @@ fn healthy_traffic_makes_no_finding() {
         report["events_received"].as_u64().unwrap() > 0,
         "{report:#}"
     );
-    assert_eq!(report["checked"].as_array().unwrap().len(), 6);
+    assert_eq!(report["checked"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn a_peer_that_never_sends_its_fin_leaves_us_half_closed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::process::id();
+    let port = free_port();
+    let (report, _) = doctor(port, 4, &["--half-closed-age", "1s"], || {
+        let listener = TcpListener::bind(at(port)).unwrap();
+        // The server reads to the client's FIN, then waits 2 s before closing.
+        let server = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.read_to_end(&mut Vec::new()).unwrap();
+            thread::sleep(Duration::from_secs(2));
+        });
+        let mut client = TcpStream::connect(at(port)).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        // FIN_WAIT2 until the server's FIN: read returns end of stream.
+        client.read_to_end(&mut Vec::new()).unwrap();
+        server.join().unwrap();
+    });
+    let f = finding(&report, "half-closed", me);
+    assert_eq!(f["remote"], format!("127.0.0.1:{port}"), "{f:#}");
+    assert_eq!(count(f, "long_fin_wait2"), 1, "{f:#}");
+    assert!(f["evidence"]["longest_fin_wait2"]
+        .as_str()
+        .unwrap()
+        .ends_with('s'));
+    assert!(f["evidence"]["tcp_fin_timeout"].is_string());
+}
+
+#[test]
+fn keepalive_probes_unanswered_end_in_a_timeout() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::process::id();
+    let port = free_port();
+    let listener = TcpListener::bind(at(port)).unwrap();
+    let (report, _) = doctor(port, 6, &[], || {
+        let fd = socket(at(port));
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        set_int(&fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1);
+        set_int(&fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
+        set_int(&fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2);
+        let (storage, len) = sockaddr(at(port));
+        // SAFETY: a valid socket and address.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&storage as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let (_accepted, _) = listener.accept().unwrap();
+        // The server falls silent: the probes (to its port) never reach it.
+        let _nft = NftTable::new(
+            &format!("tcp_trace_doctor_{port}"),
+            &[format!("tcp dport {port} drop")],
+        );
+        let mut byte = [0u8; 1];
+        let client = TcpStream::from(fd);
+        let err = (&client).read(&mut byte).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT));
+    });
+    let f = finding(&report, "keepalive-timeouts", me);
+    assert_eq!(f["remote"], format!("127.0.0.1:{port}"), "{f:#}");
+    assert_eq!(count(f, "established_connections_timed_out"), 1, "{f:#}");
+    assert!(f["evidence"]["tcp_keepalive_time"].is_string());
 }

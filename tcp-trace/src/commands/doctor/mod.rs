@@ -45,13 +45,16 @@ pub use rules::{Thresholds, TimewaitPressure};
 const PEERS: usize = 4096;
 
 /// Sysctls the explanations quote.
-const SYSCTLS: [&str; 6] = [
+const SYSCTLS: [&str; 9] = [
     "ip_local_port_range",
     "tcp_tw_reuse",
     "tcp_timestamps",
     "tcp_syn_retries",
     "tcp_synack_retries",
     "tcp_fin_timeout",
+    "tcp_keepalive_time",
+    "tcp_keepalive_intvl",
+    "tcp_keepalive_probes",
 ];
 
 /// A process by pid and name, the key of its rows.
@@ -139,6 +142,25 @@ impl Doctor {
         let p = self.peer(life.owner.as_ref(), remote);
         if life.ending == Ending::Reset {
             p.resets += 1;
+        }
+        if life.ending == Ending::TimedOut && life.t.old_state == TcpState::ESTABLISHED {
+            p.established_timeouts += 1;
+        }
+        for (state, d) in &life.states {
+            let Some(d) = d.filter(|d| *d >= th.half_closed_age_ns) else {
+                continue;
+            };
+            match *state {
+                TcpState::FIN_WAIT2 => {
+                    p.fin_wait2_long += 1;
+                    p.fin_wait2_max_ns = p.fin_wait2_max_ns.max(d);
+                }
+                TcpState::LAST_ACK => {
+                    p.last_ack_long += 1;
+                    p.last_ack_max_ns = p.last_ack_max_ns.max(d);
+                }
+                _ => {}
+            }
         }
         // Only whole connections this process opened: the fix is the client's.
         if opened != Some(TcpState::SYN_SENT) || !life.complete {

@@ -161,6 +161,8 @@ mod tests {
             short_connections: 100,
             short_lifetime_ns: 100_000_000,
             short_bytes: 16384,
+            half_closed_age_ns: 10_000_000_000,
+            keepalive_timeouts: 1,
         }
     }
 

@@ -33,6 +33,10 @@ pub struct Thresholds {
     pub short_lifetime_ns: u64,
     /// ...when it also carries fewer bytes than this (both ways).
     pub short_bytes: u64,
+    /// A stay in FIN_WAIT2 or LAST_ACK this long is a half-closed connection.
+    pub half_closed_age_ns: u64,
+    /// Established connections ended by ETIMEDOUT toward one endpoint.
+    pub keepalive_timeouts: u64,
 }
 
 /// What the run saw toward one remote end, for one owner.
@@ -64,6 +68,14 @@ pub struct PeerFigures {
     pub short_life_ns: u64,
     pub short_setup_ns: u64,
     pub short_bytes: u64,
+    /// Stays in FIN_WAIT2 (our FIN acknowledged, the peer's not sent) and in
+    /// LAST_ACK (our FIN after the peer's, unacknowledged) past the threshold.
+    pub fin_wait2_long: u64,
+    pub fin_wait2_max_ns: u64,
+    pub last_ack_long: u64,
+    pub last_ack_max_ns: u64,
+    /// Established connections that ended with ETIMEDOUT.
+    pub established_timeouts: u64,
 }
 
 /// Upper bounds (seconds) of the handshake time steps shown.
@@ -100,6 +112,11 @@ impl Merge for PeerFigures {
         self.short_life_ns += o.short_life_ns;
         self.short_setup_ns += o.short_setup_ns;
         self.short_bytes += o.short_bytes;
+        self.fin_wait2_long += o.fin_wait2_long;
+        self.fin_wait2_max_ns = self.fin_wait2_max_ns.max(o.fin_wait2_max_ns);
+        self.last_ack_long += o.last_ack_long;
+        self.last_ack_max_ns = self.last_ack_max_ns.max(o.last_ack_max_ns);
+        self.established_timeouts += o.established_timeouts;
     }
 }
 
@@ -172,16 +189,20 @@ pub enum Rule {
     SlowHandshakes,
     Resets,
     ShortConnections,
+    HalfClosed,
+    KeepaliveTimeouts,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 6] = [
+    pub const ALL: [Rule; 8] = [
         Rule::CloseWait,
         Rule::TimeWait,
         Rule::ConnectFailures,
         Rule::SlowHandshakes,
         Rule::Resets,
         Rule::ShortConnections,
+        Rule::HalfClosed,
+        Rule::KeepaliveTimeouts,
     ];
 
     pub fn name(self) -> &'static str {
@@ -192,6 +213,8 @@ impl Rule {
             Rule::SlowHandshakes => "slow-handshakes",
             Rule::Resets => "resets",
             Rule::ShortConnections => "short-connections",
+            Rule::HalfClosed => "half-closed",
+            Rule::KeepaliveTimeouts => "keepalive-timeouts",
         }
     }
 
@@ -221,6 +244,14 @@ impl Rule {
                 th.short_connections,
                 human_duration(th.short_lifetime_ns),
                 th.short_bytes
+            ),
+            Rule::HalfClosed => format!(
+                "no connection stayed {} or more in FIN_WAIT2 or LAST_ACK",
+                human_duration(th.half_closed_age_ns)
+            ),
+            Rule::KeepaliveTimeouts => format!(
+                "fewer than {} established connections toward each endpoint ended timed out",
+                th.keepalive_timeouts
             ),
         }
     }
@@ -470,6 +501,57 @@ fn per_peer(
              pool, and a server keep-alive timeout longer than the client's idle time.",
         ));
     }
+    if p.fin_wait2_long + p.last_ack_long > 0 {
+        out.push(finding(
+            Rule::HalfClosed,
+            Severity::Warning,
+            vec![
+                ("long_fin_wait2", json!(p.fin_wait2_long)),
+                (
+                    "longest_fin_wait2",
+                    json!(human_duration(p.fin_wait2_max_ns)),
+                ),
+                ("long_last_ack", json!(p.last_ack_long)),
+                ("longest_last_ack", json!(human_duration(p.last_ack_max_ns))),
+                ("tcp_fin_timeout", ev.settings.get("tcp_fin_timeout")),
+            ],
+            "FIN_WAIT2: this side sent its FIN and the peer acknowledged it but has not sent \
+             its own: the peer application has not closed. LAST_ACK: this side answered the \
+             peer's FIN with its own and no acknowledgement came back: the peer is gone or \
+             the path drops. A socket closed by its process stays in FIN_WAIT2 at most \
+             tcp_fin_timeout; one still open (after shutdown()) stays until the peer closes.",
+            "Make the peer close its side when it reads end of stream; after shutdown(), \
+             bound the wait for the peer's close with a timeout of the application's own.",
+        ));
+    }
+    if p.established_timeouts >= th.keepalive_timeouts {
+        out.push(finding(
+            Rule::KeepaliveTimeouts,
+            Severity::Warning,
+            vec![
+                (
+                    "established_connections_timed_out",
+                    json!(p.established_timeouts),
+                ),
+                ("tcp_keepalive_time", ev.settings.get("tcp_keepalive_time")),
+                (
+                    "tcp_keepalive_intvl",
+                    ev.settings.get("tcp_keepalive_intvl"),
+                ),
+                (
+                    "tcp_keepalive_probes",
+                    ev.settings.get("tcp_keepalive_probes"),
+                ),
+            ],
+            "Established connections ended with ETIMEDOUT: keep-alive probes (or \
+             retransmissions of data) went unanswered, so the peer vanished or something on \
+             the path forgot the connection, typically a NAT or firewall whose idle timeout is \
+             shorter than the keep-alive time (7200 s by default).",
+            "Set the keep-alive time below the middlebox's idle timeout (per socket: \
+             TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT; host-wide: the sysctls shown), or \
+             have the application send its own heartbeats.",
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -490,6 +572,8 @@ mod tests {
             short_connections: 100,
             short_lifetime_ns: S / 10,
             short_bytes: 16 * 1024,
+            half_closed_age_ns: 10 * S,
+            keepalive_timeouts: 1,
         }
     }
 
@@ -549,6 +633,8 @@ mod tests {
             resets: 5,
             short: 100,
             short_life_ns: 100 * S / 1000,
+            last_ack_long: 1,
+            established_timeouts: 1,
             ..Default::default()
         };
         peer.syn_steps[step(S + S / 10)] = 1;
@@ -578,6 +664,8 @@ mod tests {
                 (Rule::SlowHandshakes, Severity::Warning),
                 (Rule::Resets, Severity::Warning),
                 (Rule::ShortConnections, Severity::Warning),
+                (Rule::HalfClosed, Severity::Warning),
+                (Rule::KeepaliveTimeouts, Severity::Warning),
             ]
         );
         let found = diagnose(&ev, &thresholds());
