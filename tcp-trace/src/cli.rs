@@ -7,7 +7,7 @@ use tcp_trace_common::{Filter, AF_INET, AF_INET6};
 
 use crate::{
     aggregate::GroupBy,
-    commands::{doctor::Thresholds, serve::GroupLabel},
+    commands::{doctor::Thresholds, serve::GroupLabel, top::SortBy},
     kernel::{Settings, RING_BYTES},
 };
 
@@ -39,6 +39,8 @@ pub enum Command {
     Timewait(TimewaitArgs),
     /// Watch a while, then diagnose: CLOSE_WAIT and TIME_WAIT pile-ups, failed and slow connects, resets, short connections.
     Doctor(DoctorArgs),
+    /// Sockets per process or container every interval: states, new connections, handshake p99, resets, oldest CLOSE_WAIT.
+    Top(TopArgs),
     /// Serve Prometheus metrics (/metrics, /healthz) until stopped: an always-on agent.
     Serve(ServeArgs),
     /// Attach an empty program to the tracepoint (the benchmark's floor).
@@ -429,6 +431,69 @@ fn parse_percent(s: &str) -> Result<f64, String> {
     }
 }
 
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub tracing: TracingArgs,
+    /// Print the table as plain text every interval (like `top -b`).
+    #[arg(long, conflicts_with = "json")]
+    pub batch: bool,
+    /// Print one JSON object every interval.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds between tables.
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds)]
+    pub interval: Duration,
+    /// Rows per process, or per container.
+    #[arg(long, default_value = "process", value_parser = top_by)]
+    pub by: GroupBy,
+    /// The column rows are sorted by, largest first.
+    #[arg(long, value_enum, default_value_t = SortBy::Sockets)]
+    pub sort: SortBy,
+    /// Rows shown at most; the rest are summed in a row named "other".
+    #[arg(long, value_name = "N", default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rows: u32,
+}
+
+pub struct TopConfig {
+    pub tracing: Tracing,
+    pub json: bool,
+    pub interval: Duration,
+    pub by: GroupBy,
+    pub sort: SortBy,
+    pub rows: usize,
+}
+
+/// `top --by`: process or container.
+fn top_by(s: &str) -> Result<GroupBy, String> {
+    match <GroupBy as clap::ValueEnum>::from_str(s, false)? {
+        by @ (GroupBy::Process | GroupBy::Container) => Ok(by),
+        other => Err(format!(
+            "`{}`: top has rows per process or per container",
+            other.name()
+        )),
+    }
+}
+
+impl TopArgs {
+    pub fn into_config(self) -> Result<TopConfig, clap::Error> {
+        if !self.batch && !self.json {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "the full-screen view is not built yet: pass --batch or --json\n",
+            ));
+        }
+        Ok(TopConfig {
+            tracing: self.tracing.to_tracing(),
+            json: self.json,
+            interval: self.interval,
+            by: self.by,
+            sort: self.sort,
+            rows: self.rows as usize,
+        })
+    }
+}
+
 /// `250ms`, `1.5s`, `40us`, `2m`, or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s
@@ -568,6 +633,9 @@ mod tests {
             &["doctor", "--timewait-percent", "101"],
             &["doctor", "--close-wait-sockets", "0"],
             &["doctor", "--short-lifetime", "soon"],
+            &["top", "--batch", "--by", "lport"],
+            &["top", "--batch", "--json"],
+            &["top", "--batch", "--sort", "color"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

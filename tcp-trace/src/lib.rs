@@ -23,7 +23,7 @@ use clap::Parser as _;
 use crate::{
     cli::{Cli, Command},
     commands::{
-        bench_floor, doctor, generate_assets, handshake, life, serve, stats, timewait, watch,
+        bench_floor, doctor, generate_assets, handshake, life, serve, stats, timewait, top, watch,
     },
 };
 
@@ -47,6 +47,10 @@ pub fn run() -> ExitCode {
         Command::Handshake(args) => handshake::run(args.into_config()),
         Command::Timewait(args) => timewait::run(args.into_config()),
         Command::Doctor(args) => doctor::run(args.into_config()),
+        Command::Top(args) => match args.into_config() {
+            Ok(config) => top::run(config),
+            Err(usage) => usage.exit(),
+        },
         Command::Serve(args) => serve::run(args.into_config()),
         Command::BenchFloor => bench_floor::run(),
         Command::GenerateAssets(args) => generate_assets::run(&args.dir),

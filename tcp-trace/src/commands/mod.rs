@@ -8,4 +8,5 @@ pub mod life;
 pub mod serve;
 pub mod stats;
 pub mod timewait;
+pub mod top;
 pub mod watch;

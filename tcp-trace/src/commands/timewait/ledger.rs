@@ -210,6 +210,23 @@ impl Ledger {
             .map(|l| l.owner.as_deref())
     }
 
+    /// Each timewait socket now, as `ss` shows its state: ours, in TIME_WAIT
+    /// or still in the FIN_WAIT2 substate (waiting for the peer's FIN), and
+    /// those without an owner (listed before start, or unattributed), whose
+    /// substate is not kept: counted as TIME_WAIT, by far the commoner.
+    pub fn timewait_states(&self) -> impl Iterator<Item = (Option<&Owner>, TcpState)> {
+        let ours = self.lingering.values().map(|l| {
+            let state = if l.entered {
+                TcpState::TIME_WAIT
+            } else {
+                TcpState::FIN_WAIT2
+            };
+            (l.owner.as_deref(), state)
+        });
+        let unowned = self.before_start.len() + self.unattributed.len();
+        ours.chain(std::iter::repeat_n((None, TcpState::TIME_WAIT), unowned))
+    }
+
     /// The row `owner`'s figures go to; none when entries are recorded
     /// instead (`record_entries`).
     fn row(&mut self, owner: Option<&Owner>) -> Option<&mut ProcessRow> {
