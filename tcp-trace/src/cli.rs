@@ -455,9 +455,17 @@ pub struct TopArgs {
     pub rows: u32,
 }
 
+/// Where `top` shows its table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopOutput {
+    Screen,
+    Batch,
+    Json,
+}
+
 pub struct TopConfig {
     pub tracing: Tracing,
-    pub json: bool,
+    pub output: TopOutput,
     pub interval: Duration,
     pub by: GroupBy,
     pub sort: SortBy,
@@ -476,21 +484,19 @@ fn top_by(s: &str) -> Result<GroupBy, String> {
 }
 
 impl TopArgs {
-    pub fn into_config(self) -> Result<TopConfig, clap::Error> {
-        if !self.batch && !self.json {
-            return Err(clap::Error::raw(
-                clap::error::ErrorKind::MissingRequiredArgument,
-                "the full-screen view is not built yet: pass --batch or --json\n",
-            ));
-        }
-        Ok(TopConfig {
+    pub fn into_config(self) -> TopConfig {
+        TopConfig {
             tracing: self.tracing.to_tracing(),
-            json: self.json,
+            output: match (self.batch, self.json) {
+                (true, _) => TopOutput::Batch,
+                (_, true) => TopOutput::Json,
+                _ => TopOutput::Screen,
+            },
             interval: self.interval,
             by: self.by,
             sort: self.sort,
             rows: self.rows as usize,
-        })
+        }
     }
 }
 

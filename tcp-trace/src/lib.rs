@@ -47,10 +47,7 @@ pub fn run() -> ExitCode {
         Command::Handshake(args) => handshake::run(args.into_config()),
         Command::Timewait(args) => timewait::run(args.into_config()),
         Command::Doctor(args) => doctor::run(args.into_config()),
-        Command::Top(args) => match args.into_config() {
-            Ok(config) => top::run(config),
-            Err(usage) => usage.exit(),
-        },
+        Command::Top(args) => top::run(args.into_config()),
         Command::Serve(args) => serve::run(args.into_config()),
         Command::BenchFloor => bench_floor::run(),
         Command::GenerateAssets(args) => generate_assets::run(&args.dir),

@@ -197,3 +197,79 @@ fn batch_counts_agree_with_ss_for_the_tests_port() {
     drop(held);
     server.finish();
 }
+
+/// A pseudo-terminal pair: the master for the test, the slave for top.
+fn pty() -> (std::fs::File, std::fs::File) {
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 30,
+        ws_col: 160,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors into our ints; the name and
+    // termios pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
+}
+
+#[test]
+fn the_screen_shows_the_keys_and_q_restores_the_terminal() {
+    use std::{io::Write, process::Stdio, sync::mpsc};
+    let (mut master, slave) = pty();
+    let port = free_port().to_string();
+    let mut top = Command::new(common::AGENT_BIN)
+        .args(["top", "--port", &port])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning tcp-trace top");
+    // Everything the screen writes, read from a thread of its own.
+    let mut reader = master.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut screen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !String::from_utf8_lossy(&screen).contains("q quit") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        screen.extend(rx.recv_timeout(left).expect("the screen with its keys"));
+    }
+    master.write_all(b"q").unwrap();
+    let status = common::wait_timeout(&mut top, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    while let Ok(more) = rx.recv_timeout(Duration::from_millis(200)) {
+        screen.extend(more);
+    }
+    let screen = String::from_utf8_lossy(&screen);
+    assert!(
+        screen.contains("PID COMM") && screen.contains("OLDEST_CW"),
+        "{screen}"
+    );
+    // The alternate screen was entered, and left again on `q`.
+    let (entered, left) = (screen.find("\x1b[?1049h"), screen.rfind("\x1b[?1049l"));
+    assert!(entered.is_some() && left > entered, "{screen:?}");
+}

@@ -6,17 +6,18 @@
 //! them on. TIME_WAIT, which the tracepoint never shows, comes from
 //! `timewait`'s tracker (confirmed against the kernel's timewait table).
 
+mod screen;
 mod table;
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use serde_json::{json, Map, Value};
 
 use super::timewait::Tracker;
 use crate::{
     aggregate::GroupBy,
-    cli::TopConfig,
+    cli::{TopConfig, TopOutput},
     model::{family, Owner, OwnerSource, TcpState, Transition},
     output::{
         add_owner_origin, monotonic_ns, owner_json,
@@ -26,6 +27,7 @@ use crate::{
     source::{self, Consumer, Timing, Totals},
     system::{owners, sock_diag},
 };
+use screen::{Screen, View};
 use table::{fold, Row, Table, STATES};
 
 /// Columns by which rows sort, as `--sort` names them.
@@ -121,6 +123,15 @@ pub fn cells(row: &Row, seconds: f64) -> Vec<String> {
     cells
 }
 
+/// The line above the table.
+fn title(rows: &[Row], when: &str, dropped: u64) -> String {
+    let sockets: u64 = rows.iter().map(Row::sockets).sum();
+    format!(
+        "{when}  {} rows, {sockets} sockets, {dropped} transitions dropped",
+        rows.len()
+    )
+}
+
 fn text(rows: &[Row], by: GroupBy, seconds: f64, when: &str, dropped: u64) -> String {
     let mut lines = vec![header(by)];
     lines.extend(rows.iter().map(|r| cells(r, seconds)));
@@ -133,11 +144,8 @@ fn text(rows: &[Row], by: GroupBy, seconds: f64, when: &str, dropped: u64) -> St
                 .unwrap_or(0)
         })
         .collect();
-    let mut out = format!(
-        "{when}  {} rows, {} sockets, {dropped} transitions dropped\n",
-        rows.len(),
-        rows.iter().map(Row::sockets).sum::<u64>()
-    );
+    let mut out = title(rows, when, dropped);
+    out.push('\n');
     for line in lines {
         let (first, rest) = line.split_first().expect("a name cell");
         let _ = write!(out, "{first:<w$}", w = widths[0]);
@@ -186,9 +194,34 @@ struct Top {
     sort: SortBy,
     /// Rows shown; the rest fold into `other`.
     max_rows: usize,
-    sink: Sink,
+    out: Output,
     last_ns: u64,
+    /// Time between tables (the screen's ticks come faster, for its keys).
+    every_ns: u64,
 }
+
+enum Output {
+    /// `--batch` or `--json`.
+    Lines(Sink),
+    /// The full-screen view; the terminal is open from `start` until the
+    /// end or `q`.
+    Screen(View, Option<Screen>),
+}
+
+/// `q` on the screen: the run ends there, as any stop does.
+#[derive(Debug)]
+struct Quit;
+
+impl std::fmt::Display for Quit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("quit")
+    }
+}
+
+impl std::error::Error for Quit {}
+
+/// How often the screen reads the keys.
+const KEY_TICK: Duration = Duration::from_millis(100);
 
 impl Top {
     /// The rows as of now, sorted, and the seconds since the last ones.
@@ -207,17 +240,50 @@ impl Top {
     fn report(&mut self, now_ns: u64, totals: &Totals) -> Result<()> {
         let (rows, seconds) = self.rows(now_ns)?;
         let (by, dropped) = (self.by, totals.dropped());
-        self.sink.report(
-            || json_report(&rows, seconds, now_ns, dropped),
-            |clock: &Clock| text(&rows, by, seconds, &clock.local_time(now_ns), dropped),
-        )
+        match &mut self.out {
+            Output::Lines(sink) => sink.report(
+                || json_report(&rows, seconds, now_ns, dropped),
+                |clock: &Clock| text(&rows, by, seconds, &clock.local_time(now_ns), dropped),
+            ),
+            Output::Screen(view, screen) => {
+                let when = Clock::now().local_time(now_ns);
+                view.update(rows.clone(), seconds, title(&rows, &when, dropped));
+                match screen {
+                    Some(screen) => screen.draw(view),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// The screen's tick: keys now, a new table when one is due.
+    fn tick(&mut self, now_ns: u64, totals: &Totals) -> Result<()> {
+        if let Output::Screen(view, Some(screen)) = &mut self.out {
+            let (quit, changed) = screen.keys(view)?;
+            if quit {
+                // Restore the terminal before the exit summary is printed.
+                self.out = Output::Screen(View::new(self.sort, self.by), None);
+                return Err(anyhow!(Quit));
+            }
+            if changed {
+                screen.draw(view)?;
+            }
+        }
+        if now_ns.saturating_sub(self.last_ns) >= self.every_ns {
+            self.report(now_ns, totals)?;
+        }
+        Ok(())
     }
 }
 
 impl Consumer for Top {
     fn start(&mut self) -> Result<()> {
         self.last_ns = monotonic_ns();
-        self.tracker.start()
+        self.tracker.start()?;
+        if let Output::Screen(_, screen) = &mut self.out {
+            *screen = Some(Screen::open()?);
+        }
+        Ok(())
     }
 
     fn event(&mut self, t: &Transition) -> Result<()> {
@@ -227,7 +293,14 @@ impl Consumer for Top {
     }
 
     fn interval(&mut self, now_ns: u64, totals: &Totals) -> Result<()> {
-        self.report(now_ns, totals)
+        self.tick(now_ns, totals)
+    }
+
+    fn finish(&mut self, _totals: &Totals) -> Result<()> {
+        if let Output::Screen(_, screen) = &mut self.out {
+            *screen = None;
+        }
+        Ok(())
     }
 }
 
@@ -273,14 +346,27 @@ pub fn run(config: TopConfig) -> Result<()> {
         by: config.by,
         sort: config.sort,
         max_rows: config.rows,
-        sink: Sink::stdout(config.json),
+        out: match config.output {
+            TopOutput::Screen => Output::Screen(View::new(config.sort, config.by), None),
+            TopOutput::Batch => Output::Lines(Sink::stdout(false)),
+            TopOutput::Json => Output::Lines(Sink::stdout(true)),
+        },
         last_ns: 0,
+        every_ns: config.interval.as_nanos() as u64,
+    };
+    let tick = match config.output {
+        TopOutput::Screen => KEY_TICK.min(config.interval),
+        _ => config.interval,
     };
     let timing = Timing {
         duration: config.tracing.duration,
-        interval: Some(config.interval),
+        interval: Some(tick),
     };
-    source::block_on(source::live(&config.tracing.streaming(), timing, &mut top))
+    let ran = source::block_on(source::live(&config.tracing.streaming(), timing, &mut top));
+    match ran {
+        Err(err) if err.is::<Quit>() => Ok(()),
+        ran => ran,
+    }
 }
 
 #[cfg(test)]
