@@ -1,7 +1,6 @@
 //! Readers of the kernel's own tables and settings: sock_diag, sysctls, TCP
-//! counters (`netstat`), the
-//! cgroup hierarchy, the owners of sockets found through `/proc`, and the
-//! agent's own usage.
+//! counters (`netstat`), the cgroup hierarchy, the owners of sockets found
+//! through `/proc`, and the agent's own usage.
 
 pub mod cgroup;
 mod dir;

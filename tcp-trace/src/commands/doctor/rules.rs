@@ -235,8 +235,8 @@ impl Rule {
                 th.connect_failures
             ),
             Rule::SlowHandshakes => format!(
-                "fewer than {} handshakes with SYN or SYN-ACK retransmissions per endpoint",
-                th.retransmitted_handshakes
+                "{} handshakes with SYN or SYN-ACK retransmissions toward any endpoint",
+                fewer_than(th.retransmitted_handshakes)
             ),
             Rule::Resets => format!("fewer than {} resets from each remote endpoint", th.resets),
             Rule::ShortConnections => format!(
@@ -250,10 +250,18 @@ impl Rule {
                 human_duration(th.half_closed_age_ns)
             ),
             Rule::KeepaliveTimeouts => format!(
-                "fewer than {} established connections toward each endpoint ended timed out",
-                th.keepalive_timeouts
+                "{} established connections toward any endpoint ended timed out",
+                fewer_than(th.keepalive_timeouts)
             ),
         }
+    }
+}
+
+/// `no` for a threshold of 1, `fewer than N` otherwise.
+fn fewer_than(n: u64) -> String {
+    match n {
+        1 => "no".to_string(),
+        n => format!("fewer than {n}"),
     }
 }
 
