@@ -8,15 +8,16 @@ mod common;
 
 use std::{
     io::{self, Read, Write},
-    mem,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsRawFd, OwnedFd},
     sync::Mutex,
     thread,
     time::Duration,
 };
 
-use common::{exchanges, free_port, loopback, sockaddr, socket, Agent, NftTable, Peer, Script};
+use common::{
+    accept_one, connect, exchanges, free_port, loopback, set_int, socket, Agent, NftTable, Peer,
+    Script,
+};
 use serde_json::Value;
 
 /// One scenario at a time: concurrent connections are what make the kernel
@@ -165,38 +166,11 @@ fn short_connections_and_timewait_pressure_name_the_client() {
     server.finish();
 }
 
-fn set_int(fd: &OwnedFd, level: i32, name: i32, value: i32) {
-    // SAFETY: a valid socket and an int option.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            mem::size_of::<i32>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-}
-
 /// A connect with one SYN retry at most (about 3 s when all are dropped).
 fn connect_once(addr: SocketAddr) -> io::Result<()> {
     let fd = socket(addr);
     set_int(&fd, libc::IPPROTO_TCP, libc::TCP_SYNCNT, 1);
-    let (storage, len) = sockaddr(addr);
-    // SAFETY: a valid socket and address.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    connect(&fd, addr)
 }
 
 #[test]
@@ -239,16 +213,6 @@ fn refused_and_dropped_connects_are_told_apart() {
     assert!(count(f, "timed_out") + dropped(&report) >= 3, "{f:#}");
     assert_eq!(count(f, "refused"), 0);
     assert!(f["why"].as_str().unwrap().contains("dropped"), "{f:#}");
-}
-
-/// A listener that accepts one connection in the background.
-fn accept_one(addr: SocketAddr) -> thread::JoinHandle<()> {
-    let listener = TcpListener::bind(addr).unwrap();
-    thread::spawn(move || {
-        let (conn, _) = listener.accept().unwrap();
-        thread::sleep(Duration::from_millis(200));
-        drop(conn);
-    })
 }
 
 #[test]
@@ -387,16 +351,7 @@ fn keepalive_probes_unanswered_end_in_a_timeout() {
         set_int(&fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1);
         set_int(&fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
         set_int(&fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2);
-        let (storage, len) = sockaddr(at(port));
-        // SAFETY: a valid socket and address.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&storage as *const libc::sockaddr_storage).cast(),
-                len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        connect(&fd, at(port)).unwrap();
         let (_accepted, _) = listener.accept().unwrap();
         // The server falls silent: the probes (to its port) never reach it.
         let _nft = NftTable::new(

@@ -64,15 +64,6 @@ fn process_key(owner: Option<&Owner>) -> ProcessKey {
     owner.map(|o| (o.pid, o.comm.clone()))
 }
 
-fn endpoints(t: &Transition) -> Endpoints {
-    Endpoints {
-        laddr: t.laddr,
-        lport: t.lport,
-        raddr: t.raddr,
-        rport: t.rport,
-    }
-}
-
 struct Doctor {
     thresholds: Thresholds,
     sink: Sink,
@@ -136,7 +127,7 @@ impl Doctor {
         let remote = match opened {
             Some(TcpState::SYN_SENT) => (life.t.raddr, Some(life.t.rport)),
             Some(TcpState::SYN_RECV) => (life.t.raddr, None),
-            _ => remote_key(&endpoints(&life.t), self.ephemeral),
+            _ => remote_key(&Endpoints::of(&life.t), self.ephemeral),
         };
         let th = self.thresholds;
         let p = self.peer(life.owner.as_ref(), remote);
@@ -232,7 +223,7 @@ impl Consumer for Doctor {
         self.tracker.event(t);
         self.close_waits.event(t, self.tracker.host_netns());
         if t.old_state == TcpState::CLOSE_WAIT {
-            self.close_waits_before.remove(&endpoints(t));
+            self.close_waits_before.remove(&Endpoints::of(t));
         }
         self.handshake(t);
         for life in self.connections.event(t) {

@@ -254,13 +254,7 @@ impl Ledger {
         if !closes_like_timewait || t.sock.is_some_and(|s| s.error != 0) {
             return;
         }
-        let endpoints = Endpoints {
-            laddr: t.laddr,
-            lport: t.lport,
-            raddr: t.raddr,
-            rport: t.rport,
-        };
-        let key = (t.netns.unwrap_or(self.host_netns), endpoints);
+        let key = (t.netns.unwrap_or(self.host_netns), Endpoints::of(t));
         let candidate = Candidate {
             owner: t.owner.as_ref().map(|o| self.intern(o)),
             closed_ns: t.ts_ns,

@@ -149,12 +149,7 @@ impl Table {
     }
 
     pub fn event(&mut self, t: &Transition) {
-        let e = Endpoints {
-            laddr: t.laddr,
-            lport: t.lport,
-            raddr: t.raddr,
-            rport: t.rport,
-        };
+        let e = Endpoints::of(t);
         if t.accept {
             if let Some(s) = self.sockets.get_mut(&t.sk) {
                 s.owner.clone_from(&t.owner);
@@ -321,12 +316,7 @@ mod tests {
     fn sockets_from_before_start_are_taken_over_by_their_events() {
         let mut table = Table::new(GroupBy::Process, 100, S);
         let first = t(9, TcpState::CLOSE_WAIT, TcpState::LAST_ACK, 3 * S);
-        let e = Endpoints {
-            laddr: first.laddr,
-            lport: first.lport,
-            raddr: first.raddr,
-            rport: first.rport,
-        };
+        let e = Endpoints::of(&first);
         table.existing(e, TcpState::CLOSE_WAIT, None);
         let rows = table.rows(2 * S, std::iter::empty());
         assert_eq!(rows[0].name, "unknown");
