@@ -8,6 +8,7 @@
 //! `serve` does and checked against the kernel's table at the end. Sockets
 //! already in CLOSE_WAIT when the run starts come from the start-up scan.
 
+mod evidence;
 mod report;
 mod rules;
 
@@ -38,8 +39,8 @@ use crate::{
         sysctl::{read_ipv4, read_timewait_sysctls},
     },
 };
-use rules::{CloseWaitPile, Evidence, PeerFigures, Settings};
-pub use rules::{Thresholds, TimewaitPressure};
+use evidence::{step, CloseWaitPile, Evidence, PeerFigures, Settings};
+pub use evidence::{Thresholds, TimewaitPressure};
 
 /// Owner and remote end pairs followed apart; later ones are not diagnosed.
 const PEERS: usize = 4096;
@@ -104,7 +105,7 @@ impl Doctor {
                             p.syn_retransmitted += 1;
                             p.syn_retransmits += retransmits;
                             if let Some(d) = h.duration_ns {
-                                p.syn_steps[rules::step(d)] += 1;
+                                p.syn_steps[step(d)] += 1;
                             }
                         }
                     }

@@ -4,7 +4,10 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Map, Value};
 
-use super::rules::{Finding, Rule, Thresholds};
+use super::{
+    evidence::Thresholds,
+    rules::{Finding, Rule},
+};
 use crate::{
     output::{
         add_owner_origin, owner_json,
