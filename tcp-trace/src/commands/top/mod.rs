@@ -158,7 +158,7 @@ fn text(rows: &[Row], by: GroupBy, seconds: f64, when: &str, dropped: u64) -> St
     out
 }
 
-fn json_report(rows: &[Row], seconds: f64, now_ns: u64, dropped: u64) -> Value {
+fn json_report(rows: &[Row], by: GroupBy, seconds: f64, now_ns: u64, dropped: u64) -> Value {
     let rows: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -167,7 +167,11 @@ fn json_report(rows: &[Row], seconds: f64, now_ns: u64, dropped: u64) -> Value {
                 .zip(r.states)
                 .map(|(s, n)| (s.name().to_string(), json!(n)))
                 .collect();
-            let (pid, comm) = owner_json(r.owner.as_ref());
+            // A container's row is many processes: no pid or comm of one.
+            let process = (by == GroupBy::Process)
+                .then_some(r.owner.as_ref())
+                .flatten();
+            let (pid, comm) = owner_json(process);
             let mut v = json!({
                 "name": r.name,
                 "pid": pid,
@@ -242,7 +246,7 @@ impl Top {
         let (by, dropped) = (self.by, totals.dropped());
         match &mut self.out {
             Output::Lines(sink) => sink.report(
-                || json_report(&rows, seconds, now_ns, dropped),
+                || json_report(&rows, by, seconds, now_ns, dropped),
                 |clock: &Clock| text(&rows, by, seconds, &clock.local_time(now_ns), dropped),
             ),
             Output::Screen(view, screen) => {
@@ -393,6 +397,23 @@ mod tests {
         assert_eq!(rows[0].name, "b");
         SortBy::Name.sort(&mut rows);
         assert_eq!(rows[0].name, "a");
+    }
+
+    #[test]
+    fn json_rows_name_a_process_only_when_rows_are_processes() {
+        let mut r = row("42 app", 3, 0);
+        r.owner = Some(Owner::process(42, b"app", OwnerSource::Task));
+        let rows = [r];
+        let v = json_report(&rows, GroupBy::Process, 1.0, 0, 0);
+        assert_eq!(
+            (
+                v["rows"][0]["pid"].clone(),
+                v["rows"][0]["states"]["ESTABLISHED"].clone()
+            ),
+            (json!(42), json!(3))
+        );
+        let v = json_report(&rows, GroupBy::Container, 1.0, 0, 0);
+        assert_eq!(v["rows"][0]["pid"], Value::Null);
     }
 
     #[test]
