@@ -273,3 +273,19 @@ fn the_screen_shows_the_keys_and_q_restores_the_terminal() {
     let (entered, left) = (screen.find("\x1b[?1049h"), screen.rfind("\x1b[?1049l"));
     assert!(entered.is_some() && left > entered, "{screen:?}");
 }
+
+#[test]
+fn the_screen_without_a_terminal_is_a_clear_error() {
+    let out = Command::new(common::AGENT_BIN)
+        .arg("top")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running tcp-trace top");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("needs a terminal: use --batch or --json"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("tracing"), "nothing loaded: {stderr}");
+}

@@ -9,9 +9,9 @@
 mod screen;
 mod table;
 
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, io::IsTerminal as _, time::Duration};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Map, Value};
 
 use super::timewait::Tracker;
@@ -336,6 +336,9 @@ fn existing_sockets(table: &mut Table, filter: &tcp_trace_common::Filter) -> Res
 }
 
 pub fn run(config: TopConfig) -> Result<()> {
+    if config.output == TopOutput::Screen && !std::io::stdout().is_terminal() {
+        bail!("the full-screen view needs a terminal: use --batch or --json for a pipe or a file");
+    }
     let filter = config.tracing.filter;
     let mut table = Table::new(
         config.by,
