@@ -9,6 +9,7 @@ mod common;
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     sync::Mutex,
     thread,
     time::Duration,
@@ -200,7 +201,14 @@ fn refused_and_dropped_connects_are_told_apart() {
             "tcp dport {filtered} tcp flags & (syn | ack) == syn drop"
         )],
     );
+    // One more, with the default SYN retries (about 127 s), still retrying
+    // when the run ends.
+    let pending = socket(at(filtered));
     let (report, _) = doctor(filtered, 5, &[], || {
+        // SAFETY: setting O_NONBLOCK on our socket.
+        unsafe { libc::fcntl(pending.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let err = connect(&pending, at(filtered)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINPROGRESS));
         let tries: Vec<_> = (0..3)
             .map(|_| thread::spawn(move || connect_once(at(filtered)).unwrap_err()))
             .collect();
@@ -211,7 +219,10 @@ fn refused_and_dropped_connects_are_told_apart() {
     let f = finding(&report, "connect-failures", me);
     assert_eq!(f["remote"], format!("127.0.0.1:{filtered}"));
     assert!(count(f, "timed_out") + dropped(&report) >= 3, "{f:#}");
+    let still = count(f, "still_connecting");
+    assert!(still <= 1 && still + dropped(&report) >= 1, "{f:#}");
     assert_eq!(count(f, "refused"), 0);
+    drop(pending);
     assert!(f["why"].as_str().unwrap().contains("dropped"), "{f:#}");
 }
 

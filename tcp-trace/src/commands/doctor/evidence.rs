@@ -41,6 +41,9 @@ pub struct PeerFigures {
     pub refused: u64,
     /// Connects that timed out (SYNs unanswered: dropped or filtered).
     pub timed_out: u64,
+    /// Connects still retrying their SYN at the end, for a second or more:
+    /// a dropped SYN's connect outlasts a short run (about 127 s by default).
+    pub still_connecting: u64,
     /// Client handshakes completed, and those with SYN retransmissions.
     pub client_handshakes: u64,
     pub syn_retransmitted: u64,
@@ -91,6 +94,7 @@ impl Merge for PeerFigures {
         }
         self.refused += o.refused;
         self.timed_out += o.timed_out;
+        self.still_connecting += o.still_connecting;
         self.client_handshakes += o.client_handshakes;
         self.syn_retransmitted += o.syn_retransmitted;
         self.syn_retransmits += o.syn_retransmits;

@@ -76,7 +76,11 @@ struct Doctor {
     /// the kernel no longer lists them.
     close_waits_before: HashMap<Endpoints, Option<Owner>>,
     peers: BoundedGroups<(ProcessKey, RemoteKey), PeerFigures>,
+    /// Connects in progress: since when, and toward where.
+    connecting: HashMap<u64, (u64, Transition)>,
     ephemeral: (u16, u16),
+    /// Sockets followed at most (`--max-sockets`).
+    capacity: usize,
     started_ns: u64,
     counters_at_start: Option<netstat::Counters>,
 }
@@ -120,6 +124,31 @@ impl Doctor {
                     p.synack_retransmits += retransmits;
                 }
             }
+        }
+    }
+
+    /// Connects enter SYN_SENT knowing their remote end (the local port
+    /// comes later); bounded as the connections followed are.
+    fn follow_connect(&mut self, t: &Transition) {
+        if t.old_state == TcpState::SYN_SENT {
+            self.connecting.remove(&t.sk);
+        }
+        if t.is(TcpState::CLOSE, TcpState::SYN_SENT) && self.connecting.len() < self.capacity {
+            self.connecting.insert(t.sk, (t.ts_ns, t.clone()));
+        }
+    }
+
+    /// Connects still in SYN_SENT at `now_ns` for a second or more.
+    fn count_still_connecting(&mut self, now_ns: u64) {
+        let stalled: Vec<Transition> = self
+            .connecting
+            .values()
+            .filter(|(since, _)| now_ns.saturating_sub(*since) >= 1_000_000_000)
+            .map(|(_, t)| t.clone())
+            .collect();
+        for t in stalled {
+            self.peer(t.owner.as_ref(), (t.raddr, Some(t.rport)))
+                .still_connecting += 1;
         }
     }
 
@@ -226,6 +255,7 @@ impl Consumer for Doctor {
         if t.old_state == TcpState::CLOSE_WAIT {
             self.close_waits_before.remove(&Endpoints::of(t));
         }
+        self.follow_connect(t);
         self.handshake(t);
         for life in self.connections.event(t) {
             self.life(&life);
@@ -239,6 +269,7 @@ impl Consumer for Doctor {
 
     fn finish(&mut self, totals: &Totals) -> Result<()> {
         let taken = self.tracker.finish()?;
+        self.count_still_connecting(taken);
         let listed: HashSet<Endpoints> = sock_diag::close_wait_sockets()?.into_iter().collect();
         let ephemeral = read_timewait_sysctls().port_range.unwrap_or(self.ephemeral);
         let peers = self
@@ -329,6 +360,8 @@ pub fn run(config: DoctorConfig) -> Result<()> {
         close_waits: CloseWaits::new(max_sockets),
         close_waits_before,
         peers: BoundedGroups::with_capacity(PEERS),
+        connecting: HashMap::new(),
+        capacity: max_sockets,
         ephemeral,
         started_ns: monotonic_ns(),
         counters_at_start,

@@ -78,7 +78,7 @@ impl Rule {
                 th.timewait_share * 100.0
             ),
             Rule::ConnectFailures => format!(
-                "fewer than {} refused or timed-out connects toward each endpoint",
+                "fewer than {} refused, timed-out or still retrying connects toward each endpoint",
                 th.connect_failures
             ),
             Rule::SlowHandshakes => format!(
@@ -252,8 +252,9 @@ fn per_peer(
         why,
         fix,
     };
-    if p.refused + p.timed_out >= th.connect_failures {
-        let (why, fix) = if p.refused >= p.timed_out {
+    let unanswered = p.timed_out + p.still_connecting;
+    if p.refused + unanswered >= th.connect_failures {
+        let (why, fix) = if p.refused >= unanswered {
             (
                 "The remote host answered the SYN with a reset: nothing listens on that port \
                  (or a firewall rejects with a reset).",
@@ -274,6 +275,7 @@ fn per_peer(
             vec![
                 ("refused", json!(p.refused)),
                 ("timed_out", json!(p.timed_out)),
+                ("still_connecting", json!(p.still_connecting)),
                 ("tcp_syn_retries", ev.settings.get("tcp_syn_retries")),
             ],
             why,
@@ -544,9 +546,19 @@ mod tests {
             peers: vec![(remote(), p)],
             ..Default::default()
         };
+        let retrying = PeerFigures {
+            timed_out: 1,
+            still_connecting: 2,
+            refused: 2,
+            ..Default::default()
+        };
         let why = |p| diagnose(&ev(p), &thresholds())[0].why;
         assert!(why(refused).contains("reset"));
         assert!(why(dropped).contains("dropped"));
+        assert!(
+            why(retrying).contains("dropped"),
+            "3 unanswered against 2 refused"
+        );
     }
 
     #[test]
