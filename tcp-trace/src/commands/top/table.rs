@@ -67,9 +67,14 @@ impl Row {
         self.handshakes.merge(&other.handshakes);
         self.resets += other.resets;
         if let Some(theirs) = other.oldest_close_wait {
-            if self.oldest_close_wait.is_none_or(|ours| theirs.0 >= ours.0) {
-                self.oldest_close_wait = Some(theirs);
-            }
+            self.merge_oldest(theirs);
+        }
+    }
+
+    /// Keeps the older of its oldest CLOSE_WAIT and `age`.
+    fn merge_oldest(&mut self, age: (u64, bool)) {
+        if self.oldest_close_wait.is_none_or(|ours| age.0 >= ours.0) {
+            self.oldest_close_wait = Some(age);
         }
     }
 }
@@ -88,6 +93,44 @@ pub fn fold(mut rows: Vec<Row>, max: usize) -> Vec<Row> {
     }
     rows.push(other);
     rows
+}
+
+/// What a row's name depends on under `by`, borrowed from the owner: the
+/// process (pid and comm), or the container (none outside one); `None`
+/// for an unknown owner.
+type NameKey<'o> = Option<(u32, &'o [u8], Option<&'o str>)>;
+
+fn name_key(by: GroupBy, owner: Option<&Owner>) -> NameKey<'_> {
+    let o = owner?;
+    Some(match by {
+        GroupBy::Container => {
+            let container = o.placement.as_deref().and_then(|p| p.container.as_deref());
+            (0, &[][..], container)
+        }
+        _ => (o.pid, &o.comm[..], None),
+    })
+}
+
+/// One socket in `state` (with its age in it, and whether that is a lower
+/// bound) counted in its owner's partial row.
+fn count<'o>(
+    partial: &mut HashMap<NameKey<'o>, Row>,
+    by: GroupBy,
+    owner: Option<&'o Owner>,
+    state: TcpState,
+    age: (u64, bool),
+) {
+    let Some(column) = STATES.iter().position(|s| *s == state) else {
+        return;
+    };
+    let row = partial.entry(name_key(by, owner)).or_default();
+    if row.owner.is_none() {
+        row.owner = owner.cloned();
+    }
+    row.states[column] += 1;
+    if state == TcpState::CLOSE_WAIT {
+        row.merge_oldest(age);
+    }
 }
 
 /// The row of owners past the bounds.
@@ -215,40 +258,34 @@ impl Table {
         now_ns: u64,
         timewait: impl Iterator<Item = (Option<&'a Owner>, TcpState)>,
     ) -> Vec<Row> {
-        let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-        let started = self.started_ns;
-        let mut add = |name: String, owner: Option<&Owner>, state: TcpState, since: Option<u64>| {
-            let Some(column) = STATES.iter().position(|s| *s == state) else {
-                return;
-            };
-            let row = rows.entry(name).or_default();
-            if row.owner.is_none() {
-                row.owner = owner.cloned();
-            }
-            row.states[column] += 1;
-            if state == TcpState::CLOSE_WAIT {
-                let age = (
-                    now_ns.saturating_sub(since.unwrap_or(started)),
-                    since.is_none(),
-                );
-                if row
-                    .oldest_close_wait
-                    .is_none_or(|(oldest, _)| age.0 >= oldest)
-                {
-                    row.oldest_close_wait = Some(age);
-                }
-            }
-        };
+        // Sockets are counted per owner key first, and each row named once:
+        // formatting a name per socket was most of a refresh's cost.
+        let (by, started) = (self.by, self.started_ns);
+        let mut partial: HashMap<NameKey, Row> = HashMap::new();
         for s in self.sockets.values().chain(self.before.values()) {
-            add(
-                self.name(s.owner.as_ref()),
+            let age = s
+                .since_ns
+                .map_or(now_ns.saturating_sub(started), |t| now_ns.saturating_sub(t));
+            count(
+                &mut partial,
+                by,
                 s.owner.as_ref(),
                 s.state,
-                s.since_ns,
+                (age, s.since_ns.is_none()),
             );
         }
         for (owner, state) in timewait {
-            add(self.name(owner), owner, state, Some(now_ns));
+            count(&mut partial, by, owner, state, (0, false));
+        }
+        let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+        for row in partial.into_values() {
+            let name = self.name(row.owner.as_ref());
+            match rows.get_mut(&name) {
+                Some(kept) => kept.merge(&row),
+                None => {
+                    rows.insert(name, row);
+                }
+            }
         }
         for (name, flow) in self.flows.drain() {
             let row = rows.entry(name).or_default();
