@@ -366,6 +366,35 @@ mod tests {
     }
 
     #[test]
+    fn rows_by_container_join_its_processes() {
+        let mut table = Table::new(GroupBy::Container, 100, 0);
+        let placed = |pid: u32, container: Option<&str>| {
+            let mut o = Owner::process(pid, b"app", OwnerSource::Task);
+            o.placement = Some(std::sync::Arc::new(crate::model::Placement {
+                container: container.map(String::from),
+                ..Default::default()
+            }));
+            o
+        };
+        let id = "a".repeat(64);
+        for (sk, owner) in [
+            (1, placed(1, Some(&id))),
+            (2, placed(2, Some(&id))),
+            (3, placed(3, None)),
+        ] {
+            let mut e = t(sk, TcpState::CLOSE, TcpState::SYN_SENT, S);
+            e.owner = Some(owner);
+            table.event(&e);
+        }
+        let rows = table.rows(2 * S, std::iter::empty());
+        let names: Vec<_> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.sockets()))
+            .collect();
+        assert_eq!(names, vec![(id.as_str(), 2), ("none", 1)]);
+    }
+
+    #[test]
     fn timewait_owners_count_in_their_rows_and_capacity_bounds_the_table() {
         let mut table = Table::new(GroupBy::Process, 1, 0);
         table.event(&t(1, TcpState::CLOSE, TcpState::SYN_SENT, S));
