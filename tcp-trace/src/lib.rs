@@ -22,7 +22,9 @@ use clap::Parser as _;
 
 use crate::{
     cli::{Cli, Command},
-    commands::{bench_floor, generate_assets, handshake, life, serve, stats, timewait, watch},
+    commands::{
+        bench_floor, doctor, generate_assets, handshake, life, serve, stats, timewait, top, watch,
+    },
 };
 
 /// The whole program: parse the flags, run the command, report.
@@ -44,6 +46,8 @@ pub fn run() -> ExitCode {
         Command::Life(args) => life::run(args.into_config()),
         Command::Handshake(args) => handshake::run(args.into_config()),
         Command::Timewait(args) => timewait::run(args.into_config()),
+        Command::Doctor(args) => doctor::run(args.into_config()),
+        Command::Top(args) => top::run(args.into_config()),
         Command::Serve(args) => serve::run(args.into_config()),
         Command::BenchFloor => bench_floor::run(),
         Command::GenerateAssets(args) => generate_assets::run(&args.dir),

@@ -5,9 +5,9 @@
 mod common;
 
 use std::{
-    io, mem,
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsRawFd, OwnedFd},
+    io,
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     sync::Mutex,
     thread,
     time::Duration,
@@ -18,51 +18,10 @@ use std::{
 /// kernel skip a tracing program's run (counted, but then missing here).
 static SERIAL: Mutex<()> = Mutex::new(());
 
-use common::{free_port, loopback, sockaddr, socket, Agent, NftTable};
+use common::{accept_one, connect, free_port, loopback, set_int, socket, Agent, NftTable};
 use serde_json::Value;
 
 const SECOND: u64 = 1_000_000_000;
-
-/// A listener that accepts in the background (and keeps what it accepted).
-fn listen(addr: SocketAddr) -> thread::JoinHandle<()> {
-    let listener = TcpListener::bind(addr).unwrap();
-    thread::spawn(move || {
-        let (conn, _) = listener.accept().unwrap();
-        thread::sleep(Duration::from_millis(200));
-        drop(conn);
-    })
-}
-
-fn connect(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
-    let (storage, len) = sockaddr(addr);
-    // SAFETY: a valid socket and address.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn set_int(fd: &OwnedFd, level: i32, name: i32, value: i32) {
-    // SAFETY: a valid socket and an int option.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            mem::size_of::<i32>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-}
 
 /// The handshake lines on `port` for `side`.
 fn lines<'a>(all: &'a [Value], port: u16, side: &str) -> Vec<&'a Value> {
@@ -113,12 +72,12 @@ fn scenarios(v6: bool) {
     let at = |port| SocketAddr::new(loopback(v6), port);
 
     // The client's first SYN is lost: it retransmits after 1 s.
-    let server = listen(at(syn_drop));
+    let server = accept_one(at(syn_drop));
     TcpStream::connect(at(syn_drop)).unwrap();
     server.join().unwrap();
     // The client's handshake-completing ACK is lost: the server retransmits
     // its SYN-ACK after 1 s; the client was established at once.
-    let server = listen(at(ack_drop));
+    let server = accept_one(at(ack_drop));
     let client = TcpStream::connect(at(ack_drop)).unwrap();
     server.join().unwrap();
     drop(client);

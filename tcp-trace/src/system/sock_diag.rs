@@ -24,6 +24,18 @@ pub struct Endpoints {
     pub rport: u16,
 }
 
+impl Endpoints {
+    /// The endpoints of the socket a transition is about.
+    pub fn of(t: &crate::model::Transition) -> Endpoints {
+        Endpoints {
+            laddr: t.laddr,
+            lport: t.lport,
+            raddr: t.raddr,
+            rport: t.rport,
+        }
+    }
+}
+
 /// A timewait mini-socket: a closed connection the kernel still remembers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimewaitSocket {

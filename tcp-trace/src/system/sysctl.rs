@@ -1,4 +1,4 @@
-//! The sysctls that govern TIME_WAIT, read from /proc/sys.
+//! TCP sysctls, read from /proc/sys: those that govern TIME_WAIT, and any one by name.
 
 use std::fs;
 
@@ -18,13 +18,16 @@ const NAMES: [&str; 4] = [
     "ip_local_port_range",
 ];
 
+/// `net.ipv4.NAME` as the agent's network namespace has it, multi-valued
+/// ones joined by `-`; `?` when unreadable.
+pub fn read_ipv4(name: &str) -> String {
+    fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join("-"))
+        .unwrap_or_else(|_| "?".into())
+}
+
 pub fn read_timewait_sysctls() -> Sysctls {
-    let read = |name: &str| {
-        fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
-            .map(|v| v.split_whitespace().collect::<Vec<_>>().join("-"))
-            .unwrap_or_else(|_| "?".into())
-    };
-    let values: Vec<(&'static str, String)> = NAMES.iter().map(|&n| (n, read(n))).collect();
+    let values: Vec<(&'static str, String)> = NAMES.iter().map(|&n| (n, read_ipv4(n))).collect();
     let port_range = parse_port_range(&values[3].1);
     Sysctls { values, port_range }
 }

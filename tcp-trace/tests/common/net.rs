@@ -71,6 +71,50 @@ pub fn socket(addr: SocketAddr) -> std::os::fd::OwnedFd {
     unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
 }
 
+/// A listener on `addr` that accepts one connection in the background and
+/// closes it 200 ms later.
+pub fn accept_one(addr: SocketAddr) -> std::thread::JoinHandle<()> {
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(conn);
+    })
+}
+
+/// `connect(2)` on a raw socket (options set before it).
+pub fn connect(fd: &std::os::fd::OwnedFd, addr: SocketAddr) -> std::io::Result<()> {
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: a valid socket and address.
+    let rc = unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// An int socket option; fails the test when refused.
+pub fn set_int(fd: &std::os::fd::OwnedFd, level: i32, name: i32, value: i32) {
+    // SAFETY: a valid socket and an int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
 pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data large enough for either family.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };

@@ -198,7 +198,7 @@ impl CloseWaits {
 
     /// Follows a transition into or out of CLOSE_WAIT.
     pub fn event(&mut self, t: &Transition, host_netns: u32) {
-        let key = (t.netns.unwrap_or(host_netns), endpoints(t));
+        let key = (t.netns.unwrap_or(host_netns), Endpoints::of(t));
         if t.old_state == crate::model::TcpState::CLOSE_WAIT {
             self.sockets.remove(&key);
         }
@@ -220,20 +220,11 @@ impl CloseWaits {
         });
     }
 
-    /// Each socket: its owner, and when it entered CLOSE_WAIT.
-    pub fn iter(&self) -> impl Iterator<Item = (Option<&Owner>, u64)> {
+    /// Each socket: its endpoints, its owner, and when it entered CLOSE_WAIT.
+    pub fn iter(&self) -> impl Iterator<Item = (&Endpoints, Option<&Owner>, u64)> {
         self.sockets
-            .values()
-            .map(|(at, owner)| (owner.as_ref(), *at))
-    }
-}
-
-fn endpoints(t: &Transition) -> Endpoints {
-    Endpoints {
-        laddr: t.laddr,
-        lport: t.lport,
-        raddr: t.raddr,
-        rport: t.rport,
+            .iter()
+            .map(|((_, e), (at, owner))| (e, owner.as_ref(), *at))
     }
 }
 

@@ -26,8 +26,8 @@ use crate::{
     source::{self, Consumer, Timing, Totals},
     system::{sock_diag, usage::own_usage},
 };
-pub use groups::GroupLabel;
-use groups::{CloseWaits, GroupTable};
+use groups::GroupTable;
+pub use groups::{CloseWaits, GroupLabel};
 use metrics::{GroupRow, Snapshot};
 
 /// How often sockets believed in CLOSE_WAIT are checked against the
@@ -65,7 +65,7 @@ impl ServeState {
             let name = groups.name(label.of(owner), now_ns, false);
             rows.entry(name).or_default().timewait_sockets += 1;
         }
-        for (owner, entered_ns) in self.close_waits.iter() {
+        for (_, owner, entered_ns) in self.close_waits.iter() {
             let name = groups.name(label.of(owner), now_ns, false);
             let row = rows.entry(name).or_default();
             row.close_wait_sockets += 1;

@@ -12,6 +12,7 @@ use tcp_trace_common::Filter;
 
 use crate::{
     aggregate::{BoundedGroups, Histogram, Merge},
+    commands::doctor::TimewaitPressure,
     model::{family, Owner, TcpState, Transition},
     system::sock_diag::{Endpoints, TimewaitSocket},
 };
@@ -149,7 +150,7 @@ pub struct Ledger {
     interned: HashMap<(u32, [u8; 16]), Shared>,
 }
 
-fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
+pub fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
     let client_end = (ephemeral.0..=ephemeral.1).contains(&e.lport);
     (e.raddr, client_end.then_some(e.rport))
 }
@@ -220,6 +221,23 @@ impl Ledger {
             .map(|l| l.owner.as_deref())
     }
 
+    /// Each timewait socket now, as `ss` shows its state: ours, in TIME_WAIT
+    /// or still in the FIN_WAIT2 substate (waiting for the peer's FIN), and
+    /// those without an owner (listed before start, or unattributed), whose
+    /// substate is not kept: counted as TIME_WAIT, by far the commoner.
+    pub fn timewait_states(&self) -> impl Iterator<Item = (Option<&Owner>, TcpState)> {
+        let ours = self.lingering.values().map(|l| {
+            let state = if l.entered {
+                TcpState::TIME_WAIT
+            } else {
+                TcpState::FIN_WAIT2
+            };
+            (l.owner.as_deref(), state)
+        });
+        let unowned = self.before_start.len() + self.unattributed.len();
+        ours.chain(std::iter::repeat_n((None, TcpState::TIME_WAIT), unowned))
+    }
+
     /// The row `owner`'s figures go to; none when entries are recorded
     /// instead (`record_entries`).
     fn row(&mut self, owner: Option<&Owner>) -> Option<&mut ProcessRow> {
@@ -247,13 +265,7 @@ impl Ledger {
         if !closes_like_timewait || t.sock.is_some_and(|s| s.error != 0) {
             return;
         }
-        let endpoints = Endpoints {
-            laddr: t.laddr,
-            lport: t.lport,
-            raddr: t.raddr,
-            rport: t.rport,
-        };
-        let key = (t.netns.unwrap_or(self.host_netns), endpoints);
+        let key = (t.netns.unwrap_or(self.host_netns), Endpoints::of(t));
         let candidate = Candidate {
             owner: t.owner.as_ref().map(|o| self.intern(o)),
             closed_ns: t.ts_ns,
@@ -450,17 +462,43 @@ impl Ledger {
     pub fn pressure(&self, range: (u16, u16)) -> Vec<(IpAddr, u16, u64, f64)> {
         let size = (range.1 - range.0 + 1) as f64;
         let mut per_remote: HashMap<(IpAddr, u16), u64> = HashMap::new();
-        // Ports are per namespace: the agent's own range is the host's.
-        for ((netns, e), l) in &self.lingering {
-            if *netns == self.host_netns && l.entered && (range.0..=range.1).contains(&e.lport) {
-                *per_remote.entry((e.raddr, e.rport)).or_default() += 1;
-            }
+        for p in self.pressure_by_owner(range) {
+            *per_remote.entry((p.raddr, p.rport)).or_default() += p.sockets;
         }
         let mut out: Vec<_> = per_remote
             .into_iter()
             .map(|((a, p), n)| (a, p, n, n as f64 / size))
             .collect();
         out.sort_by_key(|r| std::cmp::Reverse(r.2));
+        out
+    }
+
+    /// `pressure`, apart per owner (process), busiest first.
+    pub fn pressure_by_owner(&self, range: (u16, u16)) -> Vec<TimewaitPressure> {
+        let size = (range.1 - range.0 + 1) as f64;
+        type Key = (Option<(u32, Vec<u8>)>, IpAddr, u16);
+        let mut per_remote: HashMap<Key, (Option<Shared>, u64)> = HashMap::new();
+        // Ports are per namespace: the agent's own range is the host's.
+        for ((netns, e), l) in &self.lingering {
+            if *netns == self.host_netns && l.entered && (range.0..=range.1).contains(&e.lport) {
+                let process = l.owner.as_ref().map(|o| (o.pid, o.comm.clone()));
+                let entry = per_remote
+                    .entry((process, e.raddr, e.rport))
+                    .or_insert_with(|| (l.owner.clone(), 0));
+                entry.1 += 1;
+            }
+        }
+        let mut out: Vec<TimewaitPressure> = per_remote
+            .into_iter()
+            .map(|((_, raddr, rport), (owner, sockets))| TimewaitPressure {
+                owner: owner.as_deref().cloned(),
+                raddr,
+                rport,
+                sockets,
+                share: sockets as f64 / size,
+            })
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.sockets));
         out
     }
 

@@ -27,6 +27,7 @@ use crate::{
     system::sysctl::read_timewait_sysctls,
 };
 use ledger::POLL;
+pub use ledger::{remote_key, RemoteKey};
 pub use tracker::Tracker;
 
 struct TimewaitCommand {

@@ -9,7 +9,7 @@ use std::fs;
 
 use anyhow::{Context, Result};
 
-pub use self::{mount::CgroupFs, resolver::Cgroups};
+pub use self::{mount::CgroupFs, path::placement_of, resolver::Cgroups};
 
 /// The cgroup v2 path of process `pid`; `None` when it has none (a host
 /// with cgroup v1 only).

@@ -1,9 +1,13 @@
 //! Command-line flags, turned into plain configs for the commands.
 
+mod overview;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use tcp_trace_common::{Filter, AF_INET, AF_INET6};
+
+pub use overview::{DoctorArgs, DoctorConfig, TopArgs, TopConfig, TopOutput};
 
 use crate::{
     aggregate::GroupBy,
@@ -37,6 +41,10 @@ pub enum Command {
     Handshake(HandshakeArgs),
     /// Which processes leave sockets in TIME_WAIT, how many linger, for how long.
     Timewait(TimewaitArgs),
+    /// Watch a while, then diagnose: CLOSE_WAIT and TIME_WAIT pile-ups, failed and slow connects, resets, short connections.
+    Doctor(DoctorArgs),
+    /// Sockets per process or container every interval: states, new connections, handshake p99, resets, oldest CLOSE_WAIT.
+    Top(TopArgs),
     /// Serve Prometheus metrics (/metrics, /healthz) until stopped: an always-on agent.
     Serve(ServeArgs),
     /// Attach an empty program to the tracepoint (the benchmark's floor).
@@ -475,6 +483,13 @@ mod tests {
             &["life", "--json=3"],
             &["handshake", "--slow", "fast"],
             &["handshake", "--slow", "3parsecs"],
+            &["doctor", "--timewait-percent", "0"],
+            &["doctor", "--timewait-percent", "101"],
+            &["doctor", "--close-wait-sockets", "0"],
+            &["doctor", "--short-lifetime", "soon"],
+            &["top", "--batch", "--by", "lport"],
+            &["top", "--batch", "--json"],
+            &["top", "--batch", "--sort", "color"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
