@@ -118,10 +118,15 @@ static SYNACK_LAYOUT: SynackLayout = SynackLayout {
     daddr_v6: 0,
 };
 
-/// Nonzero: sum transitions into `HISTOGRAMS`, `HANDSHAKES` and `TALLIES`
-/// in place, and stream only what `STREAM_MASK` asks for.
+/// Nonzero: sum durations into `HISTOGRAMS` in place, and stream only what
+/// `STREAM_MASK` asks for.
 #[no_mangle]
 static AGGREGATE: u8 = 0;
+
+/// Nonzero, when aggregating: also sum transitions, handshakes and closes
+/// into `TALLIES` and `HANDSHAKES` (`serve`; `stats` does not pay for them).
+#[no_mangle]
+static TALLY: u8 = 0;
 
 /// When aggregating, transitions that are streamed as well: bit `old` (0-15)
 /// for transitions from state `old`, bit `16 + new` for those into `new`.

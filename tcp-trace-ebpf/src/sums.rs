@@ -9,13 +9,14 @@ use tcp_trace_common::{
 use crate::{
     count,
     emit::{handshake_facts, sock_error},
+    global,
     record::{read_address_into, Record},
     sockets::Tracked,
-    HANDSHAKES, HISTOGRAMS, MAX_NS, TALLIES,
+    HANDSHAKES, HISTOGRAMS, MAX_NS, TALLIES, TALLY,
 };
 
-/// Sums one transition: the pair of states, the time spent in the old one,
-/// and at a handshake's end or a close, how it ended.
+/// Sums one transition: the time spent in the old one and, with `TALLY`, the
+/// pair of states and, at a handshake's end or a close, how it ended.
 #[inline(always)]
 pub(crate) fn aggregate(
     ctx: &TracePointContext,
@@ -26,11 +27,14 @@ pub(crate) fn aggregate(
     tracked: &Tracked,
 ) -> Result<(), i32> {
     count(counter::AGGREGATED);
-    let pair = u32::from(rec.old_state & 15) * 16 + u32::from(rec.new_state & 15);
-    add(&TALLIES, tally::TRANSITIONS + pair, 1);
     if tracked.duration_known {
         time_in_state(rec.old_state, tracked.duration_ns);
     }
+    if global(&TALLY) == 0 {
+        return Ok(());
+    }
+    let pair = u32::from(rec.old_state & 15) * 16 + u32::from(rec.new_state & 15);
+    add(&TALLIES, tally::TRANSITIONS + pair, 1);
     let error = if rec.new_state == state::CLOSE {
         let error = sock_error(rec.skaddr)?;
         if let Some(kind) = close_kind(rec.old_state, error) {

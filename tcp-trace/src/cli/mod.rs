@@ -147,6 +147,7 @@ impl Tracing {
             ring_bytes: self.ring_bytes,
             aggregate: false,
             stream_mask: 0,
+            tally: false,
         }
     }
 }

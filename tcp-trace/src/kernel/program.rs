@@ -48,6 +48,8 @@ pub struct Settings {
     /// With `aggregate`: transitions streamed as well, bit `old` for those
     /// from state `old`, bit `16 + new` for those into `new` (0: none).
     pub stream_mask: u32,
+    /// With `aggregate`: also sum transitions, handshakes and closes.
+    pub tally: bool,
 }
 
 /// The attached program; dropping it detaches the program.
@@ -228,21 +230,21 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         }
     };
     // Aggregating, the ring carries only `stream_mask`'s transitions; the
-    // sums' arrays hold one slot otherwise.
-    let (ring_bytes, histogram_slots, handshake_slots, tally_slots) = match settings.aggregate {
-        true if settings.stream_mask == 0 => (
-            4096,
-            hist::STATES * hist::BUCKETS,
-            HANDSHAKE_SLOTS,
-            tally::COUNT,
-        ),
-        true => (
-            settings.ring_bytes,
-            hist::STATES * hist::BUCKETS,
-            HANDSHAKE_SLOTS,
-            tally::COUNT,
-        ),
-        false => (settings.ring_bytes, 1, 1, 1),
+    // sums' arrays hold one slot where they are not used.
+    let ring_bytes = if settings.aggregate && settings.stream_mask == 0 {
+        4096
+    } else {
+        settings.ring_bytes
+    };
+    let histogram_slots = if settings.aggregate {
+        hist::STATES * hist::BUCKETS
+    } else {
+        1
+    };
+    let (handshake_slots, tally_slots) = if settings.aggregate && settings.tally {
+        (HANDSHAKE_SLOTS, tally::COUNT)
+    } else {
+        (1, 1)
     };
     // No kernel BTF for aya: Rust BPF objects carry no CO-RE relocations,
     // and parsing vmlinux BTF would cost the agent ~10 MiB of memory.
@@ -257,6 +259,7 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .override_global("TASK_OFFSETS", &task.unwrap_or_default(), true)
         .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
         .override_global("STREAM_MASK", &settings.stream_mask, true)
+        .override_global("TALLY", &u8::from(settings.tally), true)
         // Wake the reader when an eighth of the ring is queued; it drains on
         // a timer otherwise (see source/live.rs).
         .override_global("WAKEUP_BYTES", &u64::from(ring_bytes / 8), true)

@@ -42,6 +42,8 @@ impl SumMaps {
         let maxima = per_cpu_maxima(&self.maxima).context("reading MAX_NS")?;
         let handshakes = per_cpu_sums(&self.handshakes).context("reading HANDSHAKES")?;
         let tallies = per_cpu_sums(&self.tallies).context("reading TALLIES")?;
+        // Without tallies (`stats`) their arrays hold one slot: read as zeros.
+        let tally = |i: u32| tallies.get(i as usize).copied().unwrap_or(0);
         let mut sums = KernelSums::default();
         for state in 1..hist::STATES {
             let h = histogram(&buckets, state as usize);
@@ -54,8 +56,7 @@ impl SumMaps {
         }
         for old in 0..16u8 {
             for new in 0..16u8 {
-                let n =
-                    tallies[(tally::TRANSITIONS + u32::from(old) * 16 + u32::from(new)) as usize];
+                let n = tally(tally::TRANSITIONS + u32::from(old) * 16 + u32::from(new));
                 if n > 0 {
                     sums.transitions.push(((TcpState(old), TcpState(new)), n));
                 }
@@ -69,10 +70,10 @@ impl SumMaps {
             })
             .collect();
         for (i, slot) in sums.handshake_retrans.iter_mut().enumerate() {
-            *slot = tallies[tally::HANDSHAKE_RETRANS as usize + i];
+            *slot = tally(tally::HANDSHAKE_RETRANS + i as u32);
         }
         for (i, slot) in sums.closes.iter_mut().enumerate() {
-            *slot = tallies[tally::CLOSES as usize + i];
+            *slot = tally(tally::CLOSES + i as u32);
         }
         Ok(sums)
     }

@@ -176,6 +176,7 @@ pub fn run(config: ServeConfig) -> Result<()> {
         let settings = Settings {
             aggregate: true,
             stream_mask: STREAM_MASK,
+            tally: true,
             ..config.tracing.streaming()
         };
         let timing = Timing {
