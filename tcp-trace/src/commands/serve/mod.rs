@@ -30,6 +30,11 @@ use groups::GroupTable;
 pub use groups::{CloseWaits, GroupLabel};
 use metrics::{GroupRow, Snapshot};
 
+/// How often the kernel's timewait table is read: a scrape every 15 s or so
+/// needs no fresher gauge, and on a busy host each reading is a hundred
+/// thousand sockets (`timewait` reads it every second, to time stays).
+const TIMEWAIT_READINGS: Duration = Duration::from_secs(5);
+
 /// How often sockets believed in CLOSE_WAIT are checked against the
 /// kernel's table (an exit the kernel skipped would keep one forever).
 const RECONCILE_EVERY: u32 = 10;
@@ -160,7 +165,7 @@ pub fn run(config: ServeConfig) -> Result<()> {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
-        let mut tracker = Tracker::new(config.tracing.filter)?;
+        let mut tracker = Tracker::every(config.tracing.filter, TIMEWAIT_READINGS)?;
         tracker.ledger.record_entries();
         let mut state = ServeState {
             tracker,

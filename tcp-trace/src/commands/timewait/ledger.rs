@@ -146,6 +146,8 @@ pub struct Ledger {
     ephemeral: (u16, u16),
     /// Owners of the entries confirmed since `take_entries`, when recorded.
     entries: Option<Vec<Option<Shared>>>,
+    /// Time between two readings: exits are placed midway.
+    poll_ns: u64,
     /// Owners seen, by pid and name, shared by their sockets.
     interned: HashMap<(u32, [u8; 16]), Shared>,
 }
@@ -174,7 +176,14 @@ impl Ledger {
             ephemeral,
             entries: None,
             interned: HashMap::new(),
+            poll_ns: POLL.as_nanos() as u64,
         }
+    }
+
+    /// Readings every `poll` instead of every `POLL`.
+    pub fn polled_every(mut self, poll: Duration) -> Ledger {
+        self.poll_ns = poll.as_nanos() as u64;
+        self
     }
 
     /// `owner`, shared with the sockets before it of the same process
@@ -366,7 +375,7 @@ impl Ledger {
         for key in gone {
             let l = self.lingering.remove(&key).expect("listed key");
             if l.entered {
-                let exit_ns = now_ns.saturating_sub(POLL.as_nanos() as u64 / 2);
+                let exit_ns = now_ns.saturating_sub(self.poll_ns / 2);
                 if let Some(row) = self.row(l.owner.as_deref()) {
                     row.stay.record(exit_ns.saturating_sub(l.closed_ns));
                 }

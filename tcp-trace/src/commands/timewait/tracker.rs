@@ -1,11 +1,12 @@
 //! Following timewait sockets: candidates from the tracepoint, confirmed
 //! against readings of each network namespace's timewait table, taken every
-//! `POLL` on a thread of their own.
+//! `POLL` (or a period of the caller's) on a thread of their own.
 
 use std::{
     collections::HashMap,
     sync::{mpsc, Arc, Mutex},
     thread,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -41,6 +42,8 @@ pub struct Tracker {
     /// Readings from the dumping thread: a dump of a busy host's table takes
     /// long enough that the event loop must not wait for it.
     dumps: Option<mpsc::Receiver<Dump>>,
+    /// Time between two readings.
+    period: Duration,
 }
 
 /// The agent's own namespace through sock_diag, the others through a
@@ -84,14 +87,21 @@ impl Tracker {
     /// A tracker for the sockets `filter` matches; fails early and clearly
     /// when sock_diag does not answer.
     pub fn new(filter: Filter) -> Result<Tracker> {
+        Self::every(filter, POLL)
+    }
+
+    /// A tracker reading the tables every `period`: a busy host's table is a
+    /// hundred thousand sockets, whose reading costs CPU every time.
+    pub fn every(filter: Filter, period: Duration) -> Result<Tracker> {
         let ephemeral = read_timewait_sysctls().port_range.unwrap_or((32768, 60999));
         let host_netns = own_netns().context("reading /proc/self/ns/net")?;
         sock_diag::timewait_sockets().context("reading the kernel's timewait sockets")?;
         Ok(Tracker {
-            ledger: Ledger::new(filter, monotonic_ns(), ephemeral, host_netns),
+            ledger: Ledger::new(filter, monotonic_ns(), ephemeral, host_netns).polled_every(period),
             host_netns,
             reach: Reach::default(),
             dumps: None,
+            period,
         })
     }
 
@@ -100,9 +110,9 @@ impl Tracker {
     pub fn start(&mut self) -> Result<()> {
         self.apply(dump_now(self.host_netns, &self.reach))?;
         let (tx, rx) = mpsc::channel();
-        let (host_netns, reach) = (self.host_netns, self.reach.clone());
+        let (host_netns, reach, period) = (self.host_netns, self.reach.clone(), self.period);
         thread::spawn(move || loop {
-            thread::sleep(POLL);
+            thread::sleep(period);
             if tx.send(dump_now(host_netns, &reach)).is_err() {
                 break;
             }
