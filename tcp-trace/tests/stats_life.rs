@@ -3,7 +3,13 @@
 
 mod common;
 
-use std::{collections::HashMap, net::SocketAddr, process::Command, thread, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
 
 use common::{exchanges, free_port, loopback, Agent, Script, AGENT_BIN};
 use serde_json::Value;
@@ -98,12 +104,20 @@ fn stats_and_life_live_and_replayed() {
         UP,
         DOWN,
     );
-    thread::sleep(Duration::from_millis(300));
+    // Every socket has closed once life has printed both ends of every
+    // connection: wait for that (softirqs run late on a loaded machine)
+    // rather than a fixed time, then stop everyone.
+    let mut lives = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lives.len() < 2 * CONNECTIONS && Instant::now() < deadline {
+        lives.extend(life.next_line(Duration::from_millis(100)));
+    }
+    thread::sleep(Duration::from_millis(100));
 
     let (recording, _) = recorder.stop_raw();
     let kernel = one_json(&in_kernel.stop_raw().0);
     let grouped = one_json(&per_event.stop_raw().0);
-    let (lives, _) = life.stop_raw();
+    lives.extend(life.stop_raw().0);
 
     // Kernel aggregation: exact counts, durations the script set.
     assert_eq!(kernel["mode"], "kernel");
