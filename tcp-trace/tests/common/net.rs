@@ -18,8 +18,13 @@ pub fn loopback(v6: bool) -> IpAddr {
     }
 }
 
+/// Ports this test process has handed out: a port only dropped packets use
+/// (no listener holds it) would otherwise look free to a test running beside.
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
 /// A port below the ephemeral range (so no client socket takes it by chance)
-/// that is free on both loopback addresses right now.
+/// that is free on both loopback addresses right now, and not handed out to
+/// another test of this process before.
 pub fn free_port() -> u16 {
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -34,7 +39,9 @@ pub fn free_port() -> u16 {
         x ^= x << 5;
         let port = 20_000 + (x % 10_000) as u16;
         let free = [false, true].iter().all(|&v6| unused(loopback(v6), port));
-        if free {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if free && !handed_out.contains(&port) {
+            handed_out.push(port);
             return port;
         }
     }
