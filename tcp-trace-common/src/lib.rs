@@ -151,7 +151,10 @@ pub struct SockState {
     pub active_open: u8,
     /// Local port, to find the listener an accepted socket came through.
     pub lport: u16,
-    pub _pad: u32,
+    /// 1 while a passively opened socket waits for the owner `accept()`
+    /// leaves in the `ACCEPTS` map (socket-storage path only).
+    pub awaiting_accept: u8,
+    pub _pad: [u8; 3],
 }
 
 /// A connection by its endpoints: how userspace's start-up scan names the
@@ -373,6 +376,42 @@ pub struct AcceptOffsets {
     pub skc_v6_rcv_saddr: u32,
     pub skc_v6_daddr: u32,
 }
+
+/// Where the BTF-typed program finds what the classic tracepoint's record
+/// carries, and what tells task context from softirq: offsets into the
+/// `struct sock` it is handed and into the current `task_struct`, from the
+/// kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkFields {
+    /// `sock_common.skc_family` (u16).
+    pub family: u32,
+    /// `sock.sk_protocol` (u16).
+    pub protocol: u32,
+    /// `inet_sock.inet_sport` (big-endian u16), as the tracepoint reads it.
+    pub sport: u32,
+    /// `sock_common.skc_dport` (big-endian u16).
+    pub dport: u32,
+    /// `inet_sock.inet_saddr`.
+    pub saddr: u32,
+    /// `sock_common.skc_daddr`.
+    pub daddr: u32,
+    /// `sock_common.skc_v6_rcv_saddr`.
+    pub saddr_v6: u32,
+    /// `sock_common.skc_v6_daddr`.
+    pub daddr_v6: u32,
+    /// `sock_common.skc_state` (u8), for the state at `accept()`.
+    pub state: u32,
+    /// `task_struct.stack`: the base of the task's kernel stack.
+    pub task_stack: u32,
+    /// `task_struct.flags` (u32).
+    pub task_flags: u32,
+    /// The size of a task's kernel stack (`union thread_union`).
+    pub thread_size: u32,
+}
+
+/// `PF_KTHREAD` (`include/linux/sched.h`): the task is a kernel thread.
+pub const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// Offsets in the `tcp:tcp_retransmit_synack` record (from its format file).
 #[repr(C)]
@@ -696,6 +735,7 @@ mod user {
     unsafe impl aya::Pod for super::SynackLayout {}
     unsafe impl aya::Pod for super::AcceptOffsets {}
     unsafe impl aya::Pod for super::TaskOffsets {}
+    unsafe impl aya::Pod for super::SkFields {}
     unsafe impl aya::Pod for super::Owner {}
     unsafe impl aya::Pod for super::Listener {}
     unsafe impl aya::Pod for super::ConnKey {}

@@ -3,17 +3,15 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_probe_read_kernel,
-    programs::TracePointContext,
 };
 use tcp_trace_common::{
-    counter, state, Event, HalfOpenKey, TracepointLayout, AF_INET, FLAG_ACTIVE_OPEN,
-    FLAG_DURATION_KNOWN, FLAG_HANDSHAKE, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, FLAG_RETRANS,
-    FLAG_SOCK_FIELDS,
+    counter, state, Event, HalfOpenKey, AF_INET, FLAG_ACTIVE_OPEN, FLAG_DURATION_KNOWN,
+    FLAG_HANDSHAKE, FLAG_IRQ_CONTEXT, FLAG_OWNER_KNOWN, FLAG_RETRANS, FLAG_SOCK_FIELDS,
 };
 
 use crate::{
     count, global,
-    record::{read_addresses_into, Record},
+    record::{Addresses, Record},
     sockets::Tracked,
     EVENTS, FIRST_SYNACK, SOCK_OFFSETS, WAKEUP_BYTES,
 };
@@ -71,13 +69,10 @@ pub(crate) fn submit(fill: impl FnOnce(&mut Event) -> Result<(), i32>) -> Result
 }
 
 /// One transition's event.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn fill_transition(
     ev: &mut Event,
-    ctx: &TracePointContext,
-    direct: bool,
-    layout: &TracepointLayout,
+    addresses: &impl Addresses,
     rec: &Record,
     now: u64,
     tracked: &Tracked,
@@ -100,14 +95,7 @@ pub(crate) fn fill_transition(
     ev.comm = tracked.owner.comm;
     ev.cgroup_id = tracked.owner.cgroup_id;
     ev.owner_source = tracked.owner.source;
-    read_addresses_into(
-        ctx,
-        direct,
-        layout,
-        rec.family == AF_INET,
-        &mut ev.saddr,
-        &mut ev.daddr,
-    )?;
+    addresses.addresses_into(rec.family == AF_INET, &mut ev.saddr, &mut ev.daddr)?;
     ev.netns = netns(rec.skaddr)?;
     close_fields(ev, rec)?;
     handshake_fields(ev, rec, now)

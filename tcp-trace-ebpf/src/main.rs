@@ -5,6 +5,11 @@
 //! through the ring buffer. Field offsets and filters are read-only globals
 //! that userspace fills in at load time.
 //!
+//! Two programs do this, and userspace attaches one: the classic tracepoint
+//! program here, which keeps per-socket state in an LRU map by the socket's
+//! address, and the BTF-typed one in `btf`, which keeps it in socket-local
+//! storage. Both share everything after reading the transition.
+//!
 //! This file holds the globals, the maps and the handlers; `record` reads the
 //! tracepoint's record, `sockets` keeps per-socket state, `emit` builds and
 //! streams the event, `sums` sums it instead when aggregating, `owners`
@@ -14,6 +19,7 @@
 #![no_main]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod btf;
 mod emit;
 mod owners;
 mod record;
@@ -29,15 +35,16 @@ use aya_ebpf::{
 };
 use tcp_trace_common::{
     counter, hist, outcome, side, state, tally, AcceptOffsets, ConnKey, Filter, HalfOpenKey,
-    Listener, Owner, SockOffsets, SockState, SynackLayout, TaskOffsets, TracepointLayout, AF_INET,
-    IPPROTO_TCP, KNOWN_LAYOUT,
+    Listener, Owner, SkFields, SockOffsets, SockState, SynackLayout, TaskOffsets, TracepointLayout,
+    AF_INET, IPPROTO_TCP, KNOWN_LAYOUT,
 };
 
 use crate::{
+    btf::Accepted,
     emit::{fill_transition, submit},
     owners::seeded_owner,
-    record::{in_task_context, read_record, Record},
-    sockets::{track_listener, track_socket},
+    record::{in_task_context, read_record, Addresses, Record, RecordAddresses},
+    sockets::{track_listener, track_socket, SocketMap, Store},
     sums::aggregate,
 };
 
@@ -118,6 +125,28 @@ static SYNACK_LAYOUT: SynackLayout = SynackLayout {
     daddr_v6: 0,
 };
 
+/// Offsets the BTF-typed program reads the socket and the task at.
+#[no_mangle]
+static SK_FIELDS: SkFields = SkFields {
+    family: 0,
+    protocol: 0,
+    sport: 0,
+    dport: 0,
+    saddr: 0,
+    daddr: 0,
+    saddr_v6: 0,
+    daddr_v6: 0,
+    state: 0,
+    task_stack: 0,
+    task_flags: 0,
+    thread_size: 0,
+};
+
+/// Nonzero when the BTF-typed program is the one attached: socket state is
+/// in socket storage, which the `accept()` handler reaches through `ACCEPTS`.
+#[no_mangle]
+static SOCKET_STORAGE: u8 = 0;
+
 /// Nonzero: sum durations into `HISTOGRAMS` in place, and stream only what
 /// `STREAM_MASK` asks for.
 #[no_mangle]
@@ -145,6 +174,12 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 /// exhaust it; userspace may resize it at load time.
 #[map]
 static SOCKETS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(131_072, 0);
+
+/// Socket-storage path: passively opened sockets between ESTABLISHED and
+/// the first transition after `accept()`, by address, with the owner
+/// `accept()` named (see `btf::Accepted`).
+#[map]
+static ACCEPTS: LruHashMap<u64, Accepted> = LruHashMap::with_max_entries(16_384, 0);
 
 /// Listening sockets by local port: accepted sockets are born in softirq and
 /// are charged to their listener's owner until a process touches them.
@@ -319,40 +354,65 @@ fn count(index: u32) {
 fn try_trace(ctx: &TracePointContext) -> Result<(), i32> {
     let layout = global(&LAYOUT);
     let direct = global(&DIRECT) != 0;
-    let filter = global(&FILTER);
 
     let rec = read_record(ctx, direct, &layout)?;
     // TCP only: SCTP and MPTCP's own socket use the same tracepoint.
-    if rec.protocol != IPPROTO_TCP || !filter.matches_family(rec.family) {
+    if rec.protocol != IPPROTO_TCP || !global(&FILTER).matches_family(rec.family) {
         return Ok(());
     }
 
     // SAFETY: a helper without arguments that only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let in_irq = !in_task_context(ctx, rec.old_state, rec.new_state)?;
-    let tracked = track_socket(&rec, now, in_irq, || {
-        seeded_owner(ctx, direct, &layout, &rec)
-    });
-    track_listener(&rec, tracked.owner);
+    let addresses = RecordAddresses {
+        ctx,
+        direct,
+        layout: &layout,
+    };
+    follow(
+        &rec,
+        now,
+        in_irq,
+        &addresses,
+        &SocketMap(rec.skaddr),
+        || seeded_owner(&addresses, &rec),
+    )
+}
+
+/// One transition, read: times it and keeps the socket's owner in `store`,
+/// applies the filters, then sums or streams it. `seeded` names the owner of
+/// a socket first met mid-life.
+#[inline(always)]
+fn follow(
+    rec: &Record,
+    now: u64,
+    in_irq: bool,
+    addresses: &impl Addresses,
+    store: &impl Store,
+    seeded: impl FnOnce() -> Option<Owner>,
+) -> Result<(), i32> {
+    let tracked = track_socket(store, rec, now, in_irq, seeded);
+    track_listener(rec, tracked.owner);
 
     // Emission filters come after tracking so that durations and owners stay
     // right for sockets whose ports are not known yet (port 0 at connect).
+    let filter = global(&FILTER);
     let owner = tracked.owner;
     let pid = owner.is_known().then_some(owner.pid);
     if !filter.matches(rec.family, rec.sport, rec.dport, pid)
         || !filter.matches_cgroup(owner.in_cgroup != 0)
-        || !closes_from(&filter, &rec)
+        || !closes_from(&filter, rec)
     {
         return Ok(());
     }
     if global(&AGGREGATE) != 0 {
-        aggregate(ctx, direct, &layout, &rec, now, &tracked)?;
-        if !streamed_too(&rec) {
+        aggregate(addresses, rec, now, &tracked)?;
+        if !streamed_too(rec) {
             return Ok(());
         }
     }
 
-    submit(|ev| fill_transition(ev, ctx, direct, &layout, &rec, now, &tracked, in_irq))
+    submit(|ev| fill_transition(ev, addresses, rec, now, &tracked, in_irq))
 }
 
 /// Whether an aggregated transition is streamed as well (`STREAM_MASK`).

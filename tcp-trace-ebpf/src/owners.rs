@@ -10,30 +10,25 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tcp_trace_common::{
-    counter, owner_source, state, AcceptOffsets, Owner, SockState, TracepointLayout, AF_INET,
-    FLAG_ACCEPT, FLAG_DURATION_KNOWN, FLAG_OWNER_KNOWN,
+    counter, owner_source, state, AcceptOffsets, Owner, SockState, AF_INET, FLAG_ACCEPT,
+    FLAG_DURATION_KNOWN, FLAG_OWNER_KNOWN,
 };
 
 use crate::{
-    count,
+    btf, count,
     emit::{netns, read_at, submit},
     field, global,
-    record::{read_addresses_into, Record},
+    record::{Addresses, Record},
     sockets::{current_owner_from, remember_listener_owner},
     ACCEPT_OFFSETS, AGGREGATE, EXITED_OWNERS, FILTER, LISTENERS, LISTENER_OWNERS, SEEDS, SEED_KEY,
-    SOCKETS, TASK_OFFSETS,
+    SOCKETS, SOCKET_STORAGE, TASK_OFFSETS,
 };
 
 /// The owner userspace's start-up scan found for a connection the program
 /// meets mid-life; the seed is used once. The key is built in per-CPU map
 /// memory: the main program's stack has no room for it.
 #[inline(always)]
-pub(crate) fn seeded_owner(
-    ctx: &TracePointContext,
-    direct: bool,
-    layout: &TracepointLayout,
-    rec: &Record,
-) -> Option<Owner> {
+pub(crate) fn seeded_owner(addresses: &impl Addresses, rec: &Record) -> Option<Owner> {
     let key = SEED_KEY.get_ptr_mut(0)?;
     // SAFETY: a per-CPU array value, valid for this run and only this CPU's
     // (the kernel does not nest a program run on one CPU); plain data.
@@ -44,7 +39,9 @@ pub(crate) fn seeded_owner(
     key.laddr = [0; 16];
     key.raddr = [0; 16];
     let ipv4 = rec.family == AF_INET;
-    read_addresses_into(ctx, direct, layout, ipv4, &mut key.laddr, &mut key.raddr).ok()?;
+    addresses
+        .addresses_into(ipv4, &mut key.laddr, &mut key.raddr)
+        .ok()?;
     // By reference: a copy of the key would take the stack it was moved off.
     #[allow(clippy::needless_borrows_for_generic_args)]
     // SAFETY: the owner is copied out at once; an element of a hash map is
@@ -152,27 +149,10 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: a helper without arguments that only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
     let owner = current_owner_from(owner_source::ACCEPT);
-    let (wait_ns, sock_state) = match SOCKETS.get_ptr_mut(sk) {
-        Some(sock) => {
-            // SAFETY: as in `track_socket`: preallocated map memory holding
-            // plain data, valid for this run.
-            let sock = unsafe { &mut *sock };
-            sock.owner = owner;
-            let wait = (sock.established_ns != 0).then(|| now.saturating_sub(sock.established_ns));
-            (wait, sock.state)
-        }
-        None => {
-            // Accepted, but its handshake was not seen (before attach, or
-            // evicted): keep its owner; state 0 says the state is unknown.
-            let sock = SockState {
-                owner,
-                ..SockState::default()
-            };
-            if SOCKETS.insert(sk, sock, 0).is_err() {
-                count(counter::MAP_UPDATE_FAILED);
-            }
-            (None, 0)
-        }
+    let (wait_ns, sock_state) = if global(&SOCKET_STORAGE) != 0 {
+        btf::accept(sk, owner, now)?
+    } else {
+        accept_in_map(sk, owner, now)
     };
     let ends = endpoints(sk, &offsets)?;
     adopt_listener(ends.lport, owner);
@@ -214,6 +194,35 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
         ev.owner_source = owner.source;
         Ok(())
     })
+}
+
+/// `accept()` returned socket `sk` to `owner` (classic path, state in
+/// `SOCKETS`): how long it waited in the accept queue, if known, and its
+/// state (0: unknown).
+#[inline(always)]
+fn accept_in_map(sk: u64, owner: Owner, now: u64) -> (Option<u64>, u8) {
+    match SOCKETS.get_ptr_mut(sk) {
+        Some(sock) => {
+            // SAFETY: as in `track_socket`: preallocated map memory holding
+            // plain data, valid for this run.
+            let sock = unsafe { &mut *sock };
+            sock.owner = owner;
+            let wait = (sock.established_ns != 0).then(|| now.saturating_sub(sock.established_ns));
+            (wait, sock.state)
+        }
+        None => {
+            // Accepted, but its handshake was not seen (before attach, or
+            // evicted): keep its owner; state 0 says the state is unknown.
+            let sock = SockState {
+                owner,
+                ..SockState::default()
+            };
+            if SOCKETS.insert(sk, sock, 0).is_err() {
+                count(counter::MAP_UPDATE_FAILED);
+            }
+            (None, 0)
+        }
+    }
 }
 
 /// The process that accepts on a listener holds it: later connections

@@ -103,66 +103,73 @@ pub(crate) fn read_record(
     })
 }
 
-/// Source and destination addresses, into buffers the caller has (the ring
-/// buffer's record, or map memory: the stack has no room); IPv4 fills only
-/// the first 4 bytes of each.
-#[inline(always)]
-pub(crate) fn read_addresses_into(
-    ctx: &TracePointContext,
-    direct: bool,
-    layout: &TracepointLayout,
-    ipv4: bool,
-    saddr: &mut [u8; 16],
-    daddr: &mut [u8; 16],
-) -> Result<(), i32> {
-    read_address_into(ctx, direct, layout, ipv4, false, saddr)?;
-    read_address_into(ctx, direct, layout, ipv4, true, daddr)
+/// Where a transition's addresses are read from: the classic tracepoint's
+/// record, or (BTF-typed program) the socket itself. IPv4 fills only the
+/// first 4 bytes of each buffer.
+pub(crate) trait Addresses {
+    /// The destination (peer's) address when `destination`, else the
+    /// source, into a buffer the caller has (the ring buffer's record, or
+    /// map memory: the stack has no room).
+    fn address_into(&self, ipv4: bool, destination: bool, out: &mut [u8; 16]) -> Result<(), i32>;
+
+    #[inline(always)]
+    fn addresses_into(
+        &self,
+        ipv4: bool,
+        saddr: &mut [u8; 16],
+        daddr: &mut [u8; 16],
+    ) -> Result<(), i32> {
+        self.address_into(ipv4, false, saddr)?;
+        self.address_into(ipv4, true, daddr)
+    }
 }
 
-/// The destination (peer's) address when `destination`, else the source.
-#[inline(always)]
-pub(crate) fn read_address_into(
-    ctx: &TracePointContext,
-    direct: bool,
-    layout: &TracepointLayout,
-    ipv4: bool,
-    destination: bool,
-    out: &mut [u8; 16],
-) -> Result<(), i32> {
-    let base = ctx.as_ptr() as *const u8;
-    if direct {
-        let l = KNOWN_LAYOUT;
+/// The classic tracepoint's record.
+pub(crate) struct RecordAddresses<'a> {
+    pub(crate) ctx: &'a TracePointContext,
+    /// Read at `KNOWN_LAYOUT`'s offsets with direct loads.
+    pub(crate) direct: bool,
+    pub(crate) layout: &'a TracepointLayout,
+}
+
+impl Addresses for RecordAddresses<'_> {
+    #[inline(always)]
+    fn address_into(&self, ipv4: bool, destination: bool, out: &mut [u8; 16]) -> Result<(), i32> {
+        let base = self.ctx.as_ptr() as *const u8;
+        if self.direct {
+            let l = KNOWN_LAYOUT;
+            let (v4, v6) = if destination {
+                (l.daddr, l.daddr_v6)
+            } else {
+                (l.saddr, l.saddr_v6)
+            };
+            // SAFETY: as in `read_record`: `KNOWN_LAYOUT`'s constant, aligned
+            // offsets inside the record, checked by the verifier.
+            unsafe {
+                if ipv4 {
+                    out[..4].copy_from_slice(&load::<u32>(base, v4).to_ne_bytes());
+                } else {
+                    out[..8].copy_from_slice(&load::<u64>(base, v6).to_ne_bytes());
+                    out[8..].copy_from_slice(&load::<u64>(base, v6 + 8).to_ne_bytes());
+                }
+            }
+            return Ok(());
+        }
         let (v4, v6) = if destination {
-            (l.daddr, l.daddr_v6)
+            (self.layout.daddr, self.layout.daddr_v6)
         } else {
-            (l.saddr, l.saddr_v6)
+            (self.layout.saddr, self.layout.saddr_v6)
         };
-        // SAFETY: as in `read_record`: `KNOWN_LAYOUT`'s constant, aligned
-        // offsets inside the record, checked by the verifier.
+        // SAFETY: bpf_probe_read_kernel_buf checks the source and fails
+        // instead of faulting, and writes only within the slice it is given;
+        // the offsets come from the tracepoint's format file.
         unsafe {
             if ipv4 {
-                out[..4].copy_from_slice(&load::<u32>(base, v4).to_ne_bytes());
+                bpf_probe_read_kernel_buf(base.add(v4 as usize), &mut out[..4])?;
             } else {
-                out[..8].copy_from_slice(&load::<u64>(base, v6).to_ne_bytes());
-                out[8..].copy_from_slice(&load::<u64>(base, v6 + 8).to_ne_bytes());
+                bpf_probe_read_kernel_buf(base.add(v6 as usize), out)?;
             }
         }
-        return Ok(());
+        Ok(())
     }
-    let (v4, v6) = if destination {
-        (layout.daddr, layout.daddr_v6)
-    } else {
-        (layout.saddr, layout.saddr_v6)
-    };
-    // SAFETY: bpf_probe_read_kernel_buf checks the source and fails instead
-    // of faulting, and writes only within the slice it is given; the offsets
-    // come from the tracepoint's format file.
-    unsafe {
-        if ipv4 {
-            bpf_probe_read_kernel_buf(base.add(v4 as usize), &mut out[..4])?;
-        } else {
-            bpf_probe_read_kernel_buf(base.add(v6 as usize), out)?;
-        }
-    }
-    Ok(())
 }

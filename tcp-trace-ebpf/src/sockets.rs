@@ -19,44 +19,96 @@ pub(crate) struct Tracked {
     pub(crate) active_open: bool,
 }
 
+/// Where a socket's state lives: the LRU map keyed by the socket's address
+/// (classic tracepoint), or socket-local storage (BTF-typed program).
+pub(crate) trait Store {
+    /// The socket's state, if it is tracked.
+    fn find(&self) -> Option<*mut SockState>;
+    /// Tracks the socket from now with `sock`; false when there is no room.
+    fn insert(&self, sock: &SockState) -> bool;
+    /// The socket closed.
+    fn closed(&self);
+    /// A passively opened socket became ESTABLISHED: the owner `accept()`
+    /// will name may have to be fetched later (socket storage only).
+    #[inline(always)]
+    fn await_accept(&self, _sock: &mut SockState, _now: u64) {}
+    /// A socket awaiting `accept()`'s owner moves: take that owner if it
+    /// is there (socket storage only).
+    #[inline(always)]
+    fn take_accepted(&self, _sock: &mut SockState, _in_irq: bool, _closing: bool) {}
+}
+
+/// The classic path's store: `SOCKETS`, by the socket's address.
+pub(crate) struct SocketMap(pub(crate) u64);
+
+impl Store for SocketMap {
+    #[inline(always)]
+    fn find(&self) -> Option<*mut SockState> {
+        SOCKETS.get_ptr_mut(self.0)
+    }
+
+    #[inline(always)]
+    fn insert(&self, sock: &SockState) -> bool {
+        SOCKETS.insert(self.0, sock, 0).is_ok()
+    }
+
+    #[inline(always)]
+    fn closed(&self) {
+        let _ = SOCKETS.remove(self.0);
+    }
+}
+
 /// Times the socket's stay in its old state and keeps its owner: updates the
-/// socket map, or starts tracking the socket, and forgets it at CLOSE.
-/// `seeded` names the owner of a socket first seen mid-life, if userspace's
-/// start-up scan found it.
+/// socket's stored state, or starts tracking the socket, and forgets it at
+/// CLOSE. `seeded` names the owner of a socket first seen mid-life, if
+/// userspace's start-up scan (or `accept()`) found it.
 #[inline(always)]
 pub(crate) fn track_socket(
+    store: &impl Store,
     rec: &Record,
     now: u64,
     in_irq: bool,
     seeded: impl FnOnce() -> Option<Owner>,
 ) -> Tracked {
-    let tracked = match SOCKETS.get_ptr_mut(rec.skaddr) {
-        // SAFETY: the value's memory stays valid for this run (the map is
-        // preallocated) and holds plain data, valid for any bytes.
-        // Transitions of one socket are serialized by the kernel (socket
-        // lock). An LRU map may recycle an evicted element at once, though:
-        // under eviction pressure another CPU can reuse this entry for
-        // another socket meanwhile, which can mistime this transition (the
-        // state check narrows it); it cannot make the access unsound.
-        Some(sock) => follow_socket(unsafe { &mut *sock }, rec, now, in_irq),
-        None => start_tracking(rec, now, in_irq, seeded),
+    let tracked = match store.find() {
+        // SAFETY: the value's memory stays valid for this run (the LRU map
+        // is preallocated; socket storage lives as long as the socket,
+        // which the kernel holds across the tracepoint) and holds plain
+        // data, valid for any bytes. Transitions of one socket are
+        // serialized by the kernel (socket lock). An LRU map may recycle an
+        // evicted element at once, though: under eviction pressure another
+        // CPU can reuse this entry for another socket meanwhile, which can
+        // mistime this transition (the state check narrows it); it cannot
+        // make the access unsound.
+        Some(sock) => follow_socket(store, unsafe { &mut *sock }, rec, now, in_irq),
+        None => start_tracking(store, rec, now, in_irq, seeded),
     };
     if rec.new_state == state::CLOSE {
-        let _ = SOCKETS.remove(rec.skaddr);
+        store.closed();
     }
     tracked
 }
 
-/// A socket the map knows: its time in the old state; it enters the new one now.
+/// A socket the store knows: its time in the old state; it enters the new one now.
 #[inline(always)]
-fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> Tracked {
+fn follow_socket(
+    store: &impl Store,
+    sock: &mut SockState,
+    rec: &Record,
+    now: u64,
+    in_irq: bool,
+) -> Tracked {
     let begins = rec.old_state == state::CLOSE
         || (rec.old_state == state::LISTEN && rec.new_state == state::SYN_RECV);
     if begins {
-        // Entries go at CLOSE: one for a socket only now coming to life
-        // belonged to a socket freed at this address whose CLOSE was skipped.
-        count(counter::GAPS);
-        return start_tracking(rec, now, in_irq, || None);
+        // The map forgets sockets at CLOSE: an entry for a socket only now
+        // coming to life belonged to a socket freed at this address whose
+        // CLOSE was skipped. Socket storage keeps a closed socket's state
+        // until the socket is freed: that one is no gap.
+        if sock.state != state::CLOSE {
+            count(counter::GAPS);
+        }
+        return start_tracking(store, rec, now, in_irq, || None);
     }
     // Otherwise a state it did not enter means a transition was skipped
     // (the kernel does not run the program nested): the time is unknown.
@@ -75,6 +127,11 @@ fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> 
     sock.lport = rec.sport;
     if rec.new_state == state::ESTABLISHED {
         sock.established_ns = now;
+        if rec.old_state == state::SYN_RECV && sock.active_open == 0 {
+            store.await_accept(sock, now);
+        }
+    } else if sock.awaiting_accept != 0 {
+        store.take_accepted(sock, in_irq, rec.new_state == state::CLOSE);
     }
     // A transition in process context names the socket's real owner.
     if !in_irq {
@@ -90,6 +147,7 @@ fn follow_socket(sock: &mut SockState, rec: &Record, now: u64, in_irq: bool) -> 
 
 #[inline(always)]
 fn start_tracking(
+    store: &impl Store,
     rec: &Record,
     now: u64,
     in_irq: bool,
@@ -123,9 +181,10 @@ fn start_tracking(
             state: rec.new_state,
             active_open: u8::from(active_open),
             lport: rec.sport,
-            _pad: 0,
+            awaiting_accept: 0,
+            _pad: [0; 3],
         };
-        if SOCKETS.insert(rec.skaddr, sock, 0).is_err() {
+        if !store.insert(&sock) {
             count(counter::MAP_UPDATE_FAILED);
         }
     }

@@ -1,16 +1,15 @@
 //! Aggregating mode: what the kernel sums instead of streaming each event.
 
-use aya_ebpf::{maps::PerCpuArray, programs::TracePointContext};
+use aya_ebpf::maps::PerCpuArray;
 use tcp_trace_common::{
-    close_kind, counter, handshake_outcome, hist, outcome, side, state, tally, TracepointLayout,
-    AF_INET,
+    close_kind, counter, handshake_outcome, hist, outcome, side, state, tally, AF_INET,
 };
 
 use crate::{
     count,
     emit::{handshake_facts, sock_error},
     global,
-    record::{read_address_into, Record},
+    record::{Addresses, Record},
     sockets::Tracked,
     HANDSHAKES, HISTOGRAMS, MAX_NS, TALLIES, TALLY,
 };
@@ -19,9 +18,7 @@ use crate::{
 /// pair of states and, at a handshake's end or a close, how it ended.
 #[inline(always)]
 pub(crate) fn aggregate(
-    ctx: &TracePointContext,
-    direct: bool,
-    layout: &TracepointLayout,
+    addresses: &impl Addresses,
     rec: &Record,
     now: u64,
     tracked: &Tracked,
@@ -44,16 +41,14 @@ pub(crate) fn aggregate(
     } else {
         None
     };
-    handshake(ctx, direct, layout, rec, now, tracked, error)
+    handshake(addresses, rec, now, tracked, error)
 }
 
 /// Leaving SYN_SENT (client) or SYN_RECV (server): the handshake's time by
 /// side and outcome, and its retransmissions.
 #[inline(always)]
 fn handshake(
-    ctx: &TracePointContext,
-    direct: bool,
-    layout: &TracepointLayout,
+    addresses: &impl Addresses,
     rec: &Record,
     now: u64,
     tracked: &Tracked,
@@ -65,7 +60,7 @@ fn handshake(
         _ => return Ok(()),
     };
     let facts = handshake_facts(rec, now, |raddr| {
-        read_address_into(ctx, direct, layout, rec.family == AF_INET, true, raddr)
+        addresses.address_into(rec.family == AF_INET, true, raddr)
     })?;
     if let Some(retrans) = facts.retrans {
         add(

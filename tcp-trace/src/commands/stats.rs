@@ -84,7 +84,7 @@ async fn in_kernel(settings: &Settings, timing: Timing, report: &mut Report) -> 
     let (program, _events) = Program::attach(settings)?;
     let mut stop = Stop::new(timing.duration)?;
     let mut ticks = source::ticker(timing.interval);
-    source::announce();
+    source::announce(&program.mechanism());
     let snapshot = |program: &Program| -> Result<(Stats, Totals)> {
         let kernel = program.counters()?;
         let mut stats = Stats::new(Mode::Kernel, None, 0);

@@ -178,10 +178,14 @@ impl Btf {
     /// Byte offset and size of `member` in `struct name`, looking through
     /// anonymous struct and union members.
     pub fn member(&self, name: &str, member: &str) -> Option<(u32, u32)> {
-        let ty = (1..=self.index.len() as u32)
-            .filter_map(|id| self.ty(id))
-            .find(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == name.as_bytes())?;
+        let ty = self.named(KIND_STRUCT, name)?;
         self.find_member(ty, member.as_bytes(), 0)
+    }
+
+    fn named(&self, kind: u32, name: &str) -> Option<Type> {
+        (1..=self.index.len() as u32)
+            .filter_map(|id| self.ty(id))
+            .find(|t| t.kind == kind && self.name(t.name_off) == name.as_bytes())
     }
 
     fn find_member(&self, ty: Type, member: &[u8], base_bits: u32) -> Option<(u32, u32)> {
@@ -295,5 +299,8 @@ pub mod tests {
         assert_eq!(btf.member("socket", "sk").map(|m| m.1), Some(8));
         // An array of chars, followed by the listener-owner exit handler.
         assert_eq!(btf.member("task_struct", "comm").map(|m| m.1), Some(16));
+        // x86-64's interrupt stack, the size of a task's: 16 KiB (32 with KASAN).
+        let stack = btf.member("irq_stack", "stack").unwrap();
+        assert!(stack == (0, 16384) || stack == (0, 32768), "{stack:?}");
     }
 }

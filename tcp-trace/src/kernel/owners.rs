@@ -74,13 +74,13 @@ pub(super) fn accept_offsets(
 }
 
 /// Member offsets looked up for one feature, and the ones BTF lacks.
-struct Members<'a> {
+pub(super) struct Members<'a> {
     btf: &'a Btf,
     missing: Vec<String>,
 }
 
 impl<'a> Members<'a> {
-    fn new(btf: &'a Btf) -> Self {
+    pub(super) fn new(btf: &'a Btf) -> Self {
         Members {
             btf,
             missing: Vec::new(),
@@ -88,7 +88,7 @@ impl<'a> Members<'a> {
     }
 
     /// Offset of `ty.name` if it is `size` bytes; 0, noted as missing, if not.
-    fn offset(&mut self, ty: &str, name: &str, size: u32) -> u32 {
+    pub(super) fn offset(&mut self, ty: &str, name: &str, size: u32) -> u32 {
         let found = self.btf.member(ty, name).filter(|&(_, s)| s == size);
         if found.is_none() {
             self.missing.push(format!("{ty}.{name}"));
@@ -97,7 +97,7 @@ impl<'a> Members<'a> {
     }
 
     /// Whether every member was found; tells `probe` either way.
-    fn all_found(self, probe: &mut Probe, feature: &'static str) -> bool {
+    pub(super) fn all_found(self, probe: &mut Probe, feature: &'static str) -> bool {
         if self.missing.is_empty() {
             probe.found(feature);
             return true;

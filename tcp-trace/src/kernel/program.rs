@@ -22,6 +22,7 @@ use super::{
     owners::{self, ExitedOwners},
     privileges::{check_privileges, drop_privileges, raise_memlock_limit},
     probe::Probe,
+    storage::{self, Mechanism},
     sums::{per_cpu_sums, KernelSums, SumMaps},
     tracefs,
 };
@@ -60,13 +61,15 @@ pub struct Program {
     /// Runs of the main program the kernel had skipped when tracing began.
     skipped_before_start: u64,
     exited_owners: ExitedOwners,
+    mechanism: Mechanism,
 }
 
 /// The program that sees every transition: each run the kernel skips is a
 /// transition lost.
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
-/// The programs that stream events: a skipped run of either is an event lost.
-const STREAMING_PROGRAMS: [&str; 2] = [MAIN_PROGRAM, "accept_exit"];
+/// The programs that stream events (one of the first two is loaded): a
+/// skipped run of any is an event lost.
+const STREAMING_PROGRAMS: [&str; 3] = [MAIN_PROGRAM, storage::BTF_PROGRAM, "accept_exit"];
 
 /// Counters kept by the kernel program, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,12 +99,35 @@ impl Program {
         raise_memlock_limit();
         let tracefs = tracefs::tracefs_root()?;
         let mut probe = Probe::default();
-        let (mut ebpf, optional) = load(settings, &tracefs, &mut probe)?;
-        attach_programs(&mut ebpf, &optional)?;
+        let (mut ebpf, mut optional) = load(settings, &tracefs, &mut probe, true)?;
+        if let Err(err) = attach_programs(&mut ebpf, &optional) {
+            if !optional.storage {
+                return Err(err);
+            }
+            // A kernel whose verifier refuses the BTF-typed program still
+            // runs the classic one.
+            drop(ebpf);
+            probe = Probe::default();
+            storage::fell_back(&mut probe, &err);
+            (ebpf, optional) = load(settings, &tracefs, &mut probe, false)?;
+            attach_programs(&mut ebpf, &optional)?;
+        }
+        let mechanism = if optional.storage {
+            Mechanism::SocketStorage
+        } else {
+            Mechanism::Classic {
+                max_sockets: settings.max_sockets,
+            }
+        };
 
         let mut events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)
             .context("EVENTS is not a ring buffer")?;
-        let primed = calibrate::prime_all_cpus()?;
+        // Only the classic program learns task context from calibration.
+        let primed = if optional.storage {
+            usize::MAX
+        } else {
+            calibrate::prime_all_cpus()?
+        };
         if primed == 0 {
             eprintln!(
                 "tcp-trace: warning: could not run on any CPU to calibrate; owners are \
@@ -156,9 +182,15 @@ impl Program {
                 sums,
                 skipped_before_start: skipped_before_start.unwrap_or(0),
                 exited_owners,
+                mechanism,
             },
             events,
         ))
+    }
+
+    /// How the program traces, for the line that says tracing has begun.
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
     }
 
     /// Charges the listeners of owners that exited to the processes still
@@ -205,9 +237,14 @@ impl Program {
 }
 
 /// Loads the BPF object with the settings, layouts and offsets this kernel
-/// needs as globals; returns it, and whether SYN-ACK retransmissions can be
-/// traced here.
-fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf, Attachments)> {
+/// needs as globals; returns it, and which programs to attach: the
+/// socket-storage one when `storage` is asked for and possible here.
+fn load(
+    settings: &Settings,
+    tracefs: &Path,
+    probe: &mut Probe,
+    storage: bool,
+) -> Result<(Ebpf, Attachments)> {
     let layout = tracefs::read_layout(tracefs)?;
     let direct = direct_reads(&layout, probe);
     let btf = Btf::from_sys_fs()
@@ -218,6 +255,12 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .map_or_else(SockOffsets::default, |btf| sock_offsets(btf, probe));
     let accept = owners::accept_offsets(btf.as_ref(), tracefs, probe);
     let task = owners::task_offsets(btf.as_ref(), probe);
+    let sk_fields = if storage {
+        storage::sk_fields(btf.as_ref(), probe)
+    } else {
+        None
+    };
+    let storage = sk_fields.is_some();
     drop(btf);
     let synack = match tracefs::read_synack_layout(tracefs) {
         Ok(layout) => {
@@ -257,13 +300,18 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .override_global("SYNACK_LAYOUT", &synack.unwrap_or_default(), true)
         .override_global("ACCEPT_OFFSETS", &accept.unwrap_or_default(), true)
         .override_global("TASK_OFFSETS", &task.unwrap_or_default(), true)
+        .override_global("SK_FIELDS", &sk_fields.unwrap_or_default(), true)
+        .override_global("SOCKET_STORAGE", &u8::from(storage), true)
         .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
         .override_global("STREAM_MASK", &settings.stream_mask, true)
         .override_global("TALLY", &u8::from(settings.tally), true)
         // Wake the reader when an eighth of the ring is queued; it drains on
         // a timer otherwise (see source/live.rs).
         .override_global("WAKEUP_BYTES", &u64::from(ring_bytes / 8), true)
-        .map_max_entries("SOCKETS", settings.max_sockets)
+        // Each path sizes the other's map to one entry: the LRU map is
+        // preallocated.
+        .map_max_entries("SOCKETS", if storage { 1 } else { settings.max_sockets })
+        .map_max_entries("ACCEPTS", if storage { ACCEPTS_SLOTS } else { 1 })
         // Not preallocated: sized like the socket map, it costs what the
         // start-up scan puts in.
         .map_max_entries("SEEDS", settings.max_sockets)
@@ -274,6 +322,7 @@ fn load(settings: &Settings, tracefs: &Path, probe: &mut Probe) -> Result<(Ebpf,
         .load(PROGRAM)
         .context("loading the BPF program into the kernel")?;
     let attachments = Attachments {
+        storage,
         synack: synack.is_some(),
         accept: accept.is_some(),
     };
@@ -328,8 +377,14 @@ fn with_cgroup(settings: &Settings) -> Result<Filter> {
     })
 }
 
-/// The optional programs this kernel can run.
+/// Passively opened sockets the socket-storage path can hold between the
+/// handshake and `accept()` (an LRU map: the oldest go first).
+const ACCEPTS_SLOTS: u32 = 16_384;
+
+/// The programs to attach: the socket-storage or the classic main program,
+/// and the optional ones this kernel can run.
 struct Attachments {
+    storage: bool,
     synack: bool,
     accept: bool,
 }
@@ -337,6 +392,24 @@ struct Attachments {
 /// Verifies and attaches the main program, and the optional ones where the
 /// kernel has their tracepoints.
 fn attach_programs(ebpf: &mut Ebpf, optional: &Attachments) -> Result<()> {
+    if optional.storage {
+        storage::attach(ebpf)?;
+    } else {
+        attach_classic(ebpf)?;
+    }
+    // SYN-ACK retransmissions are rare and time the server's handshake
+    // when they happen; kernels without the tracepoint go without.
+    if optional.synack {
+        attach_tracepoint(
+            ebpf,
+            "tcp_retransmit_synack",
+            &[("tcp", "tcp_retransmit_synack")],
+        )?;
+    }
+    owners::attach(ebpf, optional.accept)
+}
+
+fn attach_classic(ebpf: &mut Ebpf) -> Result<()> {
     let program: &mut TracePoint = ebpf
         .program_mut(MAIN_PROGRAM)
         .context("the BPF object has no program inet_sock_set_state")?
@@ -354,16 +427,7 @@ fn attach_programs(ebpf: &mut Ebpf, optional: &Attachments) -> Result<()> {
                 tracefs::NAME
             )
         })?;
-    // SYN-ACK retransmissions are rare and time the server's handshake
-    // when they happen; kernels without the tracepoint go without.
-    if optional.synack {
-        attach_tracepoint(
-            ebpf,
-            "tcp_retransmit_synack",
-            &[("tcp", "tcp_retransmit_synack")],
-        )?;
-    }
-    owners::attach(ebpf, optional.accept)
+    Ok(())
 }
 
 /// Loads program `name` and attaches it to each `(category, event)`.
@@ -555,6 +619,7 @@ pub fn attach_floor() -> Result<Ebpf> {
         .map_max_entries("HANDSHAKES", 1)
         .map_max_entries("TALLIES", 1)
         .map_max_entries("SOCKETS", 1)
+        .map_max_entries("ACCEPTS", 1)
         .map_max_entries("EVENTS", 4096)
         .load(PROGRAM)
         .context("loading the BPF object")?;

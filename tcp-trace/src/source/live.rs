@@ -53,7 +53,7 @@ pub async fn live_visited<C: Consumer>(
     let mut reader = Reader {
         cgroups: Cgroups::new(),
     };
-    announce();
+    announce(&program.mechanism());
 
     let streamed: Result<()> = async {
         consumer.start()?;

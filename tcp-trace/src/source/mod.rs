@@ -96,11 +96,8 @@ pub fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()>
         .block_on(f)
 }
 
-/// The line that says tracing has begun (tests and scripts wait for it).
-pub fn announce() {
-    eprintln!(
-        "tcp-trace: tracing {}:{}; Ctrl-C to stop",
-        kernel::tracefs::CATEGORY,
-        kernel::tracefs::NAME
-    );
+/// The line that says tracing has begun, and how (tests and scripts wait
+/// for its `tcp-trace: tracing ` prefix).
+pub fn announce(how: &dyn std::fmt::Display) {
+    eprintln!("tcp-trace: tracing {how}; Ctrl-C to stop");
 }

@@ -1,0 +1,155 @@
+//! Choosing how the program keeps per-socket state: in socket-local storage,
+//! from a BTF-typed program (`tp_btf`) that the tracepoint hands the socket
+//! itself; or in an LRU map by the socket's address, from the classic
+//! tracepoint program (kernels without BTF, or `TCP_TRACE_CLASSIC=1`).
+
+use std::fmt;
+
+use anyhow::{Context as _, Result};
+use aya::{programs::BtfTracePoint, Ebpf};
+use tcp_trace_common::SkFields;
+
+use super::{btf::Btf, owners::Members, probe::Probe, tracefs};
+
+/// The BTF-typed program's name in the object.
+pub(super) const BTF_PROGRAM: &str = "sock_set_state_btf";
+
+/// The start-up notes' name for the socket-storage path.
+const SOCKET_STORAGE: &str = "per-socket state in socket storage (BTF tracepoint)";
+
+/// A task's kernel stack where the kernel's BTF does not give its size: 16
+/// KiB, as on x86-64 and arm64 without KASAN.
+const DEFAULT_THREAD_SIZE: u32 = 16 << 10;
+
+/// Where per-socket state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    /// A BTF tracepoint; state in socket storage.
+    SocketStorage,
+    /// The classic tracepoint; state in an LRU map of this many sockets.
+    Classic { max_sockets: u32 },
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let event = format!("{}:{}", tracefs::CATEGORY, tracefs::NAME);
+        match self {
+            Mechanism::SocketStorage => write!(
+                f,
+                "{event} by a BTF tracepoint (tp_btf), per-socket state in socket storage"
+            ),
+            Mechanism::Classic { max_sockets } => write!(
+                f,
+                "{event} by a classic tracepoint, per-socket state in an LRU map of \
+                 {max_sockets} sockets"
+            ),
+        }
+    }
+}
+
+/// Whether the user forced the classic path (`TCP_TRACE_CLASSIC=1`), so
+/// that the fallback is tested on kernels that have BTF.
+fn classic_forced() -> bool {
+    std::env::var_os("TCP_TRACE_CLASSIC").is_some_and(|v| v == "1")
+}
+
+/// The offsets the BTF-typed program needs, or `None` (and a note saying
+/// why) when the classic path must be used.
+pub(super) fn sk_fields(btf: Option<&Btf>, probe: &mut Probe) -> Option<SkFields> {
+    if classic_forced() {
+        probe.missing(SOCKET_STORAGE, "TCP_TRACE_CLASSIC=1");
+        return None;
+    }
+    let Some(btf) = btf else {
+        probe.missing(SOCKET_STORAGE, "no kernel BTF");
+        return None;
+    };
+    let mut members = Members::new(btf);
+    let mut member = |ty: &str, name: &str, size: u32| members.offset(ty, name, size);
+    // `sock_common` is the first member of `sock`, and `sock` of
+    // `inet_sock`: their offsets are the socket's own.
+    let fields = SkFields {
+        family: member("sock_common", "skc_family", 2),
+        protocol: member("sock", "sk_protocol", 2),
+        sport: member("inet_sock", "inet_sport", 2),
+        dport: member("sock_common", "skc_dport", 2),
+        saddr: member("inet_sock", "inet_saddr", 4),
+        daddr: member("sock_common", "skc_daddr", 4),
+        saddr_v6: member("sock_common", "skc_v6_rcv_saddr", 16),
+        daddr_v6: member("sock_common", "skc_v6_daddr", 16),
+        state: member("sock_common", "skc_state", 1),
+        task_stack: member("task_struct", "stack", 8),
+        task_flags: member("task_struct", "flags", 4),
+        thread_size: thread_size(btf),
+    };
+    members.all_found(probe, SOCKET_STORAGE).then_some(fields)
+}
+
+/// The size of a task's kernel stack: x86-64's interrupt stacks are the same
+/// size (`IRQ_STACK_ORDER` is `THREAD_SIZE_ORDER`), and its BTF has them.
+fn thread_size(btf: &Btf) -> u32 {
+    match btf.member("irq_stack", "stack") {
+        Some((0, size)) if size.is_power_of_two() => size,
+        _ => DEFAULT_THREAD_SIZE,
+    }
+}
+
+/// Records that the socket-storage path could not be attached, and why.
+pub(super) fn fell_back(probe: &mut Probe, err: &anyhow::Error) {
+    probe.missing(SOCKET_STORAGE, format!("{err:#}"));
+}
+
+/// Verifies and attaches the BTF-typed program. It needs the kernel's BTF
+/// through aya to find the tracepoint's type, parsed here and freed after.
+pub(super) fn attach(ebpf: &mut Ebpf) -> Result<()> {
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(BTF_PROGRAM)
+        .with_context(|| format!("the BPF object has no program {BTF_PROGRAM}"))?
+        .try_into()
+        .with_context(|| format!("{BTF_PROGRAM} is not a BTF tracepoint program"))?;
+    program
+        .load(tracefs::NAME, &btf)
+        .context("the kernel's verifier rejected the BTF tracepoint program")?;
+    program
+        .attach()
+        .with_context(|| format!("attaching to the BTF tracepoint {}", tracefs::NAME))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mechanism_line_names_the_path_and_its_store() {
+        assert_eq!(
+            Mechanism::SocketStorage.to_string(),
+            "sock:inet_sock_set_state by a BTF tracepoint (tp_btf), per-socket state in \
+             socket storage"
+        );
+        assert!(Mechanism::Classic {
+            max_sockets: 131072
+        }
+        .to_string()
+        .ends_with("an LRU map of 131072 sockets"));
+    }
+
+    #[test]
+    fn this_kernel_offers_every_field() {
+        let btf = Btf::from_sys_fs().unwrap();
+        let mut probe = Probe::default();
+        let fields = sk_fields(Some(&btf), &mut probe);
+        if classic_forced() {
+            assert_eq!(fields, None);
+            return;
+        }
+        let fields = fields.unwrap_or_else(|| panic!("{:?}", probe.notes().collect::<Vec<_>>()));
+        assert_eq!(
+            fields.family, 16,
+            "skc_family follows the addresses and ports"
+        );
+        assert!(fields.thread_size >= DEFAULT_THREAD_SIZE);
+        assert!(fields.sport > fields.protocol);
+    }
+}
