@@ -17,6 +17,8 @@
 //! program, no BPF-to-BPF calls.
 #![no_std]
 #![no_main]
+// BPF's atomic add, in `count`.
+#![feature(asm_experimental_arch)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod btf;
@@ -345,9 +347,21 @@ fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i32> {
 #[inline(always)]
 fn count(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU array value is valid for this run and only this
-        // CPU touches it; the kernel does not nest a program run on one CPU.
-        unsafe { *slot += 1 };
+        // Atomic: the kernel does not nest one program's runs on a CPU, but
+        // a softirq running the BTF-typed program can interrupt the
+        // `accept()` handler (a classic tracepoint program, guarded apart)
+        // on its CPU, and both count here.
+        // The BPF target offers no atomic read-modify-write in `core`:
+        // BPF's own atomic add.
+        // SAFETY: a per-CPU array value, valid and 8-byte aligned for this
+        // run; the instruction adds to it and touches nothing else.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({slot} + 0) += {one}",
+                slot = in(reg) slot,
+                one = in(reg) 1u64,
+            )
+        };
     }
 }
 

@@ -1,6 +1,7 @@
-//! More live sockets than the kernel's socket map holds: the least recently
-//! active are evicted, their next transitions are counted as "first seen
-//! mid-life" with an unknown duration, and no duration is ever wrong.
+//! More live sockets than the classic path's socket map holds: the least
+//! recently active are evicted, their next transitions are counted as "first
+//! seen mid-life" with an unknown duration, and no duration is ever wrong.
+//! The socket-storage path has no map to outgrow: it tracks them all.
 
 mod common;
 
@@ -32,12 +33,17 @@ fn raise_fd_limit() {
     assert!(limit.rlim_cur >= 2 * HELD as u64 + 64, "{}", limit.rlim_cur);
 }
 
-#[test]
-fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
+/// Holds `HELD` connections open at once under an agent started with
+/// `env`, then closes them all; returns the agent's trace and the port.
+fn hold_and_release(env: &[(&str, &str)], mechanism: &str) -> (AgentOutput, u16) {
     raise_fd_limit();
     let port = free_port();
     let p = port.to_string();
-    let agent = Agent::start(&["--port", &p, "--max-sockets", MAP]);
+    let agent = Agent::command_env(
+        &["watch", "--json", "--port", &p, "--max-sockets", MAP],
+        env,
+    );
+    assert!(agent.tracing().contains(mechanism), "{}", agent.tracing());
     let listener = TcpListener::bind(SocketAddr::new(loopback(false), port)).unwrap();
     let mut held = Vec::with_capacity(HELD);
     for _ in 0..HELD {
@@ -49,17 +55,14 @@ fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
     drop(held);
     drop(listener);
     thread::sleep(Duration::from_millis(500));
-    let trace = agent.stop();
+    (agent.stop(), port)
+}
 
-    let mid_life = summary_count(
-        trace.summary(),
-        " transitions of sockets first seen mid-life",
-    );
-    assert!(mid_life > 0, "no socket was evicted: {}", trace.summary());
-
-    let sockets = trace.sockets_on_port(port);
-    let mut unknown_after_eviction = 0;
-    for events in sockets.values() {
+/// Per socket, transitions after the first whose duration is unknown;
+/// asserts every known one is exactly the time since the previous event.
+fn untimed_transitions(trace: &AgentOutput, port: u16) -> usize {
+    let mut untimed = 0;
+    for events in trace.sockets_on_port(port).values() {
         // An accept's duration is its wait since ESTABLISHED, not a stay.
         let events: Vec<&Ev> = events.iter().filter(|e| e.event != "accept").collect();
         for pair in events.windows(2) {
@@ -67,13 +70,41 @@ fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
             match after.duration_ns {
                 // Known: exactly the time since the socket entered the state.
                 Some(d) => assert_eq!(d, after.ts_ns - before.ts_ns, "{events:#?}"),
-                None => unknown_after_eviction += 1,
+                None => untimed += 1,
             }
         }
     }
+    untimed
+}
+
+#[test]
+fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
+    let (trace, port) = hold_and_release(&[("TCP_TRACE_CLASSIC", "1")], "LRU map of 1024");
+    let mid_life = summary_count(
+        trace.summary(),
+        " transitions of sockets first seen mid-life",
+    );
+    assert!(mid_life > 0, "no socket was evicted: {}", trace.summary());
     assert!(
-        unknown_after_eviction > 0,
+        untimed_transitions(&trace, port) > 0,
         "evicted sockets' later transitions should be untimed: {}",
+        trace.summary()
+    );
+}
+
+#[test]
+fn socket_storage_tracks_more_sockets_than_any_map_would_hold() {
+    let (trace, port) = hold_and_release(&[("TCP_TRACE_CLASSIC", "0")], "socket storage");
+    let mid_life = summary_count(
+        trace.summary(),
+        " transitions of sockets first seen mid-life",
+    );
+    let skipped = summary_count(trace.summary(), " skipped by the kernel");
+    assert_eq!(mid_life, 0, "{}", trace.summary());
+    // Every stay timed, but after a transition the kernel skipped (counted).
+    assert!(
+        untimed_transitions(&trace, port) as u64 <= skipped,
+        "{}",
         trace.summary()
     );
 }

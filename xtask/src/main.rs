@@ -103,7 +103,13 @@ fn run(task: Task) -> Result<ExitCode> {
             build(&root)?;
             lint(&root)?;
             let tools = setup::setup()?;
-            run_tests(&root, &tools, &args)?;
+            run_tests(&root, &tools, &args, &[])?;
+            // The kernel integration tests again on the classic tracepoint
+            // path, the fallback for kernels without BTF.
+            let mut classic: Vec<OsString> =
+                vec!["-p".into(), "tcp-trace".into(), "--tests".into()];
+            classic.extend(args.iter().cloned());
+            run_tests(&root, &tools, &classic, &[("TCP_TRACE_CLASSIC", "1")])?;
             // Without a filter, also a short fuzz pass (`cargo xtask fuzz`
             // goes longer) and the package: built, installed, run, removed.
             if args.is_empty() {
@@ -217,11 +223,23 @@ fn lint(root: &Path) -> Result<()> {
 
 /// Runs every test, echoing cargo's output, and closes with one line that
 /// totals all test binaries (cargo prints one result line per binary).
-fn run_tests(root: &Path, tools: &setup::Tools, extra: &[OsString]) -> Result<()> {
+/// Runs `cargo test` (the whole workspace, unless `extra` names packages)
+/// with `env` added.
+fn run_tests(
+    root: &Path,
+    tools: &setup::Tools,
+    extra: &[OsString],
+    env: &[(&str, &str)],
+) -> Result<()> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = Command::new(&cargo)
-        .args(["test", "--workspace", "--exclude", "tcp-trace-ebpf"])
+    let mut command = Command::new(&cargo);
+    command.arg("test");
+    if !extra.iter().any(|arg| arg == "-p") {
+        command.args(["--workspace", "--exclude", "tcp-trace-ebpf"]);
+    }
+    let mut child = command
         .args(extra)
+        .envs(env.iter().copied())
         .current_dir(root)
         .env("PATH", &tools.path)
         .stdout(Stdio::piped())
@@ -251,7 +269,13 @@ fn run_tests(root: &Path, tools: &setup::Tools, extra: &[OsString]) -> Result<()
         }
     }
     let status = child.wait()?;
-    println!("all tests: {passed} passed, {failed} failed");
+    let on = if env.is_empty() {
+        String::new()
+    } else {
+        let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(" with {}", vars.join(" "))
+    };
+    println!("all tests{on}: {passed} passed, {failed} failed");
     if !status.success() {
         bail!("cargo test failed");
     }

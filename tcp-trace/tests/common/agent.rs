@@ -76,6 +76,8 @@ pub struct Agent {
     child: Child,
     stdout: mpsc::Receiver<String>,
     stderr: mpsc::Receiver<String>,
+    /// The line that said tracing began, and how.
+    tracing: String,
 }
 
 /// What a stopped agent printed.
@@ -119,9 +121,9 @@ impl Agent {
         let stderr = forward_lines(child.stderr.take().unwrap());
         let mut seen = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let tracing = loop {
             match stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) if line.starts_with("tcp-trace: tracing ") => break,
+                Ok(line) if line.starts_with("tcp-trace: tracing ") => break line,
                 Ok(line) => seen.push(line),
                 Err(_) => {
                     let _ = child.kill();
@@ -132,12 +134,18 @@ impl Agent {
                     );
                 }
             }
-        }
+        };
         Agent {
             child,
             stdout,
             stderr,
+            tracing,
         }
+    }
+
+    /// The line that said tracing began: it names the mechanism.
+    pub fn tracing(&self) -> &str {
+        &self.tracing
     }
 
     pub fn pid(&self) -> u32 {
