@@ -378,9 +378,8 @@ pub struct AcceptOffsets {
 }
 
 /// Where the BTF-typed program finds what the classic tracepoint's record
-/// carries, and what tells task context from softirq: offsets into the
-/// `struct sock` it is handed and into the current `task_struct`, from the
-/// kernel's BTF.
+/// carries: offsets into the `struct sock` it is handed, from the kernel's
+/// BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SkFields {
@@ -402,16 +401,7 @@ pub struct SkFields {
     pub daddr_v6: u32,
     /// `sock_common.skc_state` (u8), for the state at `accept()`.
     pub state: u32,
-    /// `task_struct.stack`: the base of the task's kernel stack.
-    pub task_stack: u32,
-    /// `task_struct.flags` (u32).
-    pub task_flags: u32,
-    /// The size of a task's kernel stack (`union thread_union`).
-    pub thread_size: u32,
 }
-
-/// `PF_KTHREAD` (`include/linux/sched.h`): the task is a kernel thread.
-pub const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// Offsets in the `tcp:tcp_retransmit_synack` record (from its format file).
 #[repr(C)]

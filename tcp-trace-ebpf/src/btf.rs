@@ -4,24 +4,28 @@
 //! with the socket: nothing preallocated, nothing evicted, no hashing.
 //!
 //! It reads what the classic record carries from the socket at offsets from
-//! the kernel's BTF (`SK_FIELDS`), and tells task context from softirq by the
-//! stack it runs on. Everything after that is the classic program's code.
+//! the kernel's BTF (`SK_FIELDS`), and learns task context from softirq from
+//! the classic `task_context` program run just before it. Everything after
+//! that is the classic program's code.
 
 use core::ptr;
 
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     cty::c_void,
-    helpers::{bpf_get_current_task, bpf_ktime_get_ns, generated::bpf_sk_storage_get},
+    helpers::{bpf_ktime_get_ns, generated::bpf_sk_storage_get},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
-    EbpfContext as _,
 };
-use tcp_trace_common::{counter, Owner, SockState, IPPROTO_TCP, PF_KTHREAD};
+use tcp_trace_common::{counter, Owner, SockState, IPPROTO_TCP};
 
 use crate::{
-    count, emit::read_at, follow, global, record::Addresses, record::Record, sockets::Store,
-    ACCEPTS, ACCEPT_OFFSETS, FILTER, SK_FIELDS,
+    count,
+    emit::read_at,
+    follow, global,
+    record::{syscall_only, Addresses, Record},
+    sockets::Store,
+    ACCEPTS, ACCEPT_OFFSETS, CONTEXT, FILTER, SK_FIELDS,
 };
 
 /// A `SK_FIELDS` offset (one at a time: the stack is tight).
@@ -263,32 +267,40 @@ fn try_trace_btf(ctx: &BtfTracePointContext) -> Result<(), i32> {
     };
     // SAFETY: a helper without arguments that only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
-    let in_irq = !in_task_context(ctx)?;
+    let in_irq = !in_task_context(&rec);
     let addresses = SockAddresses(sk);
     follow(&rec, now, in_irq, &addresses, &SocketStorage(sk), || {
         accepted_owner(sk).or_else(|| crate::owners::seeded_owner(&addresses, &rec))
     })
 }
 
-/// Whether the program runs for a process (a syscall, or a socket's backlog
-/// processed at `release_sock`) rather than in softirq. Softirqs run on the
-/// CPU's interrupt stack, or in `ksoftirqd` (a kernel thread): a run on the
-/// current task's own stack, for a task that is not a kernel thread, is a
-/// process's. `ctx` (the tracepoint's arguments) lives on the stack the
-/// tracepoint fired on.
+/// What `task_context` found for the transition it ran on last, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct Context {
+    pub(crate) skaddr: u64,
+    pub(crate) old_state: u8,
+    pub(crate) new_state: u8,
+    pub(crate) in_task: u8,
+    pub(crate) _pad: [u8; 5],
+}
+
+/// Whether the transition runs for a process (a syscall, or a socket's
+/// backlog processed at `release_sock`) rather than in softirq, as the
+/// classic `task_context` program, run just before on this CPU, found it.
+/// When it did not run for this transition (the kernel skipped it: its
+/// guard is shared with every classic tracing program), only transitions
+/// that syscalls alone make count as a process's.
 #[inline(always)]
-fn in_task_context(ctx: &BtfTracePointContext) -> Result<bool, i32> {
-    // SAFETY: a helper without arguments that returns the current task.
-    let task = unsafe { bpf_get_current_task() };
-    // SAFETY: checked reads of plain integers at BTF offsets inside the
-    // current task.
-    let (stack, flags) = unsafe {
-        (
-            read_at::<u64>(task, field!(task_stack))?,
-            read_at::<u32>(task, field!(task_flags))?,
-        )
-    };
-    let here = ctx.as_ptr() as u64;
-    let on_own_stack = here >= stack && here < stack + global(&SK_FIELDS.thread_size) as u64;
-    Ok(on_own_stack && flags & PF_KTHREAD == 0)
+fn in_task_context(rec: &Record) -> bool {
+    let found = CONTEXT.get_ptr(0).and_then(|context| {
+        // SAFETY: a per-CPU value, valid for this run, written only by
+        // `task_context` runs on this CPU, which do not run during ours.
+        let context = unsafe { *context };
+        (context.skaddr == rec.skaddr
+            && context.old_state == rec.old_state
+            && context.new_state == rec.new_state)
+            .then_some(context.in_task != 0)
+    });
+    found.unwrap_or_else(|| syscall_only(rec.old_state, rec.new_state))
 }

@@ -42,7 +42,7 @@ use tcp_trace_common::{
 };
 
 use crate::{
-    btf::Accepted,
+    btf::{Accepted, Context},
     emit::{fill_transition, submit},
     owners::seeded_owner,
     record::{in_task_context, read_record, Addresses, Record, RecordAddresses},
@@ -139,9 +139,6 @@ static SK_FIELDS: SkFields = SkFields {
     saddr_v6: 0,
     daddr_v6: 0,
     state: 0,
-    task_stack: 0,
-    task_flags: 0,
-    thread_size: 0,
 };
 
 /// Nonzero when the BTF-typed program is the one attached: socket state is
@@ -232,6 +229,12 @@ static SEED_KEY: PerCpuArray<ConnKey> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static TASK_REGS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU, what `task_context` (the classic program run just before the
+/// BTF one on the same transition) found: the socket, its states, and
+/// whether the transition runs in task context.
+#[map]
+static CONTEXT: PerCpuArray<Context> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per CPU, per old state: a log-linear histogram of time spent in it
 /// (index = state * hist::BUCKETS + bucket). Sized to 1 unless aggregating.
 #[map]
@@ -271,6 +274,42 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         count(counter::READ_FAILED);
     }
     0
+}
+
+/// Beside the BTF program, which cannot tell a softirq from a process by
+/// itself (its tracepoint hands it no `pt_regs` pointer, and softirqs run
+/// on a task's stack when an interrupt hits user mode): the classic
+/// program's test, for the BTF program to read. Attached first, it runs
+/// first on each transition.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn task_context(ctx: TracePointContext) -> u32 {
+    if try_task_context(&ctx).is_err() {
+        count(counter::READ_FAILED);
+    }
+    0
+}
+
+fn try_task_context(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = global(&LAYOUT);
+    let rec = read_record(ctx, global(&DIRECT) != 0, &layout)?;
+    if rec.protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let in_task = in_task_context(ctx, rec.old_state, rec.new_state)?;
+    if let Some(slot) = CONTEXT.get_ptr_mut(0) {
+        // SAFETY: as in `count`: a per-CPU value, valid for this run; the
+        // BTF program reads it only after this run on the same transition.
+        unsafe {
+            *slot = Context {
+                skaddr: rec.skaddr,
+                old_state: rec.old_state,
+                new_state: rec.new_state,
+                in_task: u8::from(in_task),
+                _pad: [0; 5],
+            }
+        };
+    }
+    Ok(())
 }
 
 /// A SYN-ACK retransmission: remember when the first SYN-ACK left, which the

@@ -95,12 +95,9 @@ fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
 #[test]
 fn socket_storage_tracks_more_sockets_than_any_map_would_hold() {
     let (trace, port) = hold_and_release(&[("TCP_TRACE_CLASSIC", "0")], "socket storage");
-    let mid_life = summary_count(
-        trace.summary(),
-        " transitions of sockets first seen mid-life",
-    );
+    // (The summary's "first seen mid-life" counts the whole host's sockets,
+    // those open before start included: the events on our port say more.)
     let skipped = summary_count(trace.summary(), " skipped by the kernel");
-    assert_eq!(mid_life, 0, "{}", trace.summary());
     // Every stay timed, but after a transition the kernel skipped (counted).
     assert!(
         untimed_transitions(&trace, port) as u64 <= skipped,

@@ -122,12 +122,7 @@ impl Program {
 
         let mut events = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)
             .context("EVENTS is not a ring buffer")?;
-        // Only the classic program learns task context from calibration.
-        let primed = if optional.storage {
-            usize::MAX
-        } else {
-            calibrate::prime_all_cpus()?
-        };
+        let primed = calibrate::prime_all_cpus()?;
         if primed == 0 {
             eprintln!(
                 "tcp-trace: warning: could not run on any CPU to calibrate; owners are \

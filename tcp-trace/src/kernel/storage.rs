@@ -9,17 +9,15 @@ use anyhow::{Context as _, Result};
 use aya::{programs::BtfTracePoint, Ebpf};
 use tcp_trace_common::SkFields;
 
-use super::{btf::Btf, owners::Members, probe::Probe, tracefs};
+use super::{btf::Btf, owners::Members, probe::Probe, program::attach_tracepoint, tracefs};
 
 /// The BTF-typed program's name in the object.
 pub(super) const BTF_PROGRAM: &str = "sock_set_state_btf";
+/// The classic program that tells it task context.
+pub(super) const CONTEXT_PROGRAM: &str = "task_context";
 
 /// The start-up notes' name for the socket-storage path.
 const SOCKET_STORAGE: &str = "per-socket state in socket storage (BTF tracepoint)";
-
-/// A task's kernel stack where the kernel's BTF does not give its size: 16
-/// KiB, as on x86-64 and arm64 without KASAN.
-const DEFAULT_THREAD_SIZE: u32 = 16 << 10;
 
 /// Where per-socket state lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,20 +76,8 @@ pub(super) fn sk_fields(btf: Option<&Btf>, probe: &mut Probe) -> Option<SkFields
         saddr_v6: member("sock_common", "skc_v6_rcv_saddr", 16),
         daddr_v6: member("sock_common", "skc_v6_daddr", 16),
         state: member("sock_common", "skc_state", 1),
-        task_stack: member("task_struct", "stack", 8),
-        task_flags: member("task_struct", "flags", 4),
-        thread_size: thread_size(btf),
     };
     members.all_found(probe, SOCKET_STORAGE).then_some(fields)
-}
-
-/// The size of a task's kernel stack: x86-64's interrupt stacks are the same
-/// size (`IRQ_STACK_ORDER` is `THREAD_SIZE_ORDER`), and its BTF has them.
-fn thread_size(btf: &Btf) -> u32 {
-    match btf.member("irq_stack", "stack") {
-        Some((0, size)) if size.is_power_of_two() => size,
-        _ => DEFAULT_THREAD_SIZE,
-    }
 }
 
 /// Records that the socket-storage path could not be attached, and why.
@@ -99,9 +85,13 @@ pub(super) fn fell_back(probe: &mut Probe, err: &anyhow::Error) {
     probe.missing(SOCKET_STORAGE, format!("{err:#}"));
 }
 
-/// Verifies and attaches the BTF-typed program. It needs the kernel's BTF
-/// through aya to find the tracepoint's type, parsed here and freed after.
+/// Verifies and attaches the BTF-typed program, after the classic
+/// `task_context` program that tells it task context from softirq (attached
+/// first, it runs first on each transition). The BTF program needs the
+/// kernel's BTF through aya to find the tracepoint's type, parsed here and
+/// freed after.
 pub(super) fn attach(ebpf: &mut Ebpf) -> Result<()> {
+    attach_tracepoint(ebpf, CONTEXT_PROGRAM, &[(tracefs::CATEGORY, tracefs::NAME)])?;
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let program: &mut BtfTracePoint = ebpf
         .program_mut(BTF_PROGRAM)
@@ -149,7 +139,6 @@ mod tests {
             fields.family, 16,
             "skc_family follows the addresses and ports"
         );
-        assert!(fields.thread_size >= DEFAULT_THREAD_SIZE);
         assert!(fields.sport > fields.protocol);
     }
 }
