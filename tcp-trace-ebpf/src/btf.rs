@@ -233,6 +233,13 @@ pub fn sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
+/// The benchmark's floor for this path: an empty BTF program on the same
+/// tracepoint.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn bench_floor_btf(_ctx: BtfTracePointContext) -> u32 {
+    0
+}
+
 fn try_trace_btf(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let sk: u64 = ctx.arg(0);
     // SAFETY: checked reads of plain integers at BTF offsets inside the

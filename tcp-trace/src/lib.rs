@@ -49,7 +49,7 @@ pub fn run() -> ExitCode {
         Command::Doctor(args) => doctor::run(args.into_config()),
         Command::Top(args) => top::run(args.into_config()),
         Command::Serve(args) => serve::run(args.into_config()),
-        Command::BenchFloor => bench_floor::run(),
+        Command::BenchFloor { btf } => bench_floor::run(btf),
         Command::GenerateAssets(args) => generate_assets::run(&args.dir),
     };
     match result {

@@ -24,31 +24,57 @@ pub struct Agent {
     pub programs: Vec<u32>,
 }
 
+/// Names (as the kernel keeps them: 15 bytes) of the programs that run on
+/// `inet_sock_set_state`: the classic one, the BTF one and its classic
+/// helper, and the floors.
+const TRANSITION_PROGRAMS: [&str; 4] = [
+    "inet_sock_set",
+    "sock_set_state",
+    "task_context",
+    "bench_floor",
+];
+/// The helper that runs beside the BTF program: its time counts, its runs
+/// do not (one transition, two runs).
+const HELPER: &str = "task_context";
+
 fn our_programs() -> HashSet<u32> {
     loaded_programs()
         .filter_map(|p| p.ok())
         .filter(|p| {
             p.name_as_str()
-                .is_some_and(|n| n.starts_with("inet_sock_set") || n.starts_with("bench_floor"))
+                .is_some_and(|n| TRANSITION_PROGRAMS.iter().any(|t| n.starts_with(t)))
         })
         .map(|p| p.id())
         .collect()
 }
 
+/// Run time (ns) of the agent's programs on the tracepoint, and the
+/// transitions they ran for.
 pub fn program_stats(ids: &[u32]) -> (u64, u64) {
     loaded_programs()
         .filter_map(|p| p.ok())
         .filter(|p| ids.contains(&p.id()))
         .fold((0, 0), |(t, c), p| {
-            (t + p.run_time().as_nanos() as u64, c + p.run_count())
+            let runs = if p.name_as_str() == Some(HELPER) {
+                0
+            } else {
+                p.run_count()
+            };
+            (t + p.run_time().as_nanos() as u64, c + runs)
         })
 }
 
 impl Agent {
     pub fn start(bin: &Path, args: &[&str]) -> Result<Agent> {
+        Self::start_env(bin, args, &[])
+    }
+
+    /// Starts the agent with `env` added (`TCP_TRACE_CLASSIC=1`).
+    pub fn start_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
         let before = our_programs();
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

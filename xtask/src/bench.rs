@@ -26,47 +26,87 @@ const HELD_PER_PROCESS: usize = 9_000;
 struct Config {
     name: &'static str,
     args: &'static [&'static str],
+    env: Env,
     what: &'static str,
 }
 
+/// Environment variables an agent runs with.
+type Env = &'static [(&'static str, &'static str)];
+
+/// The classic tracepoint path, measured beside the default (BTF program,
+/// socket storage) in the same run.
+const CLASSIC: Env = &[("TCP_TRACE_CLASSIC", "1")];
+
 const CONFIGS: &[Config] = &[
     Config {
-        name: "floor (empty program)",
+        name: "floor (empty classic program)",
         args: &["bench-floor"],
-        what: "the tracepoint's own dispatch plus an empty BPF program",
+        env: &[],
+        what: "the tracepoint's own dispatch (a perf record built per transition) plus an empty classic tracepoint program",
+    },
+    Config {
+        name: "floor (empty BTF program)",
+        args: &["bench-floor", "--btf"],
+        env: &[],
+        what: "the tracepoint's dispatch to an empty BTF (raw) tracepoint program: no record is built",
+    },
+    Config {
+        name: "watch --json, classic",
+        args: &["watch", "--json"],
+        env: CLASSIC,
+        what: "as `watch --json`, with the classic program and its LRU socket map",
     },
     Config {
         name: "watch --json",
         args: &["watch", "--json"],
+        env: &[],
         what: "writing one ring-buffer record per transition and formatting it as JSON in userspace",
+    },
+    Config {
+        name: "stats (kernel aggregation), classic",
+        args: &["stats"],
+        env: CLASSIC,
+        what: "as `stats`, with the classic program and its LRU socket map",
     },
     Config {
         name: "stats (kernel aggregation)",
         args: &["stats"],
-        what: "the socket-map update and one per-CPU histogram increment per transition; nothing is streamed",
+        env: &[],
+        what: "the per-socket state update and one per-CPU histogram increment per transition; nothing is streamed",
     },
     Config {
         name: "stats --by process",
+        env: &[],
         args: &["stats", "--by", "process"],
         what: "streaming every transition plus a userspace histogram update per event",
     },
     Config {
         name: "life",
+        env: &[],
         args: &["life"],
         what: "streaming every transition plus following each connection in a hash map",
     },
     Config {
         name: "handshake",
+        env: &[],
         args: &["handshake", "--slow", "10s"],
         what: "streaming every transition (the handshake ends are picked in userspace); almost nothing is printed",
     },
     Config {
-        name: "serve",
+        name: "serve, classic",
+        env: CLASSIC,
         args: &["serve", "--listen", "127.0.0.1:0"],
-        what: "the kernel aggregation of stats plus tallies of transitions, handshakes and closes; only closes out of FIN_WAIT2/CLOSING and moves into or out of CLOSE_WAIT are streamed (about 3 of 10 transitions here), plus the timewait confirmation's sock_diag dump each second",
+        what: "as `serve`, with the classic program and its LRU socket map",
+    },
+    Config {
+        name: "serve",
+        env: &[],
+        args: &["serve", "--listen", "127.0.0.1:0"],
+        what: "the kernel aggregation of stats plus tallies of transitions, handshakes and closes; only closes out of FIN_WAIT2/CLOSING and moves into or out of CLOSE_WAIT are streamed (about 3 of 10 transitions here), plus the timewait confirmation's sock_diag dump every 5 s",
     },
     Config {
         name: "timewait",
+        env: &[],
         args: &["timewait", "--interval", "60"],
         what: "streaming every transition plus a sock_diag dump of every timewait socket each second (tens of thousands under this churn)",
     },
@@ -155,7 +195,7 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
             let mut row = Row::default();
             for _ in 0..pairs {
                 let base = churn(churn_bin, load)?;
-                let agent = Agent::start(tracer, config.args)?;
+                let agent = Agent::start_env(tracer, config.args, config.env)?;
                 let (t0, c0) = program_stats(&agent.programs);
                 let cpu0 = agent.cpu_seconds();
                 let traced = churn(churn_bin, load)?;
@@ -242,17 +282,30 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
     Ok(())
 }
 
-/// Map memory with HELD_CONNECTIONS connections (2 sockets each, both traced) open.
+/// Kernel memory with HELD_CONNECTIONS connections (2 sockets each, both
+/// traced) open: socket storage, then the classic path's LRU map at its
+/// default size and at one that holds them all; then SCALE_CONNECTIONS
+/// under socket storage.
 fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
     let sockets = 2 * HELD_CONNECTIONS as u32;
     let max_sockets = sockets.next_power_of_two().to_string();
     let mut lines = String::new();
-    for args in [
-        vec!["watch", "--json"],
-        vec!["watch", "--json", "--max-sockets", &max_sockets],
-    ] {
-        let agent = Agent::start(tracer, &args)?;
+    // What holding the connections costs the kernel without an agent, to
+    // tell socket storage's share of the slab from the sockets' own.
+    let before = slab_kib()?;
+    let holders = hold(churn_bin, HELD_CONNECTIONS)?;
+    let untraced_kib = slab_kib()?.saturating_sub(before);
+    release(holders)?;
+    let runs: [(&[&str], Env); 3] = [
+        (&["watch", "--json"], &[]),
+        (&["watch", "--json"], CLASSIC),
+        (&["watch", "--json", "--max-sockets", &max_sockets], CLASSIC),
+    ];
+    for (args, env) in runs {
+        let agent = Agent::start_env(tracer, args, env)?;
+        let before = slab_kib()?;
         let holders = hold(churn_bin, HELD_CONNECTIONS)?;
+        let traced_kib = slab_kib()?.saturating_sub(before);
         let memlock = agent.map_memlock();
         let rss = agent.peak_rss_kib();
         release(holders)?;
@@ -263,18 +316,78 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
             ring_full,
             mid_life,
         } = agent.stop()?;
+        let store = if env.is_empty() {
+            let per_socket =
+                traced_kib.saturating_sub(untraced_kib) as f64 * 1024.0 / f64::from(sockets);
+            format!(
+                "socket storage: {per_socket:.0} bytes of slab per traced socket (slab growth \
+                 {:.1} MiB traced, {:.1} MiB untraced), maps {:.1} MiB (memlock: nothing per socket \
+                 is preallocated)",
+                traced_kib as f64 / 1024.0,
+                untraced_kib as f64 / 1024.0,
+                memlock as f64 / 1048576.0,
+            )
+        } else {
+            format!(
+                "classic path: maps {:.1} MiB (memlock, fixed at load: the LRU socket map is \
+                 preallocated)",
+                memlock as f64 / 1048576.0,
+            )
+        };
         lines.push_str(&format!(
-            "- `tcp-trace {}`: maps {:.1} MiB (memlock, fixed at load: the LRU socket map is \
-             preallocated), agent peak RSS {:.1} MiB; {received} events received, {dropped} dropped \
-             ({skipped} skipped by the kernel, {ring_full} ring buffer full), \
-             {mid_life} transitions of sockets the map had evicted or never saw.\n",
+            "- `{}tcp-trace {}`: {store}, agent peak RSS {:.1} MiB; {received} events received, \
+             {dropped} dropped ({skipped} skipped by the kernel, {ring_full} ring buffer full), \
+             {mid_life} transitions of sockets the agent had evicted or never saw.\n",
+            env.iter()
+                .map(|(k, v)| format!("{k}={v} "))
+                .collect::<String>(),
             args.join(" "),
-            memlock as f64 / 1048576.0,
             rss as f64 / 1024.0,
         ));
     }
+    lines.push_str(&at_scale(tracer, churn_bin)?);
     lines.push_str(&scan_cost(tracer, churn_bin, &max_sockets)?);
     Ok(lines)
+}
+
+/// Connections held for the socket-storage scale check.
+const SCALE_CONNECTIONS: usize = 500_000;
+
+/// SCALE_CONNECTIONS connections (a million sockets) opened and closed under
+/// `watch --json` with socket storage: every one tracked from its birth.
+fn at_scale(tracer: &Path, churn_bin: &Path) -> Result<String> {
+    let agent = Agent::start(tracer, &["watch", "--json"])?;
+    let before = slab_kib()?;
+    let holders = hold(churn_bin, SCALE_CONNECTIONS)?;
+    let grown = slab_kib()?.saturating_sub(before);
+    let rss = agent.peak_rss_kib();
+    release(holders)?;
+    let Summary {
+        received,
+        dropped,
+        mid_life,
+        ..
+    } = agent.stop()?;
+    Ok(format!(
+        "- {SCALE_CONNECTIONS} connections held open at once (from {} processes) under \
+         `tcp-trace watch --json` with socket storage: {received} events received, {dropped} \
+         dropped, {mid_life} transitions of sockets the agent had not tracked from birth \
+         (host-wide); slab grew {:.0} MiB with the sockets and their storage; agent peak RSS \
+         {:.1} MiB.\n",
+        SCALE_CONNECTIONS.div_ceil(HELD_PER_PROCESS),
+        grown as f64 / 1024.0,
+        rss as f64 / 1024.0,
+    ))
+}
+
+/// The kernel's slab memory (`Slab:` in /proc/meminfo), KiB.
+fn slab_kib() -> Result<u64> {
+    let meminfo = fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .context("no Slab: in /proc/meminfo")
 }
 
 /// The start-up owner scan with HELD_CONNECTIONS connections already open
@@ -347,17 +460,19 @@ fn skips(tracer: &Path, churn_bin: &Path) -> Result<String> {
         "| agents attached | each agent's program | BPF ns/run | skipped per burst (each run) |\n\
          | --- | --- | --- | --- |\n",
     );
-    let configs: [(&str, &[&str]); 2] = [
-        ("watch --json", &["watch", "--json"]),
-        ("stats (kernel aggregation)", &["stats"]),
+    let configs: [(&str, &[&str], Env); 4] = [
+        ("watch --json, classic", &["watch", "--json"], CLASSIC),
+        ("watch --json", &["watch", "--json"], &[]),
+        ("stats (kernel aggregation), classic", &["stats"], CLASSIC),
+        ("stats (kernel aggregation)", &["stats"], &[]),
     ];
-    for (name, args) in configs {
+    for (name, args, env) in configs {
         for count in SKIP_AGENTS {
             let mut per_run = Vec::new();
             let (mut ns, mut runs) = (0, 0);
             for _ in 0..SKIP_RUNS {
                 let agents: Vec<Agent> = (0..count)
-                    .map(|_| Agent::start(tracer, args))
+                    .map(|_| Agent::start_env(tracer, args, env))
                     .collect::<Result<_>>()?;
                 let programs: Vec<u32> = agents.iter().flat_map(|a| a.programs.clone()).collect();
                 let (t0, c0) = program_stats(&programs);
@@ -398,9 +513,13 @@ fn skips(tracer: &Path, churn_bin: &Path) -> Result<String> {
          a one-thread burst makes no skips here.\n\n{table}\n\
          The kernel does not run a tracing program on a CPU where one is already running; for \
          classic tracepoints the guard is shared by every kprobe and tracepoint program on the \
-         CPU, so every agent's program skips the same runs and counts them (`recursion_misses`, \
-         Linux 6.7+). tcp-trace reports them as dropped. More programs attached, and longer \
-         ones, widen the window in which a softirq's transition finds the guard taken.\n",
+         CPU, so every agent's classic program skips the same runs and counts them \
+         (`recursion_misses`, Linux 6.7+). tcp-trace reports them as dropped. More programs \
+         attached, and longer ones, widen the window in which a softirq's transition finds the \
+         guard taken. The BTF program (the rows without \"classic\") has a guard of its own: only \
+         its own runs on the CPU make it skip, however many other programs are attached (its \
+         classic helper `task_context` still shares the common guard; a skip of the helper \
+         costs an owner update, not an event, and is not in these counts).\n",
         SKIP_CONNECTIONS * 10 + 2
     ))
 }
@@ -444,7 +563,11 @@ fn serve_scrapes(tracer: &Path, churn_bin: &Path) -> Result<String> {
     let peak = agent.peak_rss_kib();
     agent.stop()?;
     Ok(format!(
-        "`tcp-trace serve` (default `--max-groups 20`) after {SCRAPE_CHURN_SECONDS} s of churn at          2,000 connections/s from client threads cycling through {SCRAPE_NAMES} names:          {} groups on the page ({} lines, {} bytes); a scrape took {:.1} ms (median of          {SCRAPES}, max {:.1} ms); agent RSS {:.1} MiB (peak {:.1} MiB). Hour-long memory          under the same names: docs/SOAK.md.\n",
+        "`tcp-trace serve` (default `--max-groups 20`) after {SCRAPE_CHURN_SECONDS} s of churn at \
+         2,000 connections/s from client threads cycling through {SCRAPE_NAMES} names: {} groups \
+         on the page ({} lines, {} bytes); a scrape took {:.1} ms (median of {SCRAPES}, max {:.1} \
+         ms); agent RSS {:.1} MiB (peak {:.1} MiB). Hour-long memory under the same names: \
+         docs/SOAK.md.\n",
         groups.len(),
         page.lines().count(),
         page.len(),

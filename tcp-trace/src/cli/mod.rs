@@ -49,7 +49,11 @@ pub enum Command {
     Serve(ServeArgs),
     /// Attach an empty program to the tracepoint (the benchmark's floor).
     #[command(hide = true)]
-    BenchFloor,
+    BenchFloor {
+        /// An empty BTF tracepoint program instead of a classic one.
+        #[arg(long)]
+        btf: bool,
+    },
     /// Write the man pages and shell completions that a package installs.
     #[command(hide = true)]
     GenerateAssets(GenerateAssetsArgs),

@@ -5,13 +5,18 @@ use anyhow::Result;
 
 use crate::{kernel, source};
 
-pub fn run() -> Result<()> {
+pub fn run(btf: bool) -> Result<()> {
     source::block_on(async {
-        let _attached = kernel::attach_floor()?;
+        let _attached = kernel::attach_floor(btf)?;
         source::announce(&format_args!(
-            "{}:{} with an empty program (the benchmark's floor)",
+            "{}:{} with an empty {} program (the benchmark's floor)",
             kernel::tracefs::CATEGORY,
-            kernel::tracefs::NAME
+            kernel::tracefs::NAME,
+            if btf {
+                "BTF tracepoint"
+            } else {
+                "classic tracepoint"
+            }
         ));
         source::Stop::new(None)?.wait().await;
         Ok(())

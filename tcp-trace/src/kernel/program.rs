@@ -603,7 +603,8 @@ fn direct_reads(layout: &TracepointLayout, probe: &mut Probe) -> bool {
 
 /// Loads and attaches the empty `bench_floor` program (for `cargo xtask
 /// bench`); it stays attached until the returned handle is dropped.
-pub fn attach_floor() -> Result<Ebpf> {
+/// With `btf`, the empty BTF tracepoint program `bench_floor_btf` instead.
+pub fn attach_floor(btf: bool) -> Result<Ebpf> {
     check_privileges()?;
     raise_memlock_limit();
     tracefs::tracefs_root()?;
@@ -618,12 +619,15 @@ pub fn attach_floor() -> Result<Ebpf> {
         .map_max_entries("EVENTS", 4096)
         .load(PROGRAM)
         .context("loading the BPF object")?;
-    let program: &mut TracePoint = ebpf
-        .program_mut("bench_floor")
-        .context("the BPF object has no program bench_floor")?
-        .try_into()?;
-    program.load().context("loading bench_floor")?;
-    program.attach(tracefs::CATEGORY, tracefs::NAME)?;
+    if btf {
+        storage::attach_btf(&mut ebpf, "bench_floor_btf")?;
+    } else {
+        attach_tracepoint(
+            &mut ebpf,
+            "bench_floor",
+            &[(tracefs::CATEGORY, tracefs::NAME)],
+        )?;
+    }
     Ok(ebpf)
 }
 

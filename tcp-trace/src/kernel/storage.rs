@@ -92,12 +92,17 @@ pub(super) fn fell_back(probe: &mut Probe, err: &anyhow::Error) {
 /// freed after.
 pub(super) fn attach(ebpf: &mut Ebpf) -> Result<()> {
     attach_tracepoint(ebpf, CONTEXT_PROGRAM, &[(tracefs::CATEGORY, tracefs::NAME)])?;
+    attach_btf(ebpf, BTF_PROGRAM)
+}
+
+/// Verifies and attaches BTF tracepoint program `name`.
+pub(super) fn attach_btf(ebpf: &mut Ebpf, name: &str) -> Result<()> {
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let program: &mut BtfTracePoint = ebpf
-        .program_mut(BTF_PROGRAM)
-        .with_context(|| format!("the BPF object has no program {BTF_PROGRAM}"))?
+        .program_mut(name)
+        .with_context(|| format!("the BPF object has no program {name}"))?
         .try_into()
-        .with_context(|| format!("{BTF_PROGRAM} is not a BTF tracepoint program"))?;
+        .with_context(|| format!("{name} is not a BTF tracepoint program"))?;
     program
         .load(tracefs::NAME, &btf)
         .context("the kernel's verifier rejected the BTF tracepoint program")?;

@@ -10,7 +10,10 @@ mod groups;
 mod http;
 mod metrics;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use sd_notify::NotifyState;
@@ -21,7 +24,7 @@ use super::timewait::Tracker;
 use crate::{
     cli::ServeConfig,
     kernel::{Program, Settings},
-    model::{TcpState, Transition},
+    model::{Owner, TcpState, Transition},
     output::monotonic_ns,
     source::{self, Consumer, Timing, Totals},
     system::{sock_diag, usage::own_usage},
@@ -66,9 +69,19 @@ impl ServeState {
     fn group_rows(&mut self, now_ns: u64) -> Vec<GroupRow> {
         let mut rows: BTreeMap<String, GroupRow> = BTreeMap::new();
         let (groups, label) = (&mut self.groups, self.label);
+        // Owners are shared (one per process and name): count the lingering
+        // sockets per owner first, so that a label is built once per owner,
+        // not once per socket (a hundred thousand of them under churn).
+        let mut per_owner: HashMap<Option<*const Owner>, (Option<&Owner>, u64)> = HashMap::new();
         for owner in self.tracker.ledger.lingering_owners() {
+            per_owner
+                .entry(owner.map(std::ptr::from_ref))
+                .or_insert((owner, 0))
+                .1 += 1;
+        }
+        for (owner, sockets) in per_owner.into_values() {
             let name = groups.name(label.of(owner), now_ns, false);
-            rows.entry(name).or_default().timewait_sockets += 1;
+            rows.entry(name).or_default().timewait_sockets += sockets;
         }
         for (_, owner, entered_ns) in self.close_waits.iter() {
             let name = groups.name(label.of(owner), now_ns, false);
