@@ -378,16 +378,16 @@ pub struct AcceptOffsets {
 }
 
 /// Where the BTF-typed program finds what the classic tracepoint's record
-/// carries: offsets into the `struct sock` it is handed, from the kernel's
-/// BTF.
+/// carries: offsets of fields of the TCP socket it is handed (`struct
+/// tcp_sock`, which starts with `inet_sock`, `sock` and `sock_common`), from
+/// the kernel's BTF; the verifier checks its direct loads against that type.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SkFields {
     /// `sock_common.skc_family` (u16).
     pub family: u32,
-    /// `sock.sk_protocol` (u16).
-    pub protocol: u32,
-    /// `inet_sock.inet_sport` (big-endian u16), as the tracepoint reads it.
+    /// `inet_sock.inet_sport` (big-endian u16), as the tracepoint reads it
+    /// (`skc_num` is zeroed before a closing socket's last transition).
     pub sport: u32,
     /// `sock_common.skc_dport` (big-endian u16).
     pub dport: u32,

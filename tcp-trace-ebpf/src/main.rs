@@ -131,7 +131,6 @@ static SYNACK_LAYOUT: SynackLayout = SynackLayout {
 #[no_mangle]
 static SK_FIELDS: SkFields = SkFields {
     family: 0,
-    protocol: 0,
     sport: 0,
     dport: 0,
     saddr: 0,

@@ -12,9 +12,10 @@ mod common;
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
     sync::Mutex,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::*;
@@ -53,6 +54,29 @@ fn burst(port: u16, threads: u64) {
     });
 }
 
+/// Waits until no socket on `port` is still closing (all in TIME_WAIT or
+/// gone): on a loaded machine softirqs, and so the bursts' last
+/// transitions, can run well after the last `close()` returns.
+fn settle(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("ss")
+            .args(["-Htan", &format!("( sport = :{port} or dport = :{port} )")])
+            .output()
+            .expect("running ss");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let closing = text.lines().filter(|l| !l.starts_with("TIME-WAIT")).count();
+        if closing == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sockets still closing after 30 s: {text}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Events printed, and the summary's received and dropped counts.
 fn accounting(agent: Agent) -> (u64, u64, u64, String) {
     let (lines, stderr) = agent.stop_raw();
@@ -85,7 +109,7 @@ fn every_transition_of_a_burst_is_printed_or_counted_dropped() {
             })
             .collect();
         burst(port, 1);
-        thread::sleep(Duration::from_millis(300));
+        settle(port);
         for (agent, extra) in running.into_iter().zip(agents) {
             let (printed, received, dropped, summary) = accounting(agent);
             assert_eq!(printed, received, "{summary}");
@@ -121,7 +145,7 @@ fn transitions_the_kernel_skips_are_counted_so_the_totals_still_balance() {
             Agent::command_env(&args, &classic),
         ];
         burst(port, 8);
-        thread::sleep(Duration::from_millis(300));
+        settle(port);
         let mut skipped_here = Vec::new();
         for agent in agents {
             let (printed, received, dropped, summary) = accounting(agent);

@@ -76,7 +76,7 @@ pub(super) fn accept_offsets(
 /// Member offsets looked up for one feature, and the ones BTF lacks.
 pub(super) struct Members<'a> {
     btf: &'a Btf,
-    missing: Vec<String>,
+    pub(super) missing: Vec<String>,
 }
 
 impl<'a> Members<'a> {

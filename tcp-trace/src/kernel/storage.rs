@@ -64,11 +64,11 @@ pub(super) fn sk_fields(btf: Option<&Btf>, probe: &mut Probe) -> Option<SkFields
     };
     let mut members = Members::new(btf);
     let mut member = |ty: &str, name: &str, size: u32| members.offset(ty, name, size);
-    // `sock_common` is the first member of `sock`, and `sock` of
-    // `inet_sock`: their offsets are the socket's own.
+    // A `tcp_sock` starts with an `inet_connection_sock`, which starts
+    // with an `inet_sock`, then `sock`, then `sock_common`: each one's
+    // offsets are the socket's own (checked below).
     let fields = SkFields {
         family: member("sock_common", "skc_family", 2),
-        protocol: member("sock", "sk_protocol", 2),
         sport: member("inet_sock", "inet_sport", 2),
         dport: member("sock_common", "skc_dport", 2),
         saddr: member("inet_sock", "inet_saddr", 4),
@@ -77,6 +77,16 @@ pub(super) fn sk_fields(btf: Option<&Btf>, probe: &mut Probe) -> Option<SkFields
         daddr_v6: member("sock_common", "skc_v6_daddr", 16),
         state: member("sock_common", "skc_state", 1),
     };
+    for (outer, first) in [
+        ("tcp_sock", "inet_conn"),
+        ("inet_connection_sock", "icsk_inet"),
+        ("inet_sock", "sk"),
+        ("sock", "__sk_common"),
+    ] {
+        if btf.member(outer, first).map(|(offset, _)| offset) != Some(0) {
+            members.missing.push(format!("{outer}.{first} at offset 0"));
+        }
+    }
     members.all_found(probe, SOCKET_STORAGE).then_some(fields)
 }
 
@@ -144,6 +154,9 @@ mod tests {
             fields.family, 16,
             "skc_family follows the addresses and ports"
         );
-        assert!(fields.sport > fields.protocol);
+        assert!(
+            fields.sport > fields.dport,
+            "inet_sock's fields follow sock_common's"
+        );
     }
 }
