@@ -134,12 +134,13 @@ fn transitions_the_kernel_skips_are_counted_so_the_totals_still_balance() {
     for _ in 0..5 {
         let port = free_port();
         let p = port.to_string();
-        // The classic program: its guard is shared by every tracepoint
-        // program on the CPU, so concurrent bursts make skips reliably. The
-        // BTF program's guard is its own, so it skips far more rarely (the
-        // test above runs it, with whatever it skips counted).
+        // The classic program (even when the suite runs with socket
+        // storage): its guard is shared by every tracepoint program on the
+        // CPU, so concurrent bursts make skips reliably. The BTF program's
+        // guard is its own, so it skips far more rarely (the test above
+        // runs on either path, with whatever it skips counted).
         let args = ["watch", "--json", "--port", &p];
-        let classic = [("TCP_TRACE_CLASSIC", "1")];
+        let classic = [("TCP_TRACE_SOCKET_STORAGE", "0")];
         let agents = [
             Agent::command_env(&args, &classic),
             Agent::command_env(&args, &classic),

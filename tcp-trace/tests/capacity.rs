@@ -33,8 +33,9 @@ fn raise_fd_limit() {
     assert!(limit.rlim_cur >= 2 * HELD as u64 + 64, "{}", limit.rlim_cur);
 }
 
-/// Holds `HELD` connections open at once under an agent started with
-/// `env`, then closes them all; returns the agent's trace and the port.
+/// Holds `HELD` connections open at once under an agent started with `env`
+/// (which path: `TCP_TRACE_SOCKET_STORAGE`, as `--socket-storage` would
+/// say), then closes them all; returns the agent's trace and the port.
 fn hold_and_release(env: &[(&str, &str)], mechanism: &str) -> (AgentOutput, u16) {
     raise_fd_limit();
     let port = free_port();
@@ -79,7 +80,7 @@ fn untimed_transitions(trace: &AgentOutput, port: u16) -> usize {
 
 #[test]
 fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
-    let (trace, port) = hold_and_release(&[("TCP_TRACE_CLASSIC", "1")], "LRU map of 1024");
+    let (trace, port) = hold_and_release(&[("TCP_TRACE_SOCKET_STORAGE", "0")], "LRU map of 1024");
     let mid_life = summary_count(
         trace.summary(),
         " transitions of sockets first seen mid-life",
@@ -94,7 +95,7 @@ fn evicted_sockets_come_back_with_unknown_durations_never_wrong_ones() {
 
 #[test]
 fn socket_storage_tracks_more_sockets_than_any_map_would_hold() {
-    let (trace, port) = hold_and_release(&[("TCP_TRACE_CLASSIC", "0")], "socket storage");
+    let (trace, port) = hold_and_release(&[("TCP_TRACE_SOCKET_STORAGE", "1")], "socket storage");
     // (The summary's "first seen mid-life" counts the whole host's sockets,
     // those open before start included: the events on our port say more.)
     let skipped = summary_count(trace.summary(), " skipped by the kernel");

@@ -66,15 +66,9 @@ pub fn program_stats(ids: &[u32]) -> (u64, u64) {
 
 impl Agent {
     pub fn start(bin: &Path, args: &[&str]) -> Result<Agent> {
-        Self::start_env(bin, args, &[])
-    }
-
-    /// Starts the agent with `env` added (`TCP_TRACE_CLASSIC=1`).
-    pub fn start_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
         let before = our_programs();
         let mut child = Command::new(bin)
             .args(args)
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -26,87 +26,67 @@ const HELD_PER_PROCESS: usize = 9_000;
 struct Config {
     name: &'static str,
     args: &'static [&'static str],
-    env: Env,
     what: &'static str,
 }
-
-/// Environment variables an agent runs with.
-type Env = &'static [(&'static str, &'static str)];
-
-/// The classic tracepoint path, measured beside the default (BTF program,
-/// socket storage) in the same run.
-const CLASSIC: Env = &[("TCP_TRACE_CLASSIC", "1")];
 
 const CONFIGS: &[Config] = &[
     Config {
         name: "floor (empty classic program)",
         args: &["bench-floor"],
-        env: &[],
         what: "the tracepoint's own dispatch (a perf record built per transition) plus an empty classic tracepoint program",
     },
     Config {
         name: "floor (empty BTF program)",
         args: &["bench-floor", "--btf"],
-        env: &[],
         what: "the tracepoint's dispatch to an empty BTF (raw) tracepoint program: no record is built",
     },
     Config {
-        name: "watch --json, classic",
-        args: &["watch", "--json"],
-        env: CLASSIC,
-        what: "as `watch --json`, with the classic program and its LRU socket map",
+        name: "watch --json --socket-storage",
+        args: &["watch", "--json", "--socket-storage"],
+        what: "as `watch --json`, with the BTF program, per-socket state in socket storage, and its classic helper telling task context",
     },
     Config {
         name: "watch --json",
         args: &["watch", "--json"],
-        env: &[],
         what: "writing one ring-buffer record per transition and formatting it as JSON in userspace",
     },
     Config {
-        name: "stats (kernel aggregation), classic",
-        args: &["stats"],
-        env: CLASSIC,
-        what: "as `stats`, with the classic program and its LRU socket map",
+        name: "stats --socket-storage",
+        args: &["stats", "--socket-storage"],
+        what: "as `stats`, with the BTF program and socket storage",
     },
     Config {
         name: "stats (kernel aggregation)",
         args: &["stats"],
-        env: &[],
         what: "the per-socket state update and one per-CPU histogram increment per transition; nothing is streamed",
     },
     Config {
         name: "stats --by process",
-        env: &[],
         args: &["stats", "--by", "process"],
         what: "streaming every transition plus a userspace histogram update per event",
     },
     Config {
         name: "life",
-        env: &[],
         args: &["life"],
         what: "streaming every transition plus following each connection in a hash map",
     },
     Config {
         name: "handshake",
-        env: &[],
         args: &["handshake", "--slow", "10s"],
         what: "streaming every transition (the handshake ends are picked in userspace); almost nothing is printed",
     },
     Config {
-        name: "serve, classic",
-        env: CLASSIC,
-        args: &["serve", "--listen", "127.0.0.1:0"],
-        what: "as `serve`, with the classic program and its LRU socket map",
+        name: "serve --socket-storage",
+        args: &["serve", "--listen", "127.0.0.1:0", "--socket-storage"],
+        what: "as `serve`, with the BTF program and socket storage",
     },
     Config {
         name: "serve",
-        env: &[],
         args: &["serve", "--listen", "127.0.0.1:0"],
         what: "the kernel aggregation of stats plus tallies of transitions, handshakes and closes; only closes out of FIN_WAIT2/CLOSING and moves into or out of CLOSE_WAIT are streamed (about 3 of 10 transitions here), plus the timewait confirmation's sock_diag dump every 5 s",
     },
     Config {
         name: "timewait",
-        env: &[],
         args: &["timewait", "--interval", "60"],
         what: "streaming every transition plus a sock_diag dump of every timewait socket each second (tens of thousands under this churn)",
     },
@@ -195,7 +175,7 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
             let mut row = Row::default();
             for _ in 0..pairs {
                 let base = churn(churn_bin, load)?;
-                let agent = Agent::start_env(tracer, config.args, config.env)?;
+                let agent = Agent::start(tracer, config.args)?;
                 let (t0, c0) = program_stats(&agent.programs);
                 let cpu0 = agent.cpu_seconds();
                 let traced = churn(churn_bin, load)?;
@@ -296,13 +276,13 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
     let holders = hold(churn_bin, HELD_CONNECTIONS)?;
     let untraced_kib = slab_kib()?.saturating_sub(before);
     release(holders)?;
-    let runs: [(&[&str], Env); 3] = [
-        (&["watch", "--json"], &[]),
-        (&["watch", "--json"], CLASSIC),
-        (&["watch", "--json", "--max-sockets", &max_sockets], CLASSIC),
+    let runs: [&[&str]; 3] = [
+        &["watch", "--json", "--socket-storage"],
+        &["watch", "--json"],
+        &["watch", "--json", "--max-sockets", &max_sockets],
     ];
-    for (args, env) in runs {
-        let agent = Agent::start_env(tracer, args, env)?;
+    for args in runs {
+        let agent = Agent::start(tracer, args)?;
         let before = slab_kib()?;
         let holders = hold(churn_bin, HELD_CONNECTIONS)?;
         let traced_kib = slab_kib()?.saturating_sub(before);
@@ -316,7 +296,7 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
             ring_full,
             mid_life,
         } = agent.stop()?;
-        let store = if env.is_empty() {
+        let store = if args.contains(&"--socket-storage") {
             let per_socket =
                 traced_kib.saturating_sub(untraced_kib) as f64 * 1024.0 / f64::from(sockets);
             format!(
@@ -335,12 +315,9 @@ fn held_memory(tracer: &Path, churn_bin: &Path) -> Result<String> {
             )
         };
         lines.push_str(&format!(
-            "- `{}tcp-trace {}`: {store}, agent peak RSS {:.1} MiB; {received} events received, \
+            "- `tcp-trace {}`: {store}, agent peak RSS {:.1} MiB; {received} events received, \
              {dropped} dropped ({skipped} skipped by the kernel, {ring_full} ring buffer full), \
              {mid_life} transitions of sockets the agent had evicted or never saw.\n",
-            env.iter()
-                .map(|(k, v)| format!("{k}={v} "))
-                .collect::<String>(),
             args.join(" "),
             rss as f64 / 1024.0,
         ));
@@ -356,7 +333,7 @@ const SCALE_CONNECTIONS: usize = 500_000;
 /// SCALE_CONNECTIONS connections (a million sockets) opened and closed under
 /// `watch --json` with socket storage: every one tracked from its birth.
 fn at_scale(tracer: &Path, churn_bin: &Path) -> Result<String> {
-    let agent = Agent::start(tracer, &["watch", "--json"])?;
+    let agent = Agent::start(tracer, &["watch", "--json", "--socket-storage"])?;
     let before = slab_kib()?;
     let holders = hold(churn_bin, SCALE_CONNECTIONS)?;
     let grown = slab_kib()?.saturating_sub(before);
@@ -370,7 +347,7 @@ fn at_scale(tracer: &Path, churn_bin: &Path) -> Result<String> {
     } = agent.stop()?;
     Ok(format!(
         "- {SCALE_CONNECTIONS} connections held open at once (from {} processes) under \
-         `tcp-trace watch --json` with socket storage: {received} events received, {dropped} \
+         `tcp-trace watch --json --socket-storage`: {received} events received, {dropped} \
          dropped, {mid_life} transitions of sockets the agent had not tracked from birth \
          (host-wide); slab grew {:.0} MiB with the sockets and their storage; agent peak RSS \
          {:.1} MiB.\n",
@@ -460,19 +437,22 @@ fn skips(tracer: &Path, churn_bin: &Path) -> Result<String> {
         "| agents attached | each agent's program | BPF ns/run | skipped per burst (each run) |\n\
          | --- | --- | --- | --- |\n",
     );
-    let configs: [(&str, &[&str], Env); 4] = [
-        ("watch --json, classic", &["watch", "--json"], CLASSIC),
-        ("watch --json", &["watch", "--json"], &[]),
-        ("stats (kernel aggregation), classic", &["stats"], CLASSIC),
-        ("stats (kernel aggregation)", &["stats"], &[]),
+    let configs: [(&str, &[&str]); 4] = [
+        ("watch --json", &["watch", "--json"]),
+        (
+            "watch --json --socket-storage",
+            &["watch", "--json", "--socket-storage"],
+        ),
+        ("stats (kernel aggregation)", &["stats"]),
+        ("stats --socket-storage", &["stats", "--socket-storage"]),
     ];
-    for (name, args, env) in configs {
+    for (name, args) in configs {
         for count in SKIP_AGENTS {
             let mut per_run = Vec::new();
             let (mut ns, mut runs) = (0, 0);
             for _ in 0..SKIP_RUNS {
                 let agents: Vec<Agent> = (0..count)
-                    .map(|_| Agent::start_env(tracer, args, env))
+                    .map(|_| Agent::start(tracer, args))
                     .collect::<Result<_>>()?;
                 let programs: Vec<u32> = agents.iter().flat_map(|a| a.programs.clone()).collect();
                 let (t0, c0) = program_stats(&programs);
@@ -516,7 +496,7 @@ fn skips(tracer: &Path, churn_bin: &Path) -> Result<String> {
          CPU, so every agent's classic program skips the same runs and counts them \
          (`recursion_misses`, Linux 6.7+). tcp-trace reports them as dropped. More programs \
          attached, and longer ones, widen the window in which a softirq's transition finds the \
-         guard taken. The BTF program (the rows without \"classic\") has a guard of its own: only \
+         guard taken. The BTF program (`--socket-storage`) has a guard of its own: only \
          its own runs on the CPU make it skip, however many other programs are attached (its \
          classic helper `task_context` still shares the common guard; a skip of the helper \
          costs an owner update, not an event, and is not in these counts).\n",

@@ -104,12 +104,11 @@ fn run(task: Task) -> Result<ExitCode> {
             lint(&root)?;
             let tools = setup::setup()?;
             run_tests(&root, &tools, &args, &[])?;
-            // The kernel integration tests again on the classic tracepoint
-            // path, the fallback for kernels without BTF.
-            let mut classic: Vec<OsString> =
-                vec!["-p".into(), "tcp-trace".into(), "--tests".into()];
-            classic.extend(args.iter().cloned());
-            run_tests(&root, &tools, &classic, &[("TCP_TRACE_CLASSIC", "1")])?;
+            // The kernel integration tests again with per-socket state in
+            // socket storage (`--socket-storage`) for every agent.
+            let mut again: Vec<OsString> = vec!["-p".into(), "tcp-trace".into(), "--tests".into()];
+            again.extend(args.iter().cloned());
+            run_tests(&root, &tools, &again, &[("TCP_TRACE_SOCKET_STORAGE", "1")])?;
             // Without a filter, also a short fuzz pass (`cargo xtask fuzz`
             // goes longer) and the package: built, installed, run, removed.
             if args.is_empty() {

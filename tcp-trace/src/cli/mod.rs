@@ -120,6 +120,12 @@ pub struct TracingArgs {
     /// Most sockets tracked at once (LRU: the least recently active are evicted, and counted).
     #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
+    /// Keep the kernel's per-socket state in socket-local storage (a BTF
+    /// tracepoint; kernels with BTF) instead of the LRU map: no limit, no
+    /// eviction, memory that follows the live sockets, at a higher cost per
+    /// short-lived connection.
+    #[arg(long)]
+    pub socket_storage: bool,
     /// Bytes of ring buffer between the kernel and the agent: a power of two
     /// from 4096 to 1 GiB. A larger ring rides out longer bursts.
     #[arg(long, value_name = "BYTES", default_value_t = RING_BYTES, value_parser = parse_ring_bytes)]
@@ -137,6 +143,7 @@ pub struct Tracing {
     /// it when the program is loaded.
     pub cgroup: Option<String>,
     pub max_sockets: u32,
+    pub socket_storage: bool,
     pub ring_bytes: u32,
     pub duration: Option<Duration>,
 }
@@ -148,6 +155,7 @@ impl Tracing {
             filter: self.filter,
             cgroup: self.cgroup.clone(),
             max_sockets: self.max_sockets,
+            socket_storage: self.socket_storage,
             ring_bytes: self.ring_bytes,
             aggregate: false,
             stream_mask: 0,
@@ -162,6 +170,7 @@ impl TracingArgs {
             filter: self.filter.to_filter(),
             cgroup: self.filter.cgroup.clone(),
             max_sockets: self.max_sockets,
+            socket_storage: self.socket_storage,
             ring_bytes: self.ring_bytes,
             duration: self.duration,
         }

@@ -41,6 +41,9 @@ pub struct Settings {
     /// `--cgroup`: only owners in this cgroup v2 subtree.
     pub cgroup: Option<String>,
     pub max_sockets: u32,
+    /// `--socket-storage`: per-socket state in socket-local storage, where
+    /// the kernel allows it.
+    pub socket_storage: bool,
     /// Size of the event ring buffer (a power of two, at least a page).
     pub ring_bytes: u32,
     /// Sum durations, transitions, handshakes and closes in the kernel, and
@@ -99,7 +102,8 @@ impl Program {
         raise_memlock_limit();
         let tracefs = tracefs::tracefs_root()?;
         let mut probe = Probe::default();
-        let (mut ebpf, mut optional) = load(settings, &tracefs, &mut probe, true)?;
+        let storage = storage::wanted(settings.socket_storage);
+        let (mut ebpf, mut optional) = load(settings, &tracefs, &mut probe, storage)?;
         if let Err(err) = attach_programs(&mut ebpf, &optional) {
             if !optional.storage {
                 return Err(err);

@@ -1,7 +1,8 @@
-//! Choosing how the program keeps per-socket state: in socket-local storage,
-//! from a BTF-typed program (`tp_btf`) that the tracepoint hands the socket
-//! itself; or in an LRU map by the socket's address, from the classic
-//! tracepoint program (kernels without BTF, or `TCP_TRACE_CLASSIC=1`).
+//! Choosing how the program keeps per-socket state: in an LRU map by the
+//! socket's address, from the classic tracepoint program (the default: the
+//! cheaper under churn, docs/BENCHMARKS.md); or, with `--socket-storage`,
+//! in socket-local storage, from a BTF-typed program (`tp_btf`) that the
+//! tracepoint hands the socket itself.
 
 use std::fmt;
 
@@ -45,19 +46,20 @@ impl fmt::Display for Mechanism {
     }
 }
 
-/// Whether the user forced the classic path (`TCP_TRACE_CLASSIC=1`), so
-/// that the fallback is tested on kernels that have BTF.
-fn classic_forced() -> bool {
-    std::env::var_os("TCP_TRACE_CLASSIC").is_some_and(|v| v == "1")
+/// Whether to try socket storage: `--socket-storage`, unless the
+/// environment says otherwise (`TCP_TRACE_SOCKET_STORAGE=1` or `0`, for the
+/// test suite to run every test on either path).
+pub(super) fn wanted(flag: bool) -> bool {
+    match std::env::var("TCP_TRACE_SOCKET_STORAGE").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => flag,
+    }
 }
 
 /// The offsets the BTF-typed program needs, or `None` (and a note saying
 /// why) when the classic path must be used.
 pub(super) fn sk_fields(btf: Option<&Btf>, probe: &mut Probe) -> Option<SkFields> {
-    if classic_forced() {
-        probe.missing(SOCKET_STORAGE, "TCP_TRACE_CLASSIC=1");
-        return None;
-    }
     let Some(btf) = btf else {
         probe.missing(SOCKET_STORAGE, "no kernel BTF");
         return None;
@@ -144,12 +146,8 @@ mod tests {
     fn this_kernel_offers_every_field() {
         let btf = Btf::from_sys_fs().unwrap();
         let mut probe = Probe::default();
-        let fields = sk_fields(Some(&btf), &mut probe);
-        if classic_forced() {
-            assert_eq!(fields, None);
-            return;
-        }
-        let fields = fields.unwrap_or_else(|| panic!("{:?}", probe.notes().collect::<Vec<_>>()));
+        let fields = sk_fields(Some(&btf), &mut probe)
+            .unwrap_or_else(|| panic!("{:?}", probe.notes().collect::<Vec<_>>()));
         assert_eq!(
             fields.family, 16,
             "skc_family follows the addresses and ports"
