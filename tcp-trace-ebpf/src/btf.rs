@@ -1,12 +1,13 @@
-//! The BTF-typed program (`tp_btf`) on `inet_sock_set_state`: the kernel
-//! hands it the `struct sock` itself, so per-socket state lives in
-//! socket-local storage, allocated at the socket's first transition and freed
-//! with the socket: nothing preallocated, nothing evicted, no hashing.
+//! The BTF-typed program (`tp_btf`) on `inet_sock_set_state`, attached with
+//! `--socket-storage`: the kernel hands it the `struct sock` itself, so
+//! per-socket state lives in socket-local storage, allocated at the socket's
+//! first transition and freed with the socket: nothing preallocated, nothing
+//! evicted, no hashing.
 //!
-//! It reads what the classic record carries from the socket at offsets from
-//! the kernel's BTF (`SK_FIELDS`), and learns task context from softirq from
-//! the classic `task_context` program run just before it. Everything after
-//! that is the classic program's code.
+//! It loads what the classic record carries from the socket, at offsets from
+//! the kernel's BTF (`SK_FIELDS`), and learns task context from the classic
+//! `task_context` program run just before it. Everything after that is the
+//! classic program's code.
 
 use core::ptr;
 

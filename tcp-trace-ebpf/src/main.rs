@@ -127,7 +127,7 @@ static SYNACK_LAYOUT: SynackLayout = SynackLayout {
     daddr_v6: 0,
 };
 
-/// Offsets the BTF-typed program reads the socket and the task at.
+/// Offsets of the socket fields the BTF-typed program loads.
 #[no_mangle]
 static SK_FIELDS: SkFields = SkFields {
     family: 0,
