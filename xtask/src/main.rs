@@ -1,10 +1,11 @@
-//! Developer tasks: `cargo xtask setup|build|run|test|lint|bench|soak|fuzz|deb`.
+//! Developer tasks: `cargo xtask setup|build|run|test|lint|bench|soak|fuzz|deb|vmtest`.
 
 mod agent;
 mod bench;
 mod deb;
 mod setup;
 mod soak;
+mod vmtest;
 
 use std::{
     env,
@@ -72,6 +73,43 @@ enum Task {
         #[arg(long)]
         test: bool,
     },
+    /// Build the tests, then run them in QEMU guests (TCG) booting Debian's
+    /// 6.1 and 6.12 kernels, fetched once into ~/.cache/tcp-trace/vm.
+    Vmtest {
+        /// Which kernel: 6.1, 6.12 or all.
+        #[arg(long, default_value = "all", value_parser = ["6.1", "6.12", "all"])]
+        kernel: String,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+}
+
+/// How the VM tests' guests run (`vmtest`, and `test`'s VM part).
+#[derive(clap::Args, Clone)]
+struct GuestArgs {
+    /// Virtual CPUs per guest.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    cpus: u32,
+    /// Tests run at once in each test binary in the guest.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    test_threads: u32,
+}
+
+impl GuestArgs {
+    fn options(&self, kernel: &str) -> vmtest::Options {
+        let kernels = match kernel {
+            "all" => vmtest::SERIES.iter().map(|s| s.to_string()).collect(),
+            one => vec![one.to_string()],
+        };
+        vmtest::Options {
+            kernels,
+            cpus: self.cpus,
+            test_threads: self.test_threads,
+            memory_mib: 2048,
+            guest_timeout: std::time::Duration::from_secs(40 * 60),
+            binary_timeout: std::time::Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -151,6 +189,10 @@ fn run(task: Task) -> Result<ExitCode> {
             setup::setup()?;
             lint(&root)?;
         }
+        Task::Vmtest { kernel, guest } => {
+            let tools = setup::setup()?;
+            vmtest::vmtest(&root, &tools.path, &guest.options(&kernel))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -219,6 +261,11 @@ fn lint(root: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// `cargo` arguments that build every test as `run_tests` does for the
+/// whole workspace; `vmtest` builds the same (with `--no-run`), so after
+/// `test` it rebuilds nothing.
+const TEST_ARGS: &[&str] = &["test", "--workspace", "--exclude", "tcp-trace-ebpf"];
 
 /// Runs every test, echoing cargo's output, and closes with one line that
 /// totals all test binaries (cargo prints one result line per binary).

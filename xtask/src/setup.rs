@@ -29,6 +29,7 @@ pub struct Tools {
 pub fn setup() -> Result<Tools> {
     ensure_rust_src()?;
     ensure_packages()?;
+    ensure_vm_packages()?;
     ensure_kubernetes_validate()?;
     let bin = ensure_bpf_linker()?;
     let fuzz = ensure_cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION)?;
@@ -147,6 +148,31 @@ fn ensure_packages() -> Result<()> {
     if missing.contains(&"nginx-light") {
         stop_system_nginx();
     }
+    Ok(())
+}
+
+/// What `cargo xtask vmtest` needs on the host (QEMU, busybox, the
+/// decompressors for Debian's kernels), without Recommends: QEMU's pull in
+/// a desktop's worth of packages the headless TCG guests never use.
+fn ensure_vm_packages() -> Result<()> {
+    let missing: Vec<&str> = crate::vmtest::HOST_PACKAGES
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} (for vmtest)", missing.join(" "));
+    output(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update (the tests need root)")?;
+    output(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {}", missing.join(" ")))?;
     Ok(())
 }
 

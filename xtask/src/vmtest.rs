@@ -1,0 +1,396 @@
+//! `cargo xtask vmtest`: the kernel integration tests inside QEMU guests
+//! booting Debian's 6.1 and 6.12 kernels, the kernels production hosts run.
+//!
+//! The tests are built on the host (`cargo test --no-run`, the same build as
+//! `cargo xtask test`'s) and run in the guest from the host's target/ dir,
+//! shared read-only by 9p at the same path, so the paths compiled into them
+//! (the agent's binary, the peer example) hold there too. The guest's root
+//! is an initramfs: busybox, the modules the tests need, the tools they call
+//! with their libraries, and an `/init` that runs each test binary and
+//! reports on the serial console. KVM cannot run a stock kernel on this
+//! machine kind (docs: vm-notes), so the guests run under TCG.
+
+mod bzimage;
+mod cpio;
+mod guest;
+mod kernel;
+mod suite;
+mod sysroot;
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+pub use kernel::SERIES;
+
+/// How the guests run.
+pub struct Options {
+    /// Kernel series to boot, in order.
+    pub kernels: Vec<String>,
+    /// Virtual CPUs per guest.
+    pub cpus: u32,
+    /// libtest's `--test-threads` in the guest.
+    pub test_threads: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Limit for one guest, boot to power-off.
+    pub guest_timeout: Duration,
+    /// Limit for one test binary inside the guest.
+    pub binary_timeout: Duration,
+}
+
+/// The packages the VM tests need on the host, by command.
+pub const HOST_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+    ("dpkg-deb", "dpkg"),
+    ("ldd", "libc-bin"),
+];
+
+/// A test binary built on the host.
+struct TestBinary {
+    name: String,
+    path: PathBuf,
+}
+
+/// What one guest did.
+struct GuestRun {
+    series: String,
+    release: String,
+    wall: Duration,
+    boot: Option<Duration>,
+    console: guest::Console,
+    expected: Vec<String>,
+    problems: Vec<String>,
+}
+
+pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
+    let cache = vm_cache()?;
+    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let (target_dir, binaries, executables) = build_tests(root, path)?;
+
+    // Which tests go in; the host-only list checked against what exists.
+    let mut listed = Vec::new();
+    for b in &binaries {
+        listed.push((b.name.clone(), suite::list(&b.path)?));
+    }
+    suite::check(&listed)?;
+    let mut plan_binaries = Vec::new();
+    let (mut in_guest, mut host_only) = (0, 0);
+    for (b, (_, tests)) in binaries.iter().zip(&listed) {
+        match suite::skipped(&b.name) {
+            None => host_only += tests.len(),
+            Some(skip) => {
+                host_only += skip.len();
+                in_guest += tests.len() - skip.len();
+                plan_binaries.push(guest::GuestBinary {
+                    name: b.name.clone(),
+                    path: b.path.to_string_lossy().into_owned(),
+                    skip,
+                });
+            }
+        }
+    }
+    println!(
+        "xtask: vmtest: {in_guest} tests in {} binaries run in each guest; {host_only} are host-only (xtask/src/vmtest/suite.rs)",
+        plan_binaries.len()
+    );
+
+    let mut runs = Vec::new();
+    for series in &options.kernels {
+        let kernel = kernel::prepare(series, &cache)?;
+        let work = target_dir.join("vmtest").join(series);
+        fs::create_dir_all(&work)?;
+        let plan = guest::Plan {
+            target_dir: target_dir.to_string_lossy().into_owned(),
+            modules: kernel
+                .modules
+                .iter()
+                .map(|m| guest_module_path(&kernel.release, m))
+                .collect(),
+            binaries: plan_binaries
+                .iter()
+                .map(|b| guest::GuestBinary {
+                    name: b.name.clone(),
+                    path: b.path.clone(),
+                    skip: b.skip.clone(),
+                })
+                .collect(),
+            test_threads: options.test_threads,
+            binary_timeout_s: options.binary_timeout.as_secs(),
+        };
+        let initrd = work.join("initrd.cpio");
+        build_initramfs(&initrd, &kernel, &plan, &executables)?;
+        runs.push(boot(&kernel, &initrd, &work, &target_dir, &plan, options)?);
+    }
+
+    println!("\nxtask: vmtest summary");
+    let mut failed = false;
+    for run in &runs {
+        let (mut passed, mut failures, mut tests_s) = (0, 0, 0.0);
+        for r in run.console.binaries.values() {
+            passed += r.passed;
+            failures += r.failed;
+            tests_s += r.seconds;
+        }
+        println!(
+            "  {} ({}): {passed} passed, {failures} failed; boot {}, tests {tests_s:.0} s, wall {:.0} s",
+            run.series,
+            run.release,
+            run.boot
+                .map(|b| format!("{:.1} s", b.as_secs_f64()))
+                .unwrap_or_else(|| "-".into()),
+            run.wall.as_secs_f64()
+        );
+        for name in &run.expected {
+            if let Some(r) = run.console.binaries.get(name) {
+                println!(
+                    "      {name:<12} {:>3} passed {:>2} failed {:>6.1} s",
+                    r.passed, r.failed, r.seconds
+                );
+            }
+        }
+        for problem in &run.problems {
+            failed = true;
+            println!("    FAIL {problem}");
+        }
+    }
+    if failed {
+        bail!("the VM tests failed");
+    }
+    Ok(())
+}
+
+/// ~/.cache/tcp-trace/vm (XDG_CACHE_HOME respected): kernels, outside target/.
+fn vm_cache() -> Result<PathBuf> {
+    let base = match env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    Ok(base.join("tcp-trace/vm"))
+}
+
+fn guest_module_path(release: &str, module: &Path) -> String {
+    format!(
+        "/lib/modules/{release}/{}",
+        module.file_name().unwrap().to_string_lossy()
+    )
+}
+
+/// Builds the tests as `cargo xtask test` does and returns the target dir,
+/// the integration test binaries of tcp-trace/tests, and every executable
+/// the build made (whose libraries the guest needs).
+fn build_tests(root: &Path, path: &OsString) -> Result<(PathBuf, Vec<TestBinary>, Vec<PathBuf>)> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(crate::TEST_ARGS)
+        .args(["--no-run", "--message-format=json-render-diagnostics"])
+        .current_dir(root)
+        .env("PATH", path)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the tests failed");
+    }
+    let tests_dir = root.join("tcp-trace/tests");
+    let (mut binaries, mut executables) = (Vec::new(), Vec::new());
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
+        executables.push(PathBuf::from(exe));
+        let is_test = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        let src = Path::new(msg["target"]["src_path"].as_str().unwrap_or(""));
+        if is_test && src.parent() == Some(&tests_dir) {
+            binaries.push(TestBinary {
+                name: msg["target"]["name"].as_str().unwrap_or("").to_string(),
+                path: PathBuf::from(exe),
+            });
+        }
+    }
+    if binaries.is_empty() {
+        bail!(
+            "cargo built no integration tests in {}",
+            tests_dir.display()
+        );
+    }
+    binaries.sort_by(|a, b| a.name.cmp(&b.name));
+    let meta = Command::new(&cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(root)
+        .output()
+        .context("running cargo metadata")?;
+    let meta: Value = serde_json::from_slice(&meta.stdout).context("cargo metadata's output")?;
+    let target_dir = PathBuf::from(
+        meta["target_directory"]
+            .as_str()
+            .context("cargo metadata names no target_directory")?,
+    );
+    Ok((target_dir, binaries, executables))
+}
+
+fn build_initramfs(
+    out: &Path,
+    kernel: &kernel::Kernel,
+    plan: &guest::Plan,
+    executables: &[PathBuf],
+) -> Result<()> {
+    let mut archive = cpio::Archive::create(out)?;
+    for dir in [
+        "/bin",
+        "/sbin",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/tmp",
+        "/run",
+        "/var",
+        "/etc",
+        "/root",
+        "/usr/local/sbin",
+    ] {
+        archive.dir(dir)?;
+    }
+    let busybox = sysroot::which("busybox")
+        .context("busybox is not installed (Debian package busybox-static)")?;
+    let data = fs::read(&busybox)?;
+    archive.file("/bin/busybox", 0o755, &data)?;
+    archive.file("/init", 0o755, guest::init_script(plan).as_bytes())?;
+    archive.file(
+        "/etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
+    archive.file("/etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
+    archive.file("/etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
+    for module in &kernel.modules {
+        let data = fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+        archive.file(&guest_module_path(&kernel.release, module), 0o644, &data)?;
+    }
+    sysroot::add(&mut archive, executables)?;
+    archive.finish()
+}
+
+fn boot(
+    kernel: &kernel::Kernel,
+    initrd: &Path,
+    work: &Path,
+    target_dir: &Path,
+    plan: &guest::Plan,
+    options: &Options,
+) -> Result<GuestRun> {
+    let series = &kernel.series;
+    println!(
+        "xtask: vmtest: booting {} ({} vCPU, TCG)",
+        kernel.package, options.cpus
+    );
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-cpu", "max"])
+        .args(["-smp", &options.cpus.to_string()])
+        .args(["-m", &options.memory_mib.to_string()])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .args(["-no-reboot", "-nodefaults", "-net", "none"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinux)
+        .arg("-initrd")
+        .arg(initrd)
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=1 oops=panic",
+        ])
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag={},security_model=none,readonly=on,id=share",
+            target_dir.display(),
+            guest::SHARE_TAG
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let start = Instant::now();
+    let mut child = qemu.spawn().context("running qemu-system-x86_64")?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let log_path = work.join("console.log");
+    let mut log = String::new();
+    let mut console = guest::Console::default();
+    let mut boot = None;
+    let mut timed_out = false;
+    let deadline = start + options.guest_timeout;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                println!("[{series}] {}", line.trim_end_matches('\r'));
+                log.push_str(&line);
+                log.push('\n');
+                console.line(&line);
+                if boot.is_none() && console.booted.is_some() {
+                    boot = Some(start.elapsed());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    let status = child.wait()?;
+    let wall = start.elapsed();
+    fs::write(&log_path, &log).with_context(|| format!("writing {}", log_path.display()))?;
+    let expected: Vec<String> = plan.binaries.iter().map(|b| b.name.clone()).collect();
+    let mut problems = console.problems(&expected);
+    if timed_out {
+        problems.push(format!(
+            "the guest did not finish within {} s (killed)",
+            options.guest_timeout.as_secs()
+        ));
+    } else if !status.success() && console.done {
+        problems.push(format!("qemu exited with {status}"));
+    }
+    for p in &mut problems {
+        *p = format!("{series}: {p} (console: {})", log_path.display());
+    }
+    Ok(GuestRun {
+        series: series.clone(),
+        release: kernel.release.clone(),
+        wall,
+        boot,
+        console,
+        expected,
+        problems,
+    })
+}

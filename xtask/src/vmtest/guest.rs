@@ -1,0 +1,368 @@
+//! What runs in the guest and what it says: the `/init` script that mounts,
+//! loads modules, runs each test binary from the 9p share and powers off;
+//! and the reading of its serial console on the host.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+/// The 9p tag of the host's target/ dir.
+pub const SHARE_TAG: &str = "target";
+
+/// One test binary as the guest runs it.
+pub struct GuestBinary {
+    /// Its test file's name (`watch` for tests/watch.rs).
+    pub name: String,
+    /// Its path on the host, which is its path in the guest too (the
+    /// target/ dir is mounted at the same place).
+    pub path: String,
+    /// Tests in it that stay on the host.
+    pub skip: Vec<String>,
+}
+
+/// What the guest is told to do.
+pub struct Plan {
+    pub target_dir: String,
+    pub modules: Vec<String>,
+    pub binaries: Vec<GuestBinary>,
+    pub test_threads: u32,
+    /// Per binary, after which the guest kills it.
+    pub binary_timeout_s: u64,
+}
+
+/// Quotes `s` for the shell, as one word.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The guest's `/init` (busybox sh). Markers start with `VMTEST `; every
+/// other line on the console is the tests' own output.
+pub fn init_script(plan: &Plan) -> String {
+    let mut s = String::from(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 USER=root
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm /sys/fs/cgroup /run /tmp /root
+mount -t devpts -o ptmxmode=0666,newinstance devpts /dev/pts
+ln -sf pts/ptmx /dev/ptmx
+mount -t tmpfs shm /dev/shm
+mount -t tmpfs run /run
+ln -s /run /var/run
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mount -t debugfs debugfs /sys/kernel/debug
+chmod 1777 /tmp
+# Kernel messages would cut into the tests' lines on the one console.
+echo 1 > /proc/sys/kernel/printk
+hostname vmtest
+ip link set lo up
+fail() { echo "VMTEST FATAL $*"; poweroff -f; }
+"#,
+    );
+    for module in &plan.modules {
+        writeln!(
+            s,
+            "insmod {} || fail insmod {}",
+            sh_quote(module),
+            sh_quote(module)
+        )
+        .unwrap();
+    }
+    let target = sh_quote(&plan.target_dir);
+    writeln!(
+        s,
+        "mkdir -p {target}\n\
+         mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro {SHARE_TAG} {target} \
+         || fail mount 9p {target}"
+    )
+    .unwrap();
+    s.push_str(
+        r#"echo "VMTEST BOOTED $(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime) cpus=$(grep -c ^processor /proc/cpuinfo)"
+for f in /sys/kernel/btf/vmlinux /sys/bus/event_source/devices/kprobe; do
+  [ -e $f ] && echo "VMTEST HAS $f" || echo "VMTEST LACKS $f"
+done
+cd /tmp
+"#,
+    );
+    for binary in &plan.binaries {
+        let mut args = format!("--test-threads={}", plan.test_threads);
+        if !binary.skip.is_empty() {
+            args.push_str(" --exact");
+            for test in &binary.skip {
+                write!(args, " --skip {}", sh_quote(test)).unwrap();
+            }
+        }
+        writeln!(
+            s,
+            "echo VMTEST BEGIN {name}\n\
+             t0=$(cut -d' ' -f1 /proc/uptime)\n\
+             timeout -s KILL {timeout} {path} {args} 2>&1\n\
+             rc=$?\n\
+             echo \"VMTEST END {name} rc=$rc start=$t0 end=$(cut -d' ' -f1 /proc/uptime)\"",
+            name = binary.name,
+            timeout = plan.binary_timeout_s,
+            path = sh_quote(&binary.path),
+        )
+        .unwrap();
+    }
+    s.push_str("echo \"VMTEST DONE uptime=$(cut -d' ' -f1 /proc/uptime)\"\npoweroff -f\n");
+    s
+}
+
+/// One binary's run as the console told it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BinaryResult {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+    pub filtered: u64,
+    /// Its exit status; `None` when it never ended (the guest died).
+    pub rc: Option<i32>,
+    pub seconds: f64,
+    pub failures: Vec<String>,
+    /// Whether libtest printed its result line.
+    pub reported: bool,
+}
+
+/// Everything read from one guest's console.
+#[derive(Debug, Default)]
+pub struct Console {
+    pub booted: Option<String>,
+    /// Guest uptime when /init reached the tests.
+    pub boot_uptime: Option<f64>,
+    pub facts: Vec<String>,
+    pub fatal: Option<String>,
+    pub done: bool,
+    pub binaries: BTreeMap<String, BinaryResult>,
+    current: Option<String>,
+}
+
+impl Console {
+    /// Takes one console line.
+    pub fn line(&mut self, line: &str) {
+        // The serial console may end lines with \r.
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("VMTEST ") {
+            let (word, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+            match word {
+                "BOOTED" => {
+                    self.booted = Some(rest.split_whitespace().next().unwrap_or("").into());
+                    self.boot_uptime = field(rest, "uptime").and_then(|v| v.parse().ok());
+                }
+                "HAS" | "LACKS" => self.facts.push(format!("{word} {rest}")),
+                "FATAL" => self.fatal = Some(rest.to_string()),
+                "BEGIN" => {
+                    self.binaries
+                        .insert(rest.to_string(), BinaryResult::default());
+                    self.current = Some(rest.to_string());
+                }
+                "END" => {
+                    let name = rest.split_whitespace().next().unwrap_or("").to_string();
+                    if let Some(result) = self.binaries.get_mut(&name) {
+                        result.rc = field(rest, "rc").and_then(|v| v.parse().ok());
+                        let at = |k| field(rest, k).and_then(|v| v.parse::<f64>().ok());
+                        if let (Some(start), Some(end)) = (at("start"), at("end")) {
+                            result.seconds = end - start;
+                        }
+                    }
+                    self.current = None;
+                }
+                "DONE" => self.done = true,
+                _ => {}
+            }
+            return;
+        }
+        let Some(result) = self.current.as_ref().and_then(|n| self.binaries.get_mut(n)) else {
+            return;
+        };
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            result.reported = true;
+            for part in rest.split(';') {
+                let part = part.replace("filtered out", "filtered");
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Ok(count) = count.parse::<u64>() else {
+                    continue;
+                };
+                match label {
+                    "passed" => result.passed += count,
+                    "failed" => result.failed += count,
+                    "ignored" => result.ignored += count,
+                    "filtered" => result.filtered += count,
+                    _ => {}
+                }
+            }
+        } else if let Some(test) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            result.failures.push(test.to_string());
+        }
+    }
+
+    /// Why this guest's run failed, if it did: `expected` names every
+    /// binary the guest was to run.
+    pub fn problems(&self, expected: &[String]) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(fatal) = &self.fatal {
+            problems.push(format!("the guest failed to set up: {fatal}"));
+        }
+        if self.booted.is_none() {
+            problems.push("the guest never reached its tests".into());
+        }
+        for name in expected {
+            match self.binaries.get(name) {
+                None => problems.push(format!("{name}: never started")),
+                Some(r) if r.rc.is_none() => problems.push(format!("{name}: never ended")),
+                Some(r) if r.rc != Some(0) || r.failed > 0 || !r.reported => {
+                    let why = if r.rc == Some(137) {
+                        " (killed at its time limit)".to_string()
+                    } else {
+                        String::new()
+                    };
+                    problems.push(format!(
+                        "{name}: exit status {}{why}, {} failed{}",
+                        r.rc.unwrap_or(-1),
+                        r.failed,
+                        if r.failures.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", r.failures.join(", "))
+                        }
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if !self.done && problems.is_empty() {
+            problems.push("the guest did not report the end of its run".into());
+        }
+        problems
+    }
+}
+
+/// `KEY=VALUE` among whitespace-separated words.
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            target_dir: "/work/x/target".into(),
+            modules: vec!["/lib/modules/6.1.0-1-amd64/9p.ko".into()],
+            binaries: vec![
+                GuestBinary {
+                    name: "watch".into(),
+                    path: "/work/x/target/debug/deps/watch-1".into(),
+                    skip: vec!["needs_python".into()],
+                },
+                GuestBinary {
+                    name: "burst".into(),
+                    path: "/work/x/target/debug/deps/burst-2".into(),
+                    skip: vec![],
+                },
+            ],
+            test_threads: 2,
+            binary_timeout_s: 900,
+        }
+    }
+
+    #[test]
+    fn init_runs_each_binary_with_its_skips_exact() {
+        let s = init_script(&plan());
+        assert!(s.starts_with("#!/bin/busybox sh\n"));
+        assert!(s.contains("insmod '/lib/modules/6.1.0-1-amd64/9p.ko' || fail"));
+        assert!(s.contains("target '/work/x/target' || fail mount 9p"));
+        assert!(s.contains(
+            "timeout -s KILL 900 '/work/x/target/debug/deps/watch-1' --test-threads=2 --exact --skip 'needs_python' 2>&1"
+        ));
+        assert!(s.contains("'/work/x/target/debug/deps/burst-2' --test-threads=2 2>&1"));
+        assert!(s.trim_end().ends_with("poweroff -f"));
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+
+    fn console(lines: &str) -> Console {
+        let mut c = Console::default();
+        for line in lines.lines() {
+            c.line(line);
+        }
+        c
+    }
+
+    const GOOD: &str = "[    0.1] kernel noise\r
+VMTEST BOOTED 6.1.0-56-amd64 uptime=1.93 cpus=2\r
+VMTEST HAS /sys/kernel/btf/vmlinux
+VMTEST BEGIN watch
+running 10 tests
+test a ... ok
+test result: ok. 9 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 20.01s
+VMTEST END watch rc=0 start=2.00 end=24.50
+VMTEST BEGIN burst
+test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.00s
+VMTEST END burst rc=0 start=24.50 end=28.00
+VMTEST DONE uptime=28.1
+";
+
+    #[test]
+    fn a_clean_run_has_no_problems_and_its_counts() {
+        let c = console(GOOD);
+        let expected = ["watch".to_string(), "burst".to_string()];
+        assert_eq!(c.problems(&expected), Vec::<String>::new());
+        assert_eq!(c.booted.as_deref(), Some("6.1.0-56-amd64"));
+        assert_eq!(c.boot_uptime, Some(1.93));
+        let w = &c.binaries["watch"];
+        assert_eq!((w.passed, w.failed, w.filtered, w.rc), (9, 0, 1, Some(0)));
+        assert!((w.seconds - 22.5).abs() < 1e-9);
+        assert_eq!(c.facts, ["HAS /sys/kernel/btf/vmlinux"]);
+    }
+
+    #[test]
+    fn failures_missing_binaries_and_a_silent_guest_are_problems() {
+        let failed = GOOD
+            .replace(
+                "test a ... ok",
+                "test ipv4_exchange ... FAILED\ntest b ... FAILED",
+            )
+            .replace("ok. 9 passed; 0 failed", "FAILED. 7 passed; 2 failed")
+            .replace("watch rc=0", "watch rc=101");
+        let c = console(&failed);
+        let problems = c.problems(&["watch".into(), "burst".into()]);
+        assert_eq!(
+            problems,
+            ["watch: exit status 101, 2 failed: ipv4_exchange, b"]
+        );
+        // A binary the guest never got to, and one cut off mid-run.
+        let c = console(&GOOD.replace(
+            "VMTEST END burst rc=0 start=24.50 end=28.00\nVMTEST DONE uptime=28.1\n",
+            "",
+        ));
+        let problems = c.problems(&["watch".into(), "burst".into(), "top".into()]);
+        assert_eq!(problems, ["burst: never ended", "top: never started"]);
+        // Killed at its limit, without a result line.
+        let c = console("VMTEST BOOTED 6.12.1 uptime=2\nVMTEST BEGIN top\nVMTEST END top rc=137 start=1 end=2\nVMTEST DONE uptime=3");
+        assert_eq!(
+            c.problems(&["top".into()]),
+            ["top: exit status 137 (killed at its time limit), 0 failed"]
+        );
+        // Nothing at all.
+        let c = console("");
+        assert_eq!(c.problems(&[]), ["the guest never reached its tests"]);
+        let c = console("VMTEST FATAL mount 9p /t\n");
+        assert_eq!(
+            c.problems(&[]),
+            [
+                "the guest failed to set up: mount 9p /t",
+                "the guest never reached its tests"
+            ]
+        );
+    }
+}
