@@ -81,7 +81,24 @@ enum Task {
         kernel: String,
         #[command(flatten)]
         guest: GuestArgs,
+        /// Only these test binaries (tests/NAME.rs), for a quicker look.
+        #[arg(long = "only", value_name = "BINARY")]
+        only: Vec<String>,
+        /// Only this test (its exact name) in each binary run.
+        #[arg(long)]
+        test: Option<String>,
+        /// KEY=VALUE for the tests in the guest (e.g. AGENT_DUMP=1).
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
     },
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (key, value) = s.split_once('=').ok_or("expected KEY=VALUE")?;
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("bad variable name {key:?}"));
+    }
+    Ok((key.to_string(), value.to_string()))
 }
 
 /// How the VM tests' guests run (`vmtest`, and `test`'s VM part).
@@ -108,6 +125,9 @@ impl GuestArgs {
             memory_mib: 2048,
             guest_timeout: std::time::Duration::from_secs(40 * 60),
             binary_timeout: std::time::Duration::from_secs(15 * 60),
+            only: Vec::new(),
+            test: None,
+            env: Vec::new(),
         }
     }
 }
@@ -189,9 +209,21 @@ fn run(task: Task) -> Result<ExitCode> {
             setup::setup()?;
             lint(&root)?;
         }
-        Task::Vmtest { kernel, guest } => {
+        Task::Vmtest {
+            kernel,
+            guest,
+            only,
+            test,
+            env,
+        } => {
             let tools = setup::setup()?;
-            vmtest::vmtest(&root, &tools.path, &guest.options(&kernel))?;
+            let options = vmtest::Options {
+                only,
+                test,
+                env,
+                ..guest.options(&kernel)
+            };
+            vmtest::vmtest(&root, &tools.path, &options)?;
         }
     }
     Ok(ExitCode::SUCCESS)

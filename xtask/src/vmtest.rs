@@ -18,6 +18,7 @@ mod suite;
 mod sysroot;
 
 use std::{
+    collections::BTreeSet,
     env,
     ffi::OsString,
     fs,
@@ -48,6 +49,12 @@ pub struct Options {
     pub guest_timeout: Duration,
     /// Limit for one test binary inside the guest.
     pub binary_timeout: Duration,
+    /// Only these test binaries (all when empty).
+    pub only: Vec<String>,
+    /// Only this test (its exact name) in each binary.
+    pub test: Option<String>,
+    /// Extra environment for the tests in the guest.
+    pub env: Vec<(String, String)>,
 }
 
 /// The packages the VM tests need on the host, by command.
@@ -88,27 +95,6 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
         listed.push((b.name.clone(), suite::list(&b.path)?));
     }
     suite::check(&listed)?;
-    let mut plan_binaries = Vec::new();
-    let (mut in_guest, mut host_only) = (0, 0);
-    for (b, (_, tests)) in binaries.iter().zip(&listed) {
-        match suite::skipped(&b.name) {
-            None => host_only += tests.len(),
-            Some(skip) => {
-                host_only += skip.len();
-                in_guest += tests.len() - skip.len();
-                plan_binaries.push(guest::GuestBinary {
-                    name: b.name.clone(),
-                    path: b.path.to_string_lossy().into_owned(),
-                    skip,
-                });
-            }
-        }
-    }
-    println!(
-        "xtask: vmtest: {in_guest} tests in {} binaries run in each guest; {host_only} are host-only (xtask/src/vmtest/suite.rs)",
-        plan_binaries.len()
-    );
-
     let mut runs = Vec::new();
     for series in &options.kernels {
         let kernel = kernel::prepare(series, &cache)?;
@@ -121,16 +107,14 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
                 .iter()
                 .map(|m| guest_module_path(&kernel.release, m))
                 .collect(),
-            binaries: plan_binaries
-                .iter()
-                .map(|b| guest::GuestBinary {
-                    name: b.name.clone(),
-                    path: b.path.clone(),
-                    skip: b.skip.clone(),
-                })
+            binaries: guest_binaries(&binaries, &listed, &kernel.release)
+                .into_iter()
+                .filter(|b| options.only.is_empty() || options.only.contains(&b.name))
                 .collect(),
             test_threads: options.test_threads,
             binary_timeout_s: options.binary_timeout.as_secs(),
+            test: options.test.clone(),
+            env: options.env.clone(),
         };
         let initrd = work.join("initrd.cpio");
         build_initramfs(&initrd, &kernel, &plan, &executables)?;
@@ -172,6 +156,42 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
         bail!("the VM tests failed");
     }
     Ok(())
+}
+
+/// The binaries and tests a guest running `release` runs; says how many.
+fn guest_binaries(
+    binaries: &[TestBinary],
+    listed: &[(String, BTreeSet<String>)],
+    release: &str,
+) -> Vec<guest::GuestBinary> {
+    for entry in suite::HOST_ONLY.iter().filter(|e| e.applies(release)) {
+        println!(
+            "xtask: vmtest: {release}: host-only {}::{}: {}",
+            entry.binary, entry.test, entry.reason
+        );
+    }
+    let (mut in_guest, mut host_only) = (0, 0);
+    let mut out = Vec::new();
+    for (b, (_, tests)) in binaries.iter().zip(listed) {
+        match suite::skipped(&b.name, release) {
+            None => host_only += tests.len(),
+            Some(skip) => {
+                host_only += skip.len();
+                in_guest += tests.len() - skip.len();
+                out.push(guest::GuestBinary {
+                    name: b.name.clone(),
+                    path: b.path.to_string_lossy().into_owned(),
+                    skip,
+                });
+            }
+        }
+    }
+    println!(
+        "xtask: vmtest: {release}: {in_guest} tests in {} binaries run in the guest, {host_only} \
+         stay on the host (xtask/src/vmtest/suite.rs)",
+        out.len()
+    );
+    out
 }
 
 /// ~/.cache/tcp-trace/vm (XDG_CACHE_HOME respected): kernels, outside target/.

@@ -26,6 +26,10 @@ pub struct Plan {
     pub test_threads: u32,
     /// Per binary, after which the guest kills it.
     pub binary_timeout_s: u64,
+    /// Only this test (its exact name) in each binary.
+    pub test: Option<String>,
+    /// Extra environment for the tests (`AGENT_DUMP=1`).
+    pub env: Vec<(String, String)>,
 }
 
 /// Quotes `s` for the shell, as one word.
@@ -61,6 +65,9 @@ ip link set lo up
 fail() { echo "VMTEST FATAL $*"; poweroff -f; }
 "#,
     );
+    for (key, value) in &plan.env {
+        writeln!(s, "export {key}={}", sh_quote(value)).unwrap();
+    }
     for module in &plan.modules {
         writeln!(
             s,
@@ -83,12 +90,15 @@ fail() { echo "VMTEST FATAL $*"; poweroff -f; }
 for f in /sys/kernel/btf/vmlinux /sys/bus/event_source/devices/kprobe; do
   [ -e $f ] && echo "VMTEST HAS $f" || echo "VMTEST LACKS $f"
 done
+echo "VMTEST FACT kernel.perf_event_paranoid=$(cat /proc/sys/kernel/perf_event_paranoid)"
 cd /tmp
 "#,
     );
     for binary in &plan.binaries {
         let mut args = format!("--test-threads={}", plan.test_threads);
-        if !binary.skip.is_empty() {
+        if let Some(test) = &plan.test {
+            write!(args, " --exact {}", sh_quote(test)).unwrap();
+        } else if !binary.skip.is_empty() {
             args.push_str(" --exact");
             for test in &binary.skip {
                 write!(args, " --skip {}", sh_quote(test)).unwrap();
@@ -151,7 +161,7 @@ impl Console {
                     self.booted = Some(rest.split_whitespace().next().unwrap_or("").into());
                     self.boot_uptime = field(rest, "uptime").and_then(|v| v.parse().ok());
                 }
-                "HAS" | "LACKS" => self.facts.push(format!("{word} {rest}")),
+                "HAS" | "LACKS" | "FACT" => self.facts.push(format!("{word} {rest}")),
                 "FATAL" => self.fatal = Some(rest.to_string()),
                 "BEGIN" => {
                     self.binaries
@@ -273,6 +283,8 @@ mod tests {
             ],
             test_threads: 2,
             binary_timeout_s: 900,
+            test: None,
+            env: vec![("AGENT_DUMP".into(), "1".into())],
         }
     }
 
@@ -280,6 +292,7 @@ mod tests {
     fn init_runs_each_binary_with_its_skips_exact() {
         let s = init_script(&plan());
         assert!(s.starts_with("#!/bin/busybox sh\n"));
+        assert!(s.contains("export AGENT_DUMP='1'\n"));
         assert!(s.contains("insmod '/lib/modules/6.1.0-1-amd64/9p.ko' || fail"));
         assert!(s.contains("target '/work/x/target' || fail mount 9p"));
         assert!(s.contains(
