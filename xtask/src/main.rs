@@ -38,8 +38,12 @@ enum Task {
         args: Vec<OsString>,
     },
     /// Build, then run every test: lints, unit tests, the kernel integration
-    /// tests and, without ARGS, a short fuzz pass and the package's test.
+    /// tests and, without ARGS, a short fuzz pass, the package's test and the
+    /// integration tests again in VMs on Debian's 6.1 and 6.12 kernels.
     Test {
+        /// Leave out the VM tests (`cargo xtask vmtest`).
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -101,8 +105,9 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
-/// How the VM tests' guests run (`vmtest`, and `test`'s VM part).
-#[derive(clap::Args, Clone)]
+/// How the VM tests' guests run (`vmtest`, and `test`'s VM part with the
+/// defaults).
+#[derive(clap::Parser, Clone)]
 struct GuestArgs {
     /// Virtual CPUs per guest.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
@@ -157,7 +162,7 @@ fn run(task: Task) -> Result<ExitCode> {
                 .context("running target/release/tcp-trace")?;
             return Ok(ExitCode::from(status.code().unwrap_or(1) as u8));
         }
-        Task::Test { args } => {
+        Task::Test { no_vm, args } => {
             build(&root)?;
             lint(&root)?;
             let tools = setup::setup()?;
@@ -168,11 +173,16 @@ fn run(task: Task) -> Result<ExitCode> {
             again.extend(args.iter().cloned());
             run_tests(&root, &tools, &again, &[("TCP_TRACE_SOCKET_STORAGE", "1")])?;
             // Without a filter, also a short fuzz pass (`cargo xtask fuzz`
-            // goes longer) and the package: built, installed, run, removed.
+            // goes longer), the package (built, installed, run, removed),
+            // and the same integration tests on Debian's kernels in VMs.
             if args.is_empty() {
                 fuzz(&root, &tools, FUZZ_SECONDS_IN_TEST)?;
                 let deb = deb::build_deb(&root, &tools)?;
                 deb::test_deb(&root, &deb)?;
+                if !no_vm {
+                    let guest = GuestArgs::parse_from(["vm"]);
+                    vmtest::vmtest(&root, &tools.path, &guest.options("all"))?;
+                }
             }
         }
         Task::Bench { quick } => {

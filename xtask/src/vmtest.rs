@@ -82,6 +82,8 @@ struct GuestRun {
     console: guest::Console,
     expected: Vec<String>,
     problems: Vec<String>,
+    /// Known failures seen, and what else is worth a line.
+    notes: Vec<String>,
 }
 
 pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
@@ -147,6 +149,9 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
                 );
             }
         }
+        for note in &run.notes {
+            println!("    note: {note}");
+        }
         for problem in &run.problems {
             failed = true;
             println!("    FAIL {problem}");
@@ -178,10 +183,19 @@ fn guest_binaries(
             Some(skip) => {
                 host_only += skip.len();
                 in_guest += tests.len() - skip.len();
+                let known: Vec<String> = suite::known(&b.name, release)
+                    .iter()
+                    .map(|k| k.test.to_string())
+                    .collect();
                 out.push(guest::GuestBinary {
                     name: b.name.clone(),
                     path: b.path.to_string_lossy().into_owned(),
                     skip,
+                    known,
+                    threads: suite::ONE_THREAD
+                        .iter()
+                        .any(|(name, _)| *name == b.name)
+                        .then_some(1),
                 });
             }
         }
@@ -401,6 +415,10 @@ fn boot(
     } else if !status.success() && console.done {
         problems.push(format!("qemu exited with {status}"));
     }
+    let mut notes = Vec::new();
+    if plan.test.is_none() {
+        known_outcomes(&console, plan, &kernel.release, &mut problems, &mut notes);
+    }
     for p in &mut problems {
         *p = format!("{series}: {p} (console: {})", log_path.display());
     }
@@ -412,5 +430,50 @@ fn boot(
         console,
         expected,
         problems,
+        notes,
     })
+}
+
+/// The known failures' run: each one that failed is a note; one that
+/// passed is a problem when it always failed before (it is fixed: take it
+/// off the list), a note otherwise; a run that did not finish is a problem.
+fn known_outcomes(
+    console: &guest::Console,
+    plan: &guest::Plan,
+    release: &str,
+    problems: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) {
+    for binary in plan.binaries.iter().filter(|b| !b.known.is_empty()) {
+        let name = guest::known_run(&binary.name);
+        let Some(result) = console.binaries.get(&name) else {
+            if console.binaries.contains_key(&binary.name) {
+                problems.push(format!("{name}: never started"));
+            }
+            continue;
+        };
+        if result.rc.is_none() || !result.reported {
+            problems.push(format!(
+                "{name}: did not finish (exit status {:?})",
+                result.rc
+            ));
+            continue;
+        }
+        for known in suite::known(&binary.name, release) {
+            let test = format!("{}::{}", known.binary, known.test);
+            if result.failures.iter().any(|t| t == known.test) {
+                notes.push(format!("known failure {test}: {}", known.reason));
+            } else if result.passes.iter().any(|t| t == known.test) {
+                if known.deterministic {
+                    problems.push(format!(
+                        "{test} passes now: take it off KNOWN in xtask/src/vmtest/suite.rs"
+                    ));
+                } else {
+                    notes.push(format!("{test} (a known, intermittent failure) passed"));
+                }
+            } else {
+                problems.push(format!("{test}: no result"));
+            }
+        }
+    }
 }

@@ -16,6 +16,16 @@ pub struct GuestBinary {
     pub path: String,
     /// Tests in it that stay on the host.
     pub skip: Vec<String>,
+    /// Tests in it that fail here for a known reason: run apart, after the
+    /// rest, as `NAME+known`.
+    pub known: Vec<String>,
+    /// `--test-threads` for it, when not the plan's.
+    pub threads: Option<u32>,
+}
+
+/// The console name of a binary's run of its known failures.
+pub fn known_run(name: &str) -> String {
+    format!("{name}+known")
 }
 
 /// What the guest is told to do.
@@ -95,30 +105,42 @@ cd /tmp
 "#,
     );
     for binary in &plan.binaries {
-        let mut args = format!("--test-threads={}", plan.test_threads);
+        let threads = binary.threads.unwrap_or(plan.test_threads);
+        let mut args = format!("--test-threads={threads}");
         if let Some(test) = &plan.test {
             write!(args, " --exact {}", sh_quote(test)).unwrap();
-        } else if !binary.skip.is_empty() {
+        } else if !binary.skip.is_empty() || !binary.known.is_empty() {
             args.push_str(" --exact");
-            for test in &binary.skip {
+            for test in binary.skip.iter().chain(&binary.known) {
                 write!(args, " --skip {}", sh_quote(test)).unwrap();
             }
         }
-        writeln!(
-            s,
-            "echo VMTEST BEGIN {name}\n\
-             t0=$(cut -d' ' -f1 /proc/uptime)\n\
-             timeout -s KILL {timeout} {path} {args} 2>&1\n\
-             rc=$?\n\
-             echo \"VMTEST END {name} rc=$rc start=$t0 end=$(cut -d' ' -f1 /proc/uptime)\"",
-            name = binary.name,
-            timeout = plan.binary_timeout_s,
-            path = sh_quote(&binary.path),
-        )
-        .unwrap();
+        run(&mut s, plan, &binary.name, &binary.path, &args);
+        if plan.test.is_none() && !binary.known.is_empty() {
+            let mut args = format!("--test-threads={threads} --exact");
+            for test in &binary.known {
+                write!(args, " {}", sh_quote(test)).unwrap();
+            }
+            run(&mut s, plan, &known_run(&binary.name), &binary.path, &args);
+        }
     }
     s.push_str("echo \"VMTEST DONE uptime=$(cut -d' ' -f1 /proc/uptime)\"\npoweroff -f\n");
     s
+}
+
+/// Runs `path args` between markers naming the run `name`.
+fn run(s: &mut String, plan: &Plan, name: &str, path: &str, args: &str) {
+    writeln!(
+        s,
+        "echo VMTEST BEGIN {name}\n\
+         t0=$(cut -d' ' -f1 /proc/uptime)\n\
+         timeout -s KILL {timeout} {path} {args} 2>&1\n\
+         rc=$?\n\
+         echo \"VMTEST END {name} rc=$rc start=$t0 end=$(cut -d' ' -f1 /proc/uptime)\"",
+        timeout = plan.binary_timeout_s,
+        path = sh_quote(path),
+    )
+    .unwrap();
 }
 
 /// One binary's run as the console told it.
@@ -132,6 +154,7 @@ pub struct BinaryResult {
     pub rc: Option<i32>,
     pub seconds: f64,
     pub failures: Vec<String>,
+    pub passes: Vec<String>,
     /// Whether libtest printed its result line.
     pub reported: bool,
 }
@@ -206,11 +229,12 @@ impl Console {
                     _ => {}
                 }
             }
-        } else if let Some(test) = line
-            .strip_prefix("test ")
-            .and_then(|l| l.strip_suffix(" ... FAILED"))
-        {
-            result.failures.push(test.to_string());
+        } else if let Some(test) = line.strip_prefix("test ") {
+            if let Some(test) = test.strip_suffix(" ... FAILED") {
+                result.failures.push(test.to_string());
+            } else if let Some(test) = test.strip_suffix(" ... ok") {
+                result.passes.push(test.to_string());
+            }
         }
     }
 
@@ -274,11 +298,15 @@ mod tests {
                     name: "watch".into(),
                     path: "/work/x/target/debug/deps/watch-1".into(),
                     skip: vec!["needs_python".into()],
+                    known: vec!["rport".into()],
+                    threads: None,
                 },
                 GuestBinary {
                     name: "burst".into(),
                     path: "/work/x/target/debug/deps/burst-2".into(),
                     skip: vec![],
+                    known: vec![],
+                    threads: Some(1),
                 },
             ],
             test_threads: 2,
@@ -296,9 +324,14 @@ mod tests {
         assert!(s.contains("insmod '/lib/modules/6.1.0-1-amd64/9p.ko' || fail"));
         assert!(s.contains("target '/work/x/target' || fail mount 9p"));
         assert!(s.contains(
-            "timeout -s KILL 900 '/work/x/target/debug/deps/watch-1' --test-threads=2 --exact --skip 'needs_python' 2>&1"
+            "timeout -s KILL 900 '/work/x/target/debug/deps/watch-1' --test-threads=2 --exact --skip 'needs_python' --skip 'rport' 2>&1"
         ));
-        assert!(s.contains("'/work/x/target/debug/deps/burst-2' --test-threads=2 2>&1"));
+        assert!(s.contains(
+            "echo VMTEST BEGIN watch+known\nt0=$(cut -d' ' -f1 /proc/uptime)\n\
+             timeout -s KILL 900 '/work/x/target/debug/deps/watch-1' --test-threads=2 --exact 'rport' 2>&1"
+        ));
+        assert!(!s.contains("burst+known"));
+        assert!(s.contains("'/work/x/target/debug/deps/burst-2' --test-threads=1 2>&1"));
         assert!(s.trim_end().ends_with("poweroff -f"));
         assert_eq!(sh_quote("it's"), r"'it'\''s'");
     }
@@ -335,6 +368,7 @@ VMTEST DONE uptime=28.1
         let w = &c.binaries["watch"];
         assert_eq!((w.passed, w.failed, w.filtered, w.rc), (9, 0, 1, Some(0)));
         assert!((w.seconds - 22.5).abs() < 1e-9);
+        assert_eq!(w.passes, ["a"]);
         assert_eq!(c.facts, ["HAS /sys/kernel/btf/vmlinux"]);
     }
 

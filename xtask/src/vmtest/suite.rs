@@ -1,7 +1,11 @@
 //! Which integration tests run in the guests. Every test in
-//! tcp-trace/tests runs there unless listed here, with the reason; the
-//! list is checked against the binaries' own `--list`, so it cannot name a
-//! test that no longer exists. README.md ("Tests in VMs") says the same.
+//! tcp-trace/tests runs there unless `HOST_ONLY` keeps it out, with the
+//! reason. `KNOWN` lists the failures these guests found that are not fixed
+//! yet: they still run (apart), their failure is reported but does not fail
+//! the run, and a deterministic one that passes fails it (take it off the
+//! list). Both lists are checked against the binaries' own `--list`, so
+//! they cannot name a test that no longer exists. README.md ("Tests on
+//! Debian's kernels") says the same.
 
 use std::{collections::BTreeSet, path::Path, process::Command};
 
@@ -27,10 +31,7 @@ pub struct HostOnly {
 impl HostOnly {
     /// Whether it keeps its tests out of a guest running `release`.
     pub fn applies(&self, release: &str) -> bool {
-        match self.guests {
-            Guests::All => true,
-            Guests::Before(major, minor) => version(release).is_none_or(|k| k < (major, minor)),
-        }
+        guests_apply(self.guests, release)
     }
 }
 
@@ -81,6 +82,32 @@ pub const HOST_ONLY: &[HostOnly] = &[
         "sockets_of_another_network_namespace_are_confirmed_there",
         "its client in the namespace is python3",
     ),
+    all(
+        "doctor",
+        "close_wait_pile_names_the_server_that_never_closes",
+        "timing: its server holds each connection 8 s, and under TCG the agent's start and \
+         eight closers outlast that (the server had closed them all: no CLOSE_WAIT left to \
+         find, on 6.1 and 6.12, with one test thread or two); the rule is userspace logic",
+    ),
+    all(
+        "doctor",
+        "short_connections_and_timewait_pressure_name_the_client",
+        "timing: its 300 connections must fit in a 4 s doctor run; under TCG 291 did",
+    ),
+    all(
+        "top",
+        "batch_counts_agree_with_ss_for_the_tests_port",
+        "timing: its server holds each connection 8 s, and under TCG top's start and the \
+         closers outlast that, so the scenario itself (checked with ss) is gone",
+    ),
+    HostOnly {
+        binary: "timewait",
+        test: "active_closers_are_charged_agree_with_ss_and_are_reaped",
+        guests: Guests::Before(6, 7),
+        reason: "allows unattributed closes only up to the dropped count, which needs the \
+                 kernel's count of skipped tracepoint runs (Linux 6.7): the 6.1 guest lost \
+                 4 of 70 closes uncounted",
+    },
     HostOnly {
         binary: "burst",
         test: "*",
@@ -91,6 +118,90 @@ pub const HOST_ONLY: &[HostOnly] = &[
                  1 of 110,002 events uncounted in the one-thread burst, 46 in the 8-thread one",
     },
 ];
+
+/// A test that fails in some guests for a reason found and not fixed yet.
+pub struct Known {
+    pub binary: &'static str,
+    pub test: &'static str,
+    pub guests: Guests,
+    /// Fails every time there: a pass means it was fixed.
+    pub deterministic: bool,
+    pub reason: &'static str,
+}
+
+const RPORT_0: &str = "on 6.1 and 6.12 the kernel fires LISTEN -> SYN_RECV for the new child \
+    socket before it sets the child's remote address and port (inet_csk_clone_lock), so \
+    that event shows remote 0.0.0.0:0 (::, 0 for IPv6); the test wants the peer's port";
+
+pub const KNOWN: &[Known] = &[
+    Known {
+        binary: "watch",
+        test: "ipv4_exchange_sequences_owners_and_durations",
+        guests: Guests::All,
+        deterministic: true,
+        reason: RPORT_0,
+    },
+    Known {
+        binary: "watch",
+        test: "ipv6_exchange_sequences_owners_and_durations",
+        guests: Guests::All,
+        deterministic: true,
+        reason: RPORT_0,
+    },
+    Known {
+        binary: "watch",
+        test: "exchange_through_the_probe_read_path",
+        guests: Guests::All,
+        deterministic: true,
+        reason: RPORT_0,
+    },
+    Known {
+        binary: "faults",
+        test: "runs_as_nobody_with_the_documented_capabilities",
+        guests: Guests::All,
+        deterministic: true,
+        reason: "Debian's kernels default to kernel.perf_event_paranoid=3, where a Debian \
+                 patch lets only CAP_SYS_ADMIN open perf events: attaching the tracepoint \
+                 with CAP_BPF + CAP_PERFMON fails with EACCES",
+    },
+    Known {
+        binary: "burst",
+        test: "transitions_the_kernel_skips_are_counted_so_the_totals_still_balance",
+        guests: Guests::All,
+        deterministic: false,
+        reason: "the 6.12 guest's 8-thread burst came 5 events short of 110,002 with 642 \
+                 skips counted: some runs are lost uncounted there (cause not found yet)",
+    },
+];
+
+impl Known {
+    pub fn applies(&self, release: &str) -> bool {
+        guests_apply(self.guests, release)
+    }
+}
+
+/// The known failures of `binary` in a guest running `release`.
+pub fn known(binary: &str, release: &str) -> Vec<&'static Known> {
+    KNOWN
+        .iter()
+        .filter(|k| k.binary == binary && k.applies(release))
+        .collect()
+}
+
+fn guests_apply(guests: Guests, release: &str) -> bool {
+    match guests {
+        Guests::All => true,
+        Guests::Before(major, minor) => version(release).is_none_or(|k| k < (major, minor)),
+    }
+}
+
+/// Test binaries run with one test thread in the guests (the others with
+/// `--test-threads`), and why.
+pub const ONE_THREAD: &[(&str, &str)] = &[(
+    "stats_life",
+    "compares two agents' quantiles within 3.2 % and durations within 150 ms: a test \
+     running beside it under TCG pushed a 600 ms lifetime to 810 ms",
+)];
 
 /// `(major, minor)` of a kernel release such as `6.1.0-56-amd64`.
 pub fn version(release: &str) -> Option<(u32, u32)> {
@@ -130,17 +241,18 @@ pub fn list(binary: &Path) -> Result<BTreeSet<String>> {
         .collect())
 }
 
-/// Fails when HOST_ONLY names a binary or test that does not exist.
+/// Fails when HOST_ONLY or KNOWN names a binary or test that does not exist.
 pub fn check(binaries: &[(String, BTreeSet<String>)]) -> Result<()> {
-    for HostOnly {
-        binary: bin, test, ..
-    } in HOST_ONLY
-    {
+    let named = HOST_ONLY
+        .iter()
+        .map(|e| (e.binary, e.test))
+        .chain(KNOWN.iter().map(|k| (k.binary, k.test)));
+    for (bin, test) in named {
         let Some((_, tests)) = binaries.iter().find(|(name, _)| name == bin) else {
-            bail!("vmtest's host-only list names test binary {bin}, which does not exist");
+            bail!("vmtest's lists name test binary {bin}, which does not exist");
         };
-        if *test != "*" && !tests.contains(*test) {
-            bail!("vmtest's host-only list names {bin}::{test}, which does not exist");
+        if test != "*" && !tests.contains(test) {
+            bail!("vmtest's lists name {bin}::{test}, which does not exist");
         }
     }
     Ok(())
@@ -166,20 +278,46 @@ mod tests {
         assert_eq!(skipped("burst", "6.1.0-56-amd64"), None);
         assert_eq!(skipped("burst", "6.12.117+deb12-amd64"), Some(vec![]));
         assert_eq!(skipped("burst", "garbage"), None);
+        assert_eq!(known("watch", "6.12.117+deb12-amd64").len(), 3);
+        assert!(known("top", "6.1.0-56-amd64").is_empty());
     }
 
     #[test]
     fn a_stale_entry_is_an_error() {
-        let mut binaries: Vec<(String, BTreeSet<String>)> = HOST_ONLY
+        let mut good: Vec<(String, BTreeSet<String>)> = Vec::new();
+        for (bin, test) in HOST_ONLY
             .iter()
-            .map(|e| (e.binary.to_string(), BTreeSet::from([e.test.to_string()])))
-            .collect();
-        check(&binaries).unwrap();
-        binaries.retain(|(b, _)| b != "timewait");
-        binaries.push(("timewait".into(), BTreeSet::from(["renamed".to_string()])));
-        let err = check(&binaries).unwrap_err().to_string();
-        assert!(err.contains("timewait::sockets_of_another"), "{err}");
-        binaries.retain(|(b, _)| b != "deploy");
-        assert!(check(&binaries).is_err());
+            .map(|e| (e.binary, e.test))
+            .chain(KNOWN.iter().map(|k| (k.binary, k.test)))
+        {
+            match good.iter_mut().find(|(b, _)| b == bin) {
+                Some((_, tests)) => {
+                    tests.insert(test.to_string());
+                }
+                None => good.push((bin.to_string(), BTreeSet::from([test.to_string()]))),
+            }
+        }
+        check(&good).unwrap();
+        // A host-only test renamed, a known failure renamed, a binary gone.
+        for (bin, test) in [
+            (
+                "timewait",
+                "sockets_of_another_network_namespace_are_confirmed_there",
+            ),
+            ("faults", "runs_as_nobody_with_the_documented_capabilities"),
+        ] {
+            let mut stale = good.clone();
+            for (b, tests) in &mut stale {
+                if b == bin {
+                    tests.remove(test);
+                    tests.insert("renamed".into());
+                }
+            }
+            let err = check(&stale).unwrap_err().to_string();
+            assert!(err.contains(&format!("{bin}::{test}")), "{err}");
+        }
+        let mut stale = good.clone();
+        stale.retain(|(b, _)| b != "deploy");
+        assert!(check(&stale).unwrap_err().to_string().contains("deploy"));
     }
 }
