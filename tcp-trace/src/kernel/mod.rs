@@ -7,6 +7,7 @@ mod owners;
 mod privileges;
 mod probe;
 mod program;
+mod requirements;
 mod storage;
 mod sums;
 pub mod tracefs;

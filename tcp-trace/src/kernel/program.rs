@@ -101,6 +101,7 @@ impl Program {
         check_privileges()?;
         raise_memlock_limit();
         let tracefs = tracefs::tracefs_root()?;
+        super::requirements::check(&tracefs)?;
         let mut probe = Probe::default();
         let storage = storage::wanted(settings.socket_storage);
         let (mut ebpf, mut optional) = load(settings, &tracefs, &mut probe, storage)?;
