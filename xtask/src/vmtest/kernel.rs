@@ -69,8 +69,19 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 /// The package of `series`: for 6.1 the one bookworm's `linux-image-amd64`
-/// depends on, for 6.12 the newest `linux-image-6.12.N+deb12-amd64`.
+/// depends on, for 6.12 the newest `linux-image-6.12.N+deb12-amd64`. A
+/// machine whose package lists are empty (a fresh container) gets them once.
 pub fn package_for(series: &str) -> Result<String> {
+    match find_package(series) {
+        Ok(found) => Ok(found),
+        Err(_) => {
+            output(Command::new("apt-get").args(["update", "-qq"]))?;
+            find_package(series)
+        }
+    }
+}
+
+fn find_package(series: &str) -> Result<String> {
     let found = match series {
         "6.1" => {
             let depends = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;

@@ -282,6 +282,30 @@ mod tests {
         assert!(known("top", "6.1.0-56-amd64").is_empty());
     }
 
+    /// README.md's table names every host-only and known entry.
+    #[test]
+    fn the_readme_names_every_entry() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let names = HOST_ONLY
+            .iter()
+            .map(|e| (e.binary, e.test))
+            .chain(KNOWN.iter().map(|k| (k.binary, k.test)));
+        for (bin, test) in names {
+            let name = if test == "*" {
+                format!("`{bin}`")
+            } else {
+                format!("{bin}::{test}")
+            };
+            // The watch tests share one line about their cause.
+            if bin == "watch" {
+                assert!(readme.contains("`watch`'s exchange tests"));
+                continue;
+            }
+            assert!(readme.contains(&name), "README.md does not name {name}");
+        }
+    }
+
     #[test]
     fn a_stale_entry_is_an_error() {
         let mut good: Vec<(String, BTreeSet<String>)> = Vec::new();
