@@ -23,6 +23,7 @@ use std::{
     ffi::OsString,
     fs,
     io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
@@ -363,6 +364,16 @@ fn boot(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    // The guest goes with xtask (Ctrl-C, a CI timeout), never outlives it.
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        qemu.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let start = Instant::now();
     let mut child = qemu.spawn().context("running qemu-system-x86_64")?;
     let stdout = child.stdout.take().expect("piped");
