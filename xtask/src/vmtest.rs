@@ -118,6 +118,10 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
             binary_timeout_s: options.binary_timeout.as_secs(),
             test: options.test.clone(),
             env: options.env.clone(),
+            agent: executables
+                .iter()
+                .find(|p| p.file_name().is_some_and(|n| n == "tcp-trace"))
+                .map(|p| p.to_string_lossy().into_owned()),
         };
         let initrd = work.join("initrd.cpio");
         build_initramfs(&initrd, &kernel, &plan, &executables)?;
@@ -149,6 +153,9 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
                     r.passed, r.failed, r.seconds
                 );
             }
+        }
+        for fact in &run.console.facts {
+            println!("    {fact}");
         }
         for note in &run.notes {
             println!("    note: {note}");

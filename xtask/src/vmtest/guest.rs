@@ -40,6 +40,9 @@ pub struct Plan {
     pub test: Option<String>,
     /// Extra environment for the tests (`AGENT_DUMP=1`).
     pub env: Vec<(String, String)>,
+    /// The agent's binary, run once before the tests to show what it
+    /// says at start-up on this kernel.
+    pub agent: Option<String>,
 }
 
 /// Quotes `s` for the shell, as one word.
@@ -104,6 +107,16 @@ echo "VMTEST FACT kernel.perf_event_paranoid=$(cat /proc/sys/kernel/perf_event_p
 cd /tmp
 "#,
     );
+    if let Some(agent) = &plan.agent {
+        // Its start-up lines (the notes and the path it traces with), each
+        // marked; its events go nowhere.
+        writeln!(
+            s,
+            "{} watch --duration 1 2>&1 >/dev/null | while read -r l; do echo \"VMTEST AGENT $l\"; done",
+            sh_quote(agent)
+        )
+        .unwrap();
+    }
     for binary in &plan.binaries {
         let threads = binary.threads.unwrap_or(plan.test_threads);
         let mut args = format!("--test-threads={threads}");
@@ -184,7 +197,7 @@ impl Console {
                     self.booted = Some(rest.split_whitespace().next().unwrap_or("").into());
                     self.boot_uptime = field(rest, "uptime").and_then(|v| v.parse().ok());
                 }
-                "HAS" | "LACKS" | "FACT" => self.facts.push(format!("{word} {rest}")),
+                "HAS" | "LACKS" | "FACT" | "AGENT" => self.facts.push(format!("{word} {rest}")),
                 "FATAL" => self.fatal = Some(rest.to_string()),
                 "BEGIN" => {
                     self.binaries
@@ -313,6 +326,7 @@ mod tests {
             binary_timeout_s: 900,
             test: None,
             env: vec![("AGENT_DUMP".into(), "1".into())],
+            agent: Some("/work/x/target/debug/tcp-trace".into()),
         }
     }
 
@@ -321,6 +335,7 @@ mod tests {
         let s = init_script(&plan());
         assert!(s.starts_with("#!/bin/busybox sh\n"));
         assert!(s.contains("export AGENT_DUMP='1'\n"));
+        assert!(s.contains("'/work/x/target/debug/tcp-trace' watch --duration 1 2>&1 >/dev/null"));
         assert!(s.contains("insmod '/lib/modules/6.1.0-1-amd64/9p.ko' || fail"));
         assert!(s.contains("target '/work/x/target' || fail mount 9p"));
         assert!(s.contains(
