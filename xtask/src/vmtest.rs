@@ -112,7 +112,10 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
                 .collect(),
             binaries: guest_binaries(&binaries, &listed, &kernel.release)
                 .into_iter()
-                .filter(|b| options.only.is_empty() || options.only.contains(&b.name))
+                .filter(|b| {
+                    let base = b.name.split('@').next().unwrap_or(&b.name).to_string();
+                    options.only.is_empty() || options.only.contains(&base)
+                })
                 .collect(),
             test_threads: options.test_threads,
             binary_timeout_s: options.binary_timeout.as_secs(),
@@ -204,15 +207,30 @@ fn guest_binaries(
                         .iter()
                         .any(|(name, _)| *name == b.name)
                         .then_some(1),
+                    env: Vec::new(),
                 });
             }
         }
     }
     println!(
         "xtask: vmtest: {release}: {in_guest} tests in {} binaries run in the guest, {host_only} \
-         stay on the host (xtask/src/vmtest/suite.rs)",
-        out.len()
+         stay on the host (xtask/src/vmtest/suite.rs); {} run again on the classic path",
+        out.len(),
+        suite::CLASSIC.join(", ")
     );
+    let classic: Vec<guest::GuestBinary> = out
+        .iter()
+        .filter(|b| suite::CLASSIC.contains(&b.name.as_str()))
+        .map(|b| guest::GuestBinary {
+            name: format!("{}@classic", b.name),
+            path: b.path.clone(),
+            skip: b.skip.clone(),
+            known: b.known.clone(),
+            threads: b.threads,
+            env: vec![("TCP_TRACE_CLASSIC".into(), "1".into())],
+        })
+        .collect();
+    out.extend(classic);
     out
 }
 
@@ -477,7 +495,8 @@ fn known_outcomes(
             ));
             continue;
         }
-        for known in suite::known(&binary.name, release) {
+        let base = binary.name.split('@').next().unwrap_or(&binary.name);
+        for known in suite::known(base, release) {
             let test = format!("{}::{}", known.binary, known.test);
             if result.failures.iter().any(|t| t == known.test) {
                 notes.push(format!("known failure {test}: {}", known.reason));

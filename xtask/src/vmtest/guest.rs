@@ -21,6 +21,8 @@ pub struct GuestBinary {
     pub known: Vec<String>,
     /// `--test-threads` for it, when not the plan's.
     pub threads: Option<u32>,
+    /// Environment for this run of it (`TCP_TRACE_CLASSIC=1`).
+    pub env: Vec<(String, String)>,
 }
 
 /// The console name of a binary's run of its known failures.
@@ -128,30 +130,35 @@ cd /tmp
                 write!(args, " --skip {}", sh_quote(test)).unwrap();
             }
         }
-        run(&mut s, plan, &binary.name, &binary.path, &args);
+        run(&mut s, plan, binary, &binary.name, &args);
         if plan.test.is_none() && !binary.known.is_empty() {
             let mut args = format!("--test-threads={threads} --exact");
             for test in &binary.known {
                 write!(args, " {}", sh_quote(test)).unwrap();
             }
-            run(&mut s, plan, &known_run(&binary.name), &binary.path, &args);
+            run(&mut s, plan, binary, &known_run(&binary.name), &args);
         }
     }
     s.push_str("echo \"VMTEST DONE uptime=$(cut -d' ' -f1 /proc/uptime)\"\npoweroff -f\n");
     s
 }
 
-/// Runs `path args` between markers naming the run `name`.
-fn run(s: &mut String, plan: &Plan, name: &str, path: &str, args: &str) {
+/// Runs the binary with `args` between markers naming the run `name`.
+fn run(s: &mut String, plan: &Plan, binary: &GuestBinary, name: &str, args: &str) {
+    let env: String = binary
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={} ", sh_quote(v)))
+        .collect();
     writeln!(
         s,
         "echo VMTEST BEGIN {name}\n\
          t0=$(cut -d' ' -f1 /proc/uptime)\n\
-         timeout -s KILL {timeout} {path} {args} 2>&1\n\
+         {env}timeout -s KILL {timeout} {path} {args} 2>&1\n\
          rc=$?\n\
          echo \"VMTEST END {name} rc=$rc start=$t0 end=$(cut -d' ' -f1 /proc/uptime)\"",
         timeout = plan.binary_timeout_s,
-        path = sh_quote(path),
+        path = sh_quote(&binary.path),
     )
     .unwrap();
 }
@@ -313,6 +320,15 @@ mod tests {
                     skip: vec!["needs_python".into()],
                     known: vec!["rport".into()],
                     threads: None,
+                    env: vec![],
+                },
+                GuestBinary {
+                    name: "watch@classic".into(),
+                    path: "/work/x/target/debug/deps/watch-1".into(),
+                    skip: vec![],
+                    known: vec![],
+                    threads: None,
+                    env: vec![("TCP_TRACE_CLASSIC".into(), "1".into())],
                 },
                 GuestBinary {
                     name: "burst".into(),
@@ -320,6 +336,7 @@ mod tests {
                     skip: vec![],
                     known: vec![],
                     threads: Some(1),
+                    env: vec![],
                 },
             ],
             test_threads: 2,
@@ -346,6 +363,10 @@ mod tests {
              timeout -s KILL 900 '/work/x/target/debug/deps/watch-1' --test-threads=2 --exact 'rport' 2>&1"
         ));
         assert!(!s.contains("burst+known"));
+        assert!(s.contains(
+            "echo VMTEST BEGIN watch@classic\nt0=$(cut -d' ' -f1 /proc/uptime)\n\
+             TCP_TRACE_CLASSIC='1' timeout -s KILL 900 '/work/x/target/debug/deps/watch-1' --test-threads=2 2>&1"
+        ));
         assert!(s.contains("'/work/x/target/debug/deps/burst-2' --test-threads=1 2>&1"));
         assert!(s.trim_end().ends_with("poweroff -f"));
         assert_eq!(sh_quote("it's"), r"'it'\''s'");

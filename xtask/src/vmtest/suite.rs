@@ -195,6 +195,12 @@ fn guests_apply(guests: Guests, release: &str) -> bool {
     }
 }
 
+/// Test binaries run a second time in each guest with `TCP_TRACE_CLASSIC=1`,
+/// on the classic tracepoint path (the fallback where the BTF program is
+/// refused or the kernel has no BTF), as `NAME@classic`: the tests of what
+/// the kernel reports (sequences, owners, bytes, handshakes, eviction).
+pub const CLASSIC: &[&str] = &["watch", "handshake", "capacity"];
+
 /// Test binaries run with one test thread in the guests (the others with
 /// `--test-threads`), and why.
 pub const ONE_THREAD: &[(&str, &str)] = &[(
@@ -246,7 +252,9 @@ pub fn check(binaries: &[(String, BTreeSet<String>)]) -> Result<()> {
     let named = HOST_ONLY
         .iter()
         .map(|e| (e.binary, e.test))
-        .chain(KNOWN.iter().map(|k| (k.binary, k.test)));
+        .chain(KNOWN.iter().map(|k| (k.binary, k.test)))
+        .chain(CLASSIC.iter().map(|b| (*b, "*")))
+        .chain(ONE_THREAD.iter().map(|(b, _)| (*b, "*")));
     for (bin, test) in named {
         let Some((_, tests)) = binaries.iter().find(|(name, _)| name == bin) else {
             bail!("vmtest's lists name test binary {bin}, which does not exist");
@@ -313,6 +321,12 @@ mod tests {
             .iter()
             .map(|e| (e.binary, e.test))
             .chain(KNOWN.iter().map(|k| (k.binary, k.test)))
+            .chain(
+                CLASSIC
+                    .iter()
+                    .chain(ONE_THREAD.iter().map(|(b, _)| b))
+                    .map(|b| (*b, "x")),
+            )
         {
             match good.iter_mut().find(|(b, _)| b == bin) {
                 Some((_, tests)) => {
