@@ -73,6 +73,9 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug
 chmod 1777 /tmp
+# A host's login allows thousands of descriptors (capacity holds 3,072
+# sockets per test, two tests at once); the kernel gives init 1,024 (4,096 hard).
+ulimit -n 65536
 # Kernel messages would cut into the tests' lines on the one console.
 echo 1 > /proc/sys/kernel/printk
 hostname vmtest
