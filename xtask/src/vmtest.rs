@@ -156,7 +156,7 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
         for name in &run.expected {
             if let Some(r) = run.console.binaries.get(name) {
                 println!(
-                    "      {name:<12} {:>3} passed {:>2} failed {:>6.1} s",
+                    "      {name:<18} {:>3} passed {:>2} failed {:>6.1} s",
                     r.passed, r.failed, r.seconds
                 );
             }
@@ -501,7 +501,7 @@ fn known_outcomes(
         }
         let base = binary.name.split('@').next().unwrap_or(&binary.name);
         for known in suite::known(base, release) {
-            let test = format!("{}::{}", known.binary, known.test);
+            let test = format!("{}::{}", binary.name, known.test);
             if result.failures.iter().any(|t| t == known.test) {
                 notes.push(format!("known failure {test}: {}", known.reason));
             } else if result.passes.iter().any(|t| t == known.test) {
