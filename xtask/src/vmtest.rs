@@ -125,6 +125,15 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
                 .iter()
                 .find(|p| p.file_name().is_some_and(|n| n == "tcp-trace"))
                 .map(|p| p.to_string_lossy().into_owned()),
+            agent_runs: vec![
+                ("default".into(), Vec::new()),
+                (
+                    "storage".into(),
+                    STORAGE_ENV
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .to_vec(),
+                ),
+            ],
         };
         let initrd = work.join("initrd.cpio");
         build_initramfs(&initrd, &kernel, &plan, &executables)?;
@@ -178,6 +187,9 @@ pub fn vmtest(root: &Path, path: &OsString, options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// The environment of the second pass: every agent with `--socket-storage`.
+const STORAGE_ENV: [(&str, &str); 1] = [("TCP_TRACE_SOCKET_STORAGE", "1")];
+
 /// The binaries and tests a guest running `release` runs; says how many.
 fn guest_binaries(
     binaries: &[TestBinary],
@@ -218,23 +230,25 @@ fn guest_binaries(
     }
     println!(
         "xtask: vmtest: {release}: {in_guest} tests in {} binaries run in the guest, {host_only} \
-         stay on the host (xtask/src/vmtest/suite.rs); {} run again on the classic path",
+         stay on the host (xtask/src/vmtest/suite.rs); {} run again with socket storage",
         out.len(),
-        suite::CLASSIC.join(", ")
+        suite::STORAGE.join(", ")
     );
-    let classic: Vec<guest::GuestBinary> = out
+    let storage: Vec<guest::GuestBinary> = out
         .iter()
-        .filter(|b| suite::CLASSIC.contains(&b.name.as_str()))
+        .filter(|b| suite::STORAGE.contains(&b.name.as_str()))
         .map(|b| guest::GuestBinary {
-            name: format!("{}@classic", b.name),
+            name: format!("{}@storage", b.name),
             path: b.path.clone(),
             skip: b.skip.clone(),
             known: b.known.clone(),
             threads: b.threads,
-            env: vec![("TCP_TRACE_CLASSIC".into(), "1".into())],
+            env: STORAGE_ENV
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .to_vec(),
         })
         .collect();
-    out.extend(classic);
+    out.extend(storage);
     out
 }
 
@@ -454,6 +468,18 @@ fn boot(
         ));
     } else if !status.success() && console.done {
         problems.push(format!("qemu exited with {status}"));
+    }
+    // The second pass must run where it says: an agent that fell back to
+    // the map there would test the first pass's path twice.
+    let storage_line = console
+        .facts
+        .iter()
+        .find(|f| f.starts_with("AGENT storage ") && f.contains(" tracing "));
+    if plan.agent.is_some() && !storage_line.is_some_and(|l| l.contains("socket storage")) {
+        problems.push(format!(
+            "the agent with {} does not trace with socket storage: {storage_line:?}",
+            STORAGE_ENV[0].0
+        ));
     }
     let mut notes = Vec::new();
     if plan.test.is_none() {

@@ -21,7 +21,7 @@ pub struct GuestBinary {
     pub known: Vec<String>,
     /// `--test-threads` for it, when not the plan's.
     pub threads: Option<u32>,
-    /// Environment for this run of it (`TCP_TRACE_CLASSIC=1`).
+    /// Environment for this run of it (`TCP_TRACE_SOCKET_STORAGE=1`).
     pub env: Vec<(String, String)>,
 }
 
@@ -42,9 +42,10 @@ pub struct Plan {
     pub test: Option<String>,
     /// Extra environment for the tests (`AGENT_DUMP=1`).
     pub env: Vec<(String, String)>,
-    /// The agent's binary, run once before the tests to show what it
-    /// says at start-up on this kernel.
+    /// The agent's binary, run before the tests to show what it says at
+    /// start-up on this kernel: once per `(label, environment)` here.
     pub agent: Option<String>,
+    pub agent_runs: Vec<(String, Vec<(String, String)>)>,
 }
 
 /// Quotes `s` for the shell, as one word.
@@ -113,14 +114,20 @@ cd /tmp
 "#,
     );
     if let Some(agent) = &plan.agent {
-        // Its start-up lines (the notes and the path it traces with), each
-        // marked; its events go nowhere.
-        writeln!(
-            s,
-            "{} watch --duration 1 2>&1 >/dev/null | while read -r l; do echo \"VMTEST AGENT $l\"; done",
-            sh_quote(agent)
-        )
-        .unwrap();
+        for (label, env) in &plan.agent_runs {
+            // Its start-up lines (the notes and the path it traces with),
+            // each marked; its events go nowhere.
+            let env: String = env
+                .iter()
+                .map(|(k, v)| format!("{k}={} ", sh_quote(v)))
+                .collect();
+            writeln!(
+                s,
+                "{env}{} watch --duration 1 2>&1 >/dev/null | while read -r l; do echo \"VMTEST AGENT {label} $l\"; done",
+                sh_quote(agent)
+            )
+            .unwrap();
+        }
     }
     for binary in &plan.binaries {
         let threads = binary.threads.unwrap_or(plan.test_threads);
@@ -326,12 +333,12 @@ mod tests {
                     env: vec![],
                 },
                 GuestBinary {
-                    name: "watch@classic".into(),
+                    name: "watch@storage".into(),
                     path: "/work/x/target/debug/deps/watch-1".into(),
                     skip: vec![],
                     known: vec![],
                     threads: None,
-                    env: vec![("TCP_TRACE_CLASSIC".into(), "1".into())],
+                    env: vec![("TCP_TRACE_SOCKET_STORAGE".into(), "1".into())],
                 },
                 GuestBinary {
                     name: "burst".into(),
@@ -347,6 +354,13 @@ mod tests {
             test: None,
             env: vec![("AGENT_DUMP".into(), "1".into())],
             agent: Some("/work/x/target/debug/tcp-trace".into()),
+            agent_runs: vec![
+                ("default".into(), vec![]),
+                (
+                    "storage".into(),
+                    vec![("TCP_TRACE_SOCKET_STORAGE".into(), "1".into())],
+                ),
+            ],
         }
     }
 
@@ -355,7 +369,12 @@ mod tests {
         let s = init_script(&plan());
         assert!(s.starts_with("#!/bin/busybox sh\n"));
         assert!(s.contains("export AGENT_DUMP='1'\n"));
-        assert!(s.contains("'/work/x/target/debug/tcp-trace' watch --duration 1 2>&1 >/dev/null"));
+        assert!(s.contains(
+            "'/work/x/target/debug/tcp-trace' watch --duration 1 2>&1 >/dev/null | while read -r l; do echo \"VMTEST AGENT default $l\"; done"
+        ));
+        assert!(s.contains(
+            "TCP_TRACE_SOCKET_STORAGE='1' '/work/x/target/debug/tcp-trace' watch --duration 1"
+        ));
         assert!(s.contains("insmod '/lib/modules/6.1.0-1-amd64/9p.ko' || fail"));
         assert!(s.contains("target '/work/x/target' || fail mount 9p"));
         assert!(s.contains(
@@ -367,8 +386,8 @@ mod tests {
         ));
         assert!(!s.contains("burst+known"));
         assert!(s.contains(
-            "echo VMTEST BEGIN watch@classic\nt0=$(cut -d' ' -f1 /proc/uptime)\n\
-             TCP_TRACE_CLASSIC='1' timeout -s KILL 900 '/work/x/target/debug/deps/watch-1' --test-threads=2 2>&1"
+            "echo VMTEST BEGIN watch@storage\nt0=$(cut -d' ' -f1 /proc/uptime)\n\
+             TCP_TRACE_SOCKET_STORAGE='1' timeout -s KILL 900 '/work/x/target/debug/deps/watch-1' --test-threads=2 2>&1"
         ));
         assert!(s.contains("'/work/x/target/debug/deps/burst-2' --test-threads=1 2>&1"));
         assert!(s.trim_end().ends_with("poweroff -f"));

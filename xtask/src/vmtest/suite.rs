@@ -187,11 +187,12 @@ fn guests_apply(guests: Guests, release: &str) -> bool {
     }
 }
 
-/// Test binaries run a second time in each guest with `TCP_TRACE_CLASSIC=1`,
-/// on the classic tracepoint path (the fallback where the BTF program is
-/// refused or the kernel has no BTF), as `NAME@classic`: the tests of what
-/// the kernel reports (sequences, owners, bytes, handshakes, eviction).
-pub const CLASSIC: &[&str] = &["watch", "handshake", "capacity"];
+/// Test binaries run a second time in each guest with
+/// `TCP_TRACE_SOCKET_STORAGE=1` (as `--socket-storage` for every agent: the
+/// BTF tracepoint program with socket storage), as `NAME@storage`: the tests
+/// of what the kernel reports (sequences, owners, bytes, handshakes).
+/// `capacity` runs both paths by itself.
+pub const STORAGE: &[&str] = &["watch", "handshake"];
 
 /// Test binaries run with one test thread in the guests (the others with
 /// `--test-threads`), and why.
@@ -245,7 +246,7 @@ pub fn check(binaries: &[(String, BTreeSet<String>)]) -> Result<()> {
         .iter()
         .map(|e| (e.binary, e.test))
         .chain(KNOWN.iter().map(|k| (k.binary, k.test)))
-        .chain(CLASSIC.iter().map(|b| (*b, "*")))
+        .chain(STORAGE.iter().map(|b| (*b, "*")))
         .chain(ONE_THREAD.iter().map(|(b, _)| (*b, "*")));
     for (bin, test) in named {
         let Some((_, tests)) = binaries.iter().find(|(name, _)| name == bin) else {
@@ -321,7 +322,7 @@ mod tests {
             .map(|e| (e.binary, e.test))
             .chain(KNOWN.iter().map(|k| (k.binary, k.test)))
             .chain(
-                CLASSIC
+                STORAGE
                     .iter()
                     .chain(ONE_THREAD.iter().map(|(b, _)| b))
                     .map(|b| (*b, "x")),
