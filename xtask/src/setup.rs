@@ -41,7 +41,7 @@ pub fn setup() -> Result<Tools> {
     })
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -114,12 +114,17 @@ fn on_path(command: &str) -> bool {
         .any(|dir| dir.join(command).is_file())
 }
 
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// The packages of `(command, package)` pairs whose command is missing.
+fn missing(packages: &[(&str, &'static str)]) -> Vec<&'static str> {
+    packages
         .iter()
         .filter(|(command, _)| !on_path(command))
         .map(|(_, package)| *package)
-        .collect();
+        .collect()
+}
+
+fn ensure_packages() -> Result<()> {
+    let missing = missing(PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }
@@ -155,11 +160,7 @@ fn ensure_packages() -> Result<()> {
 /// decompressors for Debian's kernels), without Recommends: QEMU's pull in
 /// a desktop's worth of packages the headless TCG guests never use.
 fn ensure_vm_packages() -> Result<()> {
-    let missing: Vec<&str> = crate::vmtest::HOST_PACKAGES
-        .iter()
-        .filter(|(command, _)| !on_path(command))
-        .map(|(_, package)| *package)
-        .collect();
+    let missing = missing(crate::vmtest::HOST_PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }

@@ -14,6 +14,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::bzimage;
+use crate::setup::output;
 
 /// The kernel series the guests boot, as `--kernel` names them.
 pub const SERIES: [&str; 2] = ["6.1", "6.12"];
@@ -55,17 +56,6 @@ pub struct Kernel {
     pub vmlinux: PathBuf,
     /// The modules to load, dependencies first, as uncompressed `.ko` files.
     pub modules: Vec<PathBuf>,
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The package of `series`: for 6.1 the one bookworm's `linux-image-amd64`
