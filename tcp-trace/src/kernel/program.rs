@@ -395,7 +395,7 @@ fn attach_programs(ebpf: &mut Ebpf, optional: &Attachments) -> Result<()> {
     if optional.storage {
         storage::attach(ebpf)?;
     } else {
-        attach_classic(ebpf)?;
+        attach_tracepoint(ebpf, MAIN_PROGRAM, &[(tracefs::CATEGORY, tracefs::NAME)])?;
     }
     // SYN-ACK retransmissions are rare and time the server's handshake
     // when they happen; kernels without the tracepoint go without.
@@ -407,27 +407,6 @@ fn attach_programs(ebpf: &mut Ebpf, optional: &Attachments) -> Result<()> {
         )?;
     }
     owners::attach(ebpf, optional.accept)
-}
-
-fn attach_classic(ebpf: &mut Ebpf) -> Result<()> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(MAIN_PROGRAM)
-        .context("the BPF object has no program inet_sock_set_state")?
-        .try_into()
-        .context("inet_sock_set_state is not a tracepoint program")?;
-    program
-        .load()
-        .context("the kernel's verifier rejected the program")?;
-    program
-        .attach(tracefs::CATEGORY, tracefs::NAME)
-        .with_context(|| {
-            format!(
-                "attaching to the tracepoint {}:{}",
-                tracefs::CATEGORY,
-                tracefs::NAME
-            )
-        })?;
-    Ok(())
 }
 
 /// Loads program `name` and attaches it to each `(category, event)`.
