@@ -488,11 +488,32 @@ impl Filter {
         self.matches_endpoints(family, lport, rport) && (self.pid == 0 || pid == Some(self.pid))
     }
 
+    /// `matches` for a transition whose remote end is not known yet (see
+    /// `peer_not_set`): only the local clauses can reject it; userspace
+    /// applies the others once the peer is known.
+    #[inline(always)]
+    pub fn matches_local(&self, family: u16, lport: u16, pid: Option<u32>) -> bool {
+        self.matches_family(family)
+            && (self.lport == 0 || lport == self.lport)
+            && (self.pid == 0 || pid == Some(self.pid))
+    }
+
     /// The cgroup filter, given whether the owner runs inside its subtree.
     #[inline(always)]
     pub fn matches_cgroup(&self, in_cgroup: bool) -> bool {
         self.cgroup_id == 0 || in_cgroup
     }
+}
+
+/// Whether a transition is a passively opened socket's first,
+/// `LISTEN -> SYN_RECV`, fired before the kernel copied the peer's address
+/// and port into the new socket: its remote port reads 0. Kernels up to at
+/// least 6.12 fire it that early (`inet_csk_clone_lock` sets the state
+/// first); 6.18 sets the addresses first. The socket's next transition
+/// carries them.
+#[inline(always)]
+pub fn peer_not_set(old_state: u8, new_state: u8, rport: u16) -> bool {
+    old_state == state::LISTEN && new_state == state::SYN_RECV && rport == 0
 }
 
 /// Log-linear histogram of durations in ns, shared by the kernel's in-place
@@ -604,7 +625,10 @@ pub mod hist {
 
 #[cfg(test)]
 mod tests {
-    use super::{close_kind, errno, handshake_outcome, outcome, state, Filter, AF_INET, AF_INET6};
+    use super::{
+        close_kind, errno, handshake_outcome, outcome, peer_not_set, state, Filter, AF_INET,
+        AF_INET6,
+    };
 
     #[test]
     fn handshakes_end_by_state_then_error() {
@@ -661,6 +685,32 @@ mod tests {
         assert!(!f.matches_endpoints(AF_INET, 1, 2));
         assert!(!f.matches(AF_INET, 1, 2, Some(3)));
         assert!(f.matches(AF_INET6, 1, 2, Some(3)));
+    }
+
+    #[test]
+    fn a_transition_without_its_peer_is_filtered_on_its_local_end_only() {
+        assert!(peer_not_set(state::LISTEN, state::SYN_RECV, 0));
+        assert!(!peer_not_set(state::LISTEN, state::SYN_RECV, 5000));
+        assert!(!peer_not_set(state::SYN_SENT, state::ESTABLISHED, 0));
+        let remote = Filter {
+            rport: 5000,
+            port: 5000,
+            ..Filter::default()
+        };
+        assert!(remote.matches_local(AF_INET, 80, None));
+        let local = Filter {
+            lport: 80,
+            pid: 7,
+            ..Filter::default()
+        };
+        assert!(local.matches_local(AF_INET, 80, Some(7)));
+        assert!(!local.matches_local(AF_INET, 81, Some(7)));
+        assert!(!local.matches_local(AF_INET, 80, Some(8)));
+        assert!(!Filter {
+            family: AF_INET6,
+            ..Filter::default()
+        }
+        .matches_local(AF_INET, 80, None));
     }
 
     #[test]

@@ -36,9 +36,9 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use tcp_trace_common::{
-    counter, hist, outcome, side, state, tally, AcceptOffsets, ConnKey, Filter, HalfOpenKey,
-    Listener, Owner, SkFields, SockOffsets, SockState, SynackLayout, TaskOffsets, TracepointLayout,
-    AF_INET, IPPROTO_TCP, KNOWN_LAYOUT,
+    counter, hist, outcome, peer_not_set, side, state, tally, AcceptOffsets, ConnKey, Filter,
+    HalfOpenKey, Listener, Owner, SkFields, SockOffsets, SockState, SynackLayout, TaskOffsets,
+    TracepointLayout, AF_INET, IPPROTO_TCP, KNOWN_LAYOUT,
 };
 
 use crate::{
@@ -451,7 +451,12 @@ fn follow(
     let filter = global(&FILTER);
     let owner = tracked.owner;
     let pid = owner.is_known().then_some(owner.pid);
-    if !filter.matches(rec.family, rec.sport, rec.dport, pid)
+    let endpoints_match = if peer_not_set(rec.old_state, rec.new_state, rec.dport) {
+        filter.matches_local(rec.family, rec.sport, pid)
+    } else {
+        filter.matches(rec.family, rec.sport, rec.dport, pid)
+    };
+    if !endpoints_match
         || !filter.matches_cgroup(owner.in_cgroup != 0)
         || !closes_from(&filter, rec)
     {

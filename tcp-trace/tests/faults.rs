@@ -158,6 +158,23 @@ fn runs_as_nobody_with_the_documented_capabilities() {
     let port = free_port();
     let p = port.to_string();
     let least = "+bpf,+perfmon,+dac_read_search";
+    // Debian's and Ubuntu's kernels patch kernel.perf_event_paranoid=3 (their
+    // default) to refuse perf events to all but CAP_SYS_ADMIN: the agent
+    // must say so and name the fix; then the test applies that fix.
+    let _paranoid = Paranoid::at_most_2(|| {
+        let out = as_nobody_with(&bin, least, &["watch", "--duration", "1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert!(
+                stderr.contains("kernel.perf_event_paranoid is 3")
+                    && stderr.contains("sysctl kernel.perf_event_paranoid=2"),
+                "{stderr}"
+            );
+        }
+    });
     let agent = Agent::spawn(as_nobody_with(
         &bin,
         least,
@@ -201,6 +218,33 @@ fn runs_as_nobody_with_the_documented_capabilities() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = fs::remove_dir_all(bin.parent().unwrap());
+}
+
+/// `kernel.perf_event_paranoid` lowered to 2 while this lives, and set back
+/// after, where it was higher.
+struct Paranoid(Option<String>);
+
+const PERF_EVENT_PARANOID: &str = "/proc/sys/kernel/perf_event_paranoid";
+
+impl Paranoid {
+    /// Runs `above_2` first when the setting is above 2.
+    fn at_most_2(above_2: impl FnOnce()) -> Paranoid {
+        let was = fs::read_to_string(PERF_EVENT_PARANOID).unwrap();
+        if was.trim().parse::<i32>().unwrap() <= 2 {
+            return Paranoid(None);
+        }
+        above_2();
+        fs::write(PERF_EVENT_PARANOID, "2").unwrap();
+        Paranoid(Some(was))
+    }
+}
+
+impl Drop for Paranoid {
+    fn drop(&mut self) {
+        if let Some(was) = &self.0 {
+            let _ = fs::write(PERF_EVENT_PARANOID, was.trim());
+        }
+    }
 }
 
 /// `tcp-trace ARGS` with its address space capped, so that unbounded memory

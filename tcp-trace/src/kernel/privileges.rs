@@ -26,6 +26,36 @@ pub fn check_privileges() -> Result<()> {
     Ok(())
 }
 
+/// Why attaching a tracepoint failed, when the cause is the one a
+/// least-privileged agent meets on Debian's and Ubuntu's kernels: their
+/// `kernel.perf_event_paranoid=3` (a distribution patch; upstream treats 3
+/// as 2) lets only CAP_SYS_ADMIN call perf_event_open(), which classic
+/// tracepoints attach through; CAP_PERFMON is not enough. `None` for any
+/// other failure.
+pub fn perf_event_refusal(err: &anyhow::Error) -> Option<String> {
+    let refused = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)));
+    let paranoid: i32 = std::fs::read_to_string(PERF_EVENT_PARANOID)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let admin = caps::has_cap(None, CapSet::Effective, Capability::CAP_SYS_ADMIN).unwrap_or(true);
+    (refused && paranoid >= 3 && !admin).then(|| {
+        format!(
+            "kernel.perf_event_paranoid is {paranoid}: this kernel lets only CAP_SYS_ADMIN \
+             open the perf events that tracepoints attach through (a Debian and Ubuntu \
+             patch), so CAP_BPF and CAP_PERFMON are not enough here; set \
+             `sysctl kernel.perf_event_paranoid=2` (upstream Linux's default), or give \
+             tcp-trace CAP_SYS_ADMIN"
+        )
+    })
+}
+
+const PERF_EVENT_PARANOID: &str = "/proc/sys/kernel/perf_event_paranoid";
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones charge
 /// the memory cgroup, where raising the limit is unnecessary (and may be
 /// refused without CAP_SYS_RESOURCE), so a failure here is not an error.

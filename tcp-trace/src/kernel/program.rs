@@ -20,7 +20,7 @@ use super::{
     btf::Btf,
     calibrate,
     owners::{self, ExitedOwners},
-    privileges::{check_privileges, drop_privileges, raise_memlock_limit},
+    privileges::{check_privileges, drop_privileges, perf_event_refusal, raise_memlock_limit},
     probe::Probe,
     storage::{self, Mechanism},
     sums::{per_cpu_sums, KernelSums, SumMaps},
@@ -420,9 +420,14 @@ pub(super) fn attach_tracepoint(ebpf: &mut Ebpf, name: &str, to: &[(&str, &str)]
         .load()
         .with_context(|| format!("the kernel's verifier rejected {name}"))?;
     for (category, event) in to {
-        program
-            .attach(category, event)
-            .with_context(|| format!("attaching {name} to {category}:{event}"))?;
+        program.attach(category, event).map_err(|err| {
+            let err = anyhow::Error::new(err);
+            let context = format!("attaching {name} to {category}:{event}");
+            match perf_event_refusal(&err) {
+                Some(why) => err.context(why).context(context),
+                None => err.context(context),
+            }
+        })?;
     }
     Ok(())
 }

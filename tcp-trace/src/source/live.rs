@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
+use tcp_trace_common::Filter;
 use tokio::{
     io::unix::AsyncFd,
     sync::mpsc,
     time::{interval, MissedTickBehavior},
 };
 
-use super::{announce, next_tick, ticker, Consumer, Stop, Timing, Totals};
+use super::{announce, next_tick, peers::Peers, ticker, Consumer, Stop, Timing, Totals};
 use crate::{
     kernel::{Program, Settings},
     model,
@@ -52,6 +53,8 @@ pub async fn live_visited<C: Consumer>(
     let mut totals = Totals::default();
     let mut reader = Reader {
         cgroups: Cgroups::new(),
+        peers: Peers::default(),
+        filter: settings.filter,
     };
     announce(&program.mechanism());
 
@@ -67,6 +70,7 @@ pub async fn live_visited<C: Consumer>(
                 }
                 _ = drain_tick.tick() => {
                     reader.drain(events.get_mut(), consumer, &mut totals)?;
+                    reader.release(Some(monotonic_ns()), consumer)?;
                     program.poll_owners();
                 }
                 _ = next_tick(&mut report_tick) => {
@@ -89,7 +93,9 @@ pub async fn live_visited<C: Consumer>(
     // Detach first: then the counters are final, and the last drain holds
     // everything the program streamed.
     let counters = program.stop();
-    let streamed = streamed.and_then(|()| reader.drain(events.get_mut(), consumer, &mut totals));
+    let streamed = streamed
+        .and_then(|()| reader.drain(events.get_mut(), consumer, &mut totals))
+        .and_then(|()| reader.release(None, consumer));
     totals.kernel = counters?;
     let finished = streamed.and_then(|()| consumer.finish(&totals));
     eprintln!("{}", totals.summary());
@@ -107,10 +113,14 @@ async fn next_visit<C>(visits: &mut Option<mpsc::UnboundedReceiver<Visit<C>>>) -
     }
 }
 
-/// Turns ring-buffer records into transitions with their owners resolved.
+/// Turns ring-buffer records into transitions with their owners resolved
+/// and their peers known.
 struct Reader {
     /// Owners' cgroup ids to where they run.
     cgroups: Cgroups,
+    peers: Peers,
+    /// The user's filters, for transitions the kernel could not filter whole.
+    filter: Filter,
 }
 
 impl Reader {
@@ -129,11 +139,26 @@ impl Reader {
                     if let Some(owner) = t.owner.as_mut() {
                         owner.placement = self.cgroups.resolve(owner.cgroup_id);
                     }
-                    consumer.event(&t)?;
+                    self.peers
+                        .pass(t, &self.filter, &mut |t| consumer.event(t))?;
                 }
                 Err(_) => totals.undecodable += 1,
             }
         }
+        if any {
+            consumer.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Passes on the transitions that waited too long for their peer (see
+    /// `Peers::release`).
+    fn release(&mut self, now_ns: Option<u64>, consumer: &mut impl Consumer) -> Result<()> {
+        let mut any = false;
+        self.peers.release(now_ns, &self.filter, &mut |t| {
+            any = true;
+            consumer.event(t)
+        })?;
         if any {
             consumer.flush()?;
         }

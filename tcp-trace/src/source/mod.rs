@@ -2,6 +2,7 @@
 //! recording (`replay`). Either way they flow one way into a `Consumer`.
 
 mod live;
+mod peers;
 mod replay;
 mod stop;
 

@@ -129,42 +129,7 @@ pub struct Known {
     pub reason: &'static str,
 }
 
-const RPORT_0: &str = "on 6.1 and 6.12 the kernel fires LISTEN -> SYN_RECV for the new child \
-    socket before it sets the child's remote address and port (inet_csk_clone_lock), so \
-    that event shows remote 0.0.0.0:0 (::, 0 for IPv6); the test wants the peer's port";
-
-pub const KNOWN: &[Known] = &[
-    Known {
-        binary: "watch",
-        test: "ipv4_exchange_sequences_owners_and_durations",
-        guests: Guests::All,
-        deterministic: true,
-        reason: RPORT_0,
-    },
-    Known {
-        binary: "watch",
-        test: "ipv6_exchange_sequences_owners_and_durations",
-        guests: Guests::All,
-        deterministic: true,
-        reason: RPORT_0,
-    },
-    Known {
-        binary: "watch",
-        test: "exchange_through_the_probe_read_path",
-        guests: Guests::All,
-        deterministic: true,
-        reason: RPORT_0,
-    },
-    Known {
-        binary: "faults",
-        test: "runs_as_nobody_with_the_documented_capabilities",
-        guests: Guests::All,
-        deterministic: true,
-        reason: "Debian's kernels default to kernel.perf_event_paranoid=3, where a Debian \
-                 patch lets only CAP_SYS_ADMIN open perf events: attaching the tracepoint \
-                 with CAP_BPF + CAP_PERFMON fails with EACCES",
-    },
-];
+pub const KNOWN: &[Known] = &[];
 
 impl Known {
     pub fn applies(&self, release: &str) -> bool {
