@@ -73,6 +73,8 @@ ln -s /run /var/run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug
+# Where systemd mounts it on a host (debugfs also shows it, under debug/).
+mount -t tracefs tracefs /sys/kernel/tracing
 chmod 1777 /tmp
 # A host's login allows thousands of descriptors (capacity holds 3,072
 # sockets per test, two tests at once); the kernel gives init 1,024 (4,096 hard).
