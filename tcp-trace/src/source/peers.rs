@@ -119,16 +119,30 @@ mod tests {
         }
     }
 
-    fn collect(peers: &mut Peers, filter: &Filter, ts: Vec<Transition>) -> Vec<Transition> {
+    /// Transitions as `(socket, time, old, new, remote port)`.
+    type Steps<'a> = &'a [(u64, u64, TcpState, TcpState, u16)];
+
+    fn collect(peers: &mut Peers, filter: &Filter, steps: Steps) -> Vec<Transition> {
         let mut seen = Vec::new();
-        for t in ts {
+        for &(sk, ts_ns, old, new, rport) in steps {
             peers
-                .pass(t, filter, &mut |t| {
+                .pass(transition(sk, ts_ns, old, new, rport), filter, &mut |t| {
                     seen.push(t.clone());
                     Ok(())
                 })
                 .unwrap();
         }
+        seen
+    }
+
+    fn released(peers: &mut Peers, now_ns: Option<u64>, filter: &Filter) -> Vec<Transition> {
+        let mut seen = Vec::new();
+        peers
+            .release(now_ns, filter, &mut |t| {
+                seen.push(t.clone());
+                Ok(())
+            })
+            .unwrap();
         seen
     }
 
@@ -138,10 +152,10 @@ mod tests {
         let seen = collect(
             &mut peers,
             &Filter::default(),
-            vec![
-                transition(1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 0),
-                transition(2, 11, TcpState::CLOSE, TcpState::SYN_SENT, 443),
-                transition(1, 12, TcpState::SYN_RECV, TcpState::ESTABLISHED, 5000),
+            &[
+                (1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 0),
+                (2, 11, TcpState::CLOSE, TcpState::SYN_SENT, 443),
+                (1, 12, TcpState::SYN_RECV, TcpState::ESTABLISHED, 5000),
             ],
         );
         let order: Vec<(u64, u64)> = seen.iter().map(|t| (t.sk, t.ts_ns)).collect();
@@ -167,18 +181,13 @@ mod tests {
         let mut seen = collect(
             &mut peers,
             &filter,
-            vec![
-                transition(1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 0),
-                transition(2, 11, TcpState::LISTEN, TcpState::SYN_RECV, 0),
-                transition(2, 13, TcpState::SYN_RECV, TcpState::ESTABLISHED, 6000),
+            &[
+                (1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 0),
+                (2, 11, TcpState::LISTEN, TcpState::SYN_RECV, 0),
+                (2, 13, TcpState::SYN_RECV, TcpState::ESTABLISHED, 6000),
             ],
         );
-        peers
-            .release(None, &filter, &mut |t| {
-                seen.push(t.clone());
-                Ok(())
-            })
-            .unwrap();
+        seen.extend(released(&mut peers, None, &filter));
         let order: Vec<(u64, u64)> = seen.iter().map(|t| (t.sk, t.ts_ns)).collect();
         assert_eq!(order, [(2, 11), (2, 13)]);
         assert!(peers.waiting.is_empty());
@@ -190,22 +199,16 @@ mod tests {
         let seen = collect(
             &mut peers,
             &Filter::default(),
-            vec![
-                transition(1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 0),
-                transition(2, 500_000_000, TcpState::LISTEN, TcpState::SYN_RECV, 0),
+            &[
+                (1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 0),
+                (2, 500_000_000, TcpState::LISTEN, TcpState::SYN_RECV, 0),
             ],
         );
         assert!(seen.is_empty());
         let all = Filter::default();
-        let mut release = |now_ns| {
-            let mut released = Vec::new();
-            peers
-                .release(now_ns, &all, &mut |t| {
-                    released.push(t.ts_ns);
-                    Ok(())
-                })
-                .unwrap();
-            released
+        let mut release = |now_ns| -> Vec<u64> {
+            let times = released(&mut peers, now_ns, &all);
+            times.iter().map(|t| t.ts_ns).collect()
         };
         assert!(release(Some(10 + WAIT_NS - 1)).is_empty());
         assert_eq!(release(Some(10 + WAIT_NS)), [10]);
@@ -219,9 +222,9 @@ mod tests {
         let seen = collect(
             &mut peers,
             &Filter::default(),
-            vec![
-                transition(1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 5000),
-                transition(1, 12, TcpState::SYN_RECV, TcpState::ESTABLISHED, 5000),
+            &[
+                (1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 5000),
+                (1, 12, TcpState::SYN_RECV, TcpState::ESTABLISHED, 5000),
             ],
         );
         assert_eq!(seen.len(), 2);
