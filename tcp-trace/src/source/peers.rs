@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use tcp_trace_common::{peer_not_set, Filter};
 
-use crate::model::Transition;
+use crate::model::{TcpState, Transition};
 
 /// How long a first transition waits for its socket's next one before it is
 /// passed on as it came (its next one was lost, or never came).
@@ -38,20 +38,25 @@ impl Peers {
         filter: &Filter,
         out: &mut impl FnMut(&Transition) -> Result<()>,
     ) -> Result<()> {
+        if let Some(mut first) = self.waiting.remove(&t.sk) {
+            // The child's next transition is out of SYN_RECV. Any other
+            // means its next was lost and this is a later socket at the
+            // same address: the first is passed on as it came.
+            if t.old_state == TcpState::SYN_RECV && !t.accept {
+                first.laddr = t.laddr;
+                first.raddr = t.raddr;
+                first.rport = t.rport;
+            }
+            if first.passes(filter) {
+                out(&first)?;
+            }
+        }
         if !t.accept
             && peer_not_set(t.old_state.0, t.new_state.0, t.rport)
             && self.waiting.len() < WAITING
         {
             self.waiting.insert(t.sk, t);
             return Ok(());
-        }
-        if let Some(mut first) = self.waiting.remove(&t.sk) {
-            first.laddr = t.laddr;
-            first.raddr = t.raddr;
-            first.rport = t.rport;
-            if first.passes(filter) {
-                out(&first)?;
-            }
         }
         out(&t)
     }
@@ -90,7 +95,6 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::model::TcpState;
 
     fn transition(sk: u64, ts_ns: u64, old: TcpState, new: TcpState, rport: u16) -> Transition {
         let addr = |last| {
@@ -213,6 +217,25 @@ mod tests {
         assert!(release(Some(10 + WAIT_NS - 1)).is_empty());
         assert_eq!(release(Some(10 + WAIT_NS)), [10]);
         assert_eq!(release(None), [500_000_000]);
+        assert!(peers.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_later_socket_at_the_same_address_does_not_complete_the_first() {
+        let mut peers = Peers::default();
+        // The first child's next transitions were lost; its address was
+        // reused by a second child, and then by a client.
+        let seen = collect(
+            &mut peers,
+            &Filter::default(),
+            &[
+                (1, 10, TcpState::LISTEN, TcpState::SYN_RECV, 0),
+                (1, 20, TcpState::LISTEN, TcpState::SYN_RECV, 0),
+                (1, 30, TcpState::CLOSE, TcpState::SYN_SENT, 443),
+            ],
+        );
+        let order: Vec<(u64, u16)> = seen.iter().map(|t| (t.ts_ns, t.rport)).collect();
+        assert_eq!(order, [(10, 0), (20, 0), (30, 443)]);
         assert!(peers.waiting.is_empty());
     }
 
