@@ -295,7 +295,11 @@ fn stats_and_life_live_and_replayed() {
             a["lifetime_ns"].as_u64().unwrap(),
             b["lifetime_ns"].as_u64().unwrap(),
         );
-        assert!(x.abs_diff(y) < 1_000_000, "lifetimes {x} vs {y}");
+        // Each agent's program reads the clock itself on the same two
+        // transitions: a microsecond apart on a host, but an emulated
+        // guest's vCPU can stall between the two programs (2.4 ms seen on
+        // 6.12 under TCG).
+        assert!(x.abs_diff(y) < 5_000_000, "lifetimes {x} vs {y}");
     }
     std::fs::remove_file(&file).unwrap();
 }
