@@ -26,3 +26,15 @@ pub use {
     agent::*, cgroup::*, container::*, http::*, net::*, nft::*, nginx::*, peer::*, prometheus::*,
     py::*, scratch::*,
 };
+
+/// How far apart two agents' programs may stamp the same transition: each
+/// reads the clock itself, microseconds apart on a host; in an emulated
+/// guest (the VM tests set `TCP_TRACE_EMULATED=1`) a vCPU can stall for
+/// milliseconds between them (2.4 ms seen on 6.12 under TCG).
+pub fn stamp_jitter_ns() -> u64 {
+    if std::env::var_os("TCP_TRACE_EMULATED").is_some() {
+        5_000_000
+    } else {
+        10_000
+    }
+}

@@ -61,6 +61,8 @@ pub fn init_script(plan: &Plan) -> String {
 /bin/busybox --install -s /bin
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 USER=root
+# Tests widen their clock-jitter allowance under emulation.
+export TCP_TRACE_EMULATED=1
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
