@@ -5,6 +5,7 @@ mod common;
 
 use std::{
     collections::HashMap,
+    io::Write as _,
     net::SocketAddr,
     process::Command,
     time::{Duration, Instant},
@@ -399,7 +400,12 @@ fn kprobes_time_a_stay_the_test_ends_or_sock_diag_is_said() {
         .unwrap();
     assert_eq!(row["entered"], 1, "{report:#}");
     let stay = Duration::from_nanos(row["time_wait"]["max_ns"].as_u64().unwrap());
-    eprintln!("TIME_WAIT stay reported {stay:?}, known {known:?}");
+    // Straight to stderr, past libtest's capture: the VM run's console
+    // keeps the figure.
+    let _ = writeln!(
+        std::io::stderr(),
+        "timewait: TIME_WAIT stay reported {stay:?}, known {known:?}"
+    );
     assert!(
         stay.abs_diff(known) <= TOLERANCE,
         "stay {stay:?} against {known:?} (±{TOLERANCE:?}): {report:#}"

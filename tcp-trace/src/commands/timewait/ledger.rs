@@ -398,8 +398,8 @@ impl Ledger {
         }
     }
 
-    /// Recounts the sockets lingering per owner (the readings do it on the
-    /// sock_diag path).
+    /// Recounts the sockets lingering per owner (each reading does it on
+    /// the sock_diag path; on the precise path, each report).
     pub fn refresh(&mut self) {
         self.count_lingering();
     }

@@ -42,6 +42,9 @@ struct TimewaitCommand {
 
 impl TimewaitCommand {
     fn report(&mut self, now_ns: u64, last: bool, totals: &Totals) -> Result<()> {
+        // The readings recount lingering sockets per owner; the probes'
+        // records do not (a recount per record would cost a busy host).
+        self.tracker.ledger.refresh();
         let sysctls = read_timewait_sysctls();
         let (ledger, by, dropped) = (&self.tracker.ledger, self.by, totals.dropped());
         self.sink.report(

@@ -49,8 +49,6 @@ pub struct Tracker {
     /// Entries and exits from the kernel's timewait functions: no readings
     /// after the first.
     probes: bool,
-    /// Precise path: when the lingering counts were last refreshed.
-    refreshed_ns: u64,
 }
 
 /// The agent's own namespace through sock_diag, the others through a
@@ -110,7 +108,6 @@ impl Tracker {
             dumps: None,
             period,
             probes: false,
-            refreshed_ns: 0,
         })
     }
 
@@ -166,11 +163,6 @@ impl Tracker {
     /// Applies the readings that arrived; events up to now are already in.
     pub fn apply_pending(&mut self) -> Result<()> {
         if self.probes {
-            let now = monotonic_ns();
-            if now.saturating_sub(self.refreshed_ns) >= POLL.as_nanos() as u64 {
-                self.ledger.refresh();
-                self.refreshed_ns = now;
-            }
             return Ok(());
         }
         while let Some(dump) = self.dumps.as_ref().and_then(|d| d.try_recv().ok()) {
@@ -182,7 +174,6 @@ impl Tracker {
     /// Stops the thread and takes one last reading now; returns its time.
     pub fn finish(&mut self) -> Result<u64> {
         if self.probes {
-            self.ledger.refresh();
             return Ok(monotonic_ns());
         }
         self.apply_pending()?;
