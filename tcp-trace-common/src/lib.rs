@@ -111,6 +111,66 @@ pub struct Event {
 /// Size of one `Event` record in the ring buffer.
 pub const EVENT_SIZE: usize = core::mem::size_of::<Event>();
 
+/// A timewait socket's entry, move to TIME_WAIT proper, or death, from the
+/// kprobes on the kernel's timewait functions (the precise TIME_WAIT path).
+/// It shares the ring buffer with `Event`s and is told apart by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimewaitRecord {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Kernel address of the `inet_timewait_sock`: its identity while it lives.
+    pub tw: u64,
+    /// Inode number of its network namespace.
+    pub netns: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    /// A `tw_kind` constant.
+    pub kind: u8,
+    /// `tw_substate`: `state::FIN_WAIT2` until the peer's FIN, then `TIME_WAIT`.
+    pub substate: u8,
+    pub _pad: [u8; 4],
+    /// Local address: IPv4 in the first 4 bytes, or IPv6.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// Size of one `TimewaitRecord` in the ring buffer.
+pub const TIMEWAIT_RECORD_SIZE: usize = core::mem::size_of::<TimewaitRecord>();
+const _: () = assert!(TIMEWAIT_RECORD_SIZE != EVENT_SIZE);
+
+/// `TimewaitRecord::kind`.
+pub mod tw_kind {
+    /// The timewait socket was hashed in place of the closing socket.
+    pub const ENTRY: u8 = 1;
+    /// Its timer was re-armed: with substate TIME_WAIT, the peer's FIN came.
+    pub const REARMED: u8 = 2;
+    /// It died: its timer fired, a SYN or connect() reused it, or its
+    /// namespace went away.
+    pub const EXIT: u8 = 3;
+}
+
+/// Offsets of `inet_timewait_sock` fields (its `sock_common` first) from
+/// the kernel's BTF, for the timewait kprobes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TwOffsets {
+    pub family: u32,
+    /// `skc_num`: the local port, host order.
+    pub num: u32,
+    /// `skc_dport`, big-endian.
+    pub dport: u32,
+    pub rcv_saddr: u32,
+    pub daddr: u32,
+    pub v6_rcv_saddr: u32,
+    pub v6_daddr: u32,
+    /// `skc_net` (a `struct net *`), and `net.ns.inum` inside it.
+    pub net: u32,
+    pub net_inum: u32,
+    pub substate: u32,
+}
+
 /// Owner of a socket as the kernel program remembers it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -776,6 +836,7 @@ mod user {
     unsafe impl aya::Pod for super::AcceptOffsets {}
     unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::SkFields {}
+    unsafe impl aya::Pod for super::TwOffsets {}
     unsafe impl aya::Pod for super::Owner {}
     unsafe impl aya::Pod for super::Listener {}
     unsafe impl aya::Pod for super::ConnKey {}

@@ -36,20 +36,21 @@ pub(crate) unsafe fn read_at<T>(base: u64, offset: usize) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base as *const u8).wrapping_add(offset) as *const T) }
 }
 
-/// Reserves one event, lets `fill` write it in place (an `Event` built on
-/// the stack would not fit beside the rest in BPF's 512 bytes), and submits
-/// it, waking the reader only once `WAKEUP_BYTES` are queued; discards it if
-/// `fill` fails (a failed read).
+/// Reserves one record (an `Event`, or a `TimewaitRecord`), lets `fill`
+/// write it in place (an `Event` built on the stack would not fit beside the
+/// rest in BPF's 512 bytes), and submits it, waking the reader only once
+/// `WAKEUP_BYTES` are queued; discards it if `fill` fails (a failed read).
+/// `T` must be plain integers, valid for any bytes.
 #[inline(always)]
-pub(crate) fn submit(fill: impl FnOnce(&mut Event) -> Result<(), i32>) -> Result<(), i32> {
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+pub(crate) fn submit<T: 'static>(fill: impl FnOnce(&mut T) -> Result<(), i32>) -> Result<(), i32> {
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
         count(counter::RINGBUF_FULL);
         return Ok(());
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points at the reserved record, valid and ours until
-    // submitted or discarded; zeroing it first makes it a valid `Event`
-    // (plain integers) before a reference to it is made.
+    // submitted or discarded; zeroing it first makes it a valid `T` (plain
+    // integers, as the callers' records are) before a reference to it is made.
     let ev = unsafe {
         ev.write_bytes(0, 1);
         &mut *ev

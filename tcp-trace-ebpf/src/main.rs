@@ -27,6 +27,7 @@ mod owners;
 mod record;
 mod sockets;
 mod sums;
+mod timewait;
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tcp_trace_common::{
-    counter, owner_source, state, AcceptOffsets, Owner, SockState, AF_INET, FLAG_ACCEPT,
+    counter, owner_source, state, AcceptOffsets, Event, Owner, SockState, AF_INET, FLAG_ACCEPT,
     FLAG_DURATION_KNOWN, FLAG_OWNER_KNOWN,
 };
 
@@ -175,7 +175,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         0
     };
-    submit(|ev| {
+    submit(|ev: &mut Event| {
         ev.ts_ns = now;
         ev.skaddr = sk;
         ev.duration_ns = wait_ns.unwrap_or(0);

@@ -481,6 +481,23 @@ fn boot(
             STORAGE_ENV[0].0
         ));
     }
+    // Where the guest has kprobes, `timewait` must take TIME_WAIT from them.
+    let kprobes = console
+        .facts
+        .iter()
+        .any(|f| f == "HAS /sys/bus/event_source/devices/kprobe");
+    let timewait_line = console
+        .facts
+        .iter()
+        .find(|f| f.starts_with("AGENT timewait ") && f.contains(" tracing "));
+    if plan.agent.is_some()
+        && kprobes
+        && !timewait_line.is_some_and(|l| l.contains("TIME_WAIT from kprobes"))
+    {
+        problems.push(format!(
+            "the guest has kprobes but timewait does not use them: {timewait_line:?}"
+        ));
+    }
     let mut notes = Vec::new();
     if plan.test.is_none() {
         known_outcomes(&console, plan, &kernel.release, &mut problems, &mut notes);

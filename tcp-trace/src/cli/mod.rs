@@ -160,6 +160,7 @@ impl Tracing {
             aggregate: false,
             stream_mask: 0,
             tally: false,
+            timewait: None,
         }
     }
 }

@@ -10,6 +10,7 @@ mod program;
 mod requirements;
 mod storage;
 mod sums;
+mod timewait;
 pub mod tracefs;
 
 pub use program::{attach_floor, Counters, Program, Settings, RING_BYTES};

@@ -2,14 +2,16 @@
 //! reading its counters and histograms back.
 
 use std::{
+    fmt,
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuValues, RingBuf},
-    programs::TracePoint,
+    programs::{KProbe, TracePoint},
     Ebpf, EbpfLoader,
 };
 use tcp_trace_common::{
@@ -24,6 +26,7 @@ use super::{
     probe::Probe,
     storage::{self, Mechanism},
     sums::{per_cpu_sums, KernelSums, SumMaps},
+    timewait::{self, TimewaitMethod},
     tracefs,
 };
 use crate::system::{cgroup::CgroupFs, owners::scan};
@@ -54,6 +57,9 @@ pub struct Settings {
     pub stream_mask: u32,
     /// With `aggregate`: also sum transitions, handshakes and closes.
     pub tally: bool,
+    /// Commands that follow TIME_WAIT: the period of their sock_diag
+    /// readings, used where the kernel does not offer the precise path.
+    pub timewait: Option<Duration>,
 }
 
 /// The attached program; dropping it detaches the program.
@@ -65,6 +71,24 @@ pub struct Program {
     skipped_before_start: u64,
     exited_owners: ExitedOwners,
     mechanism: Mechanism,
+    /// How TIME_WAIT is followed, for commands that follow it.
+    timewait: Option<TimewaitMethod>,
+}
+
+/// How the program traces, for the line that says tracing has begun.
+pub struct Tracing {
+    mechanism: Mechanism,
+    timewait: Option<TimewaitMethod>,
+}
+
+impl fmt::Display for Tracing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.mechanism)?;
+        match self.timewait {
+            Some(method) => write!(f, "; {method}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The program that sees every transition: each run the kernel skips is a
@@ -72,7 +96,14 @@ pub struct Program {
 const MAIN_PROGRAM: &str = "inet_sock_set_state";
 /// The programs that stream events (one of the first two is loaded): a
 /// skipped run of any is an event lost.
-const STREAMING_PROGRAMS: [&str; 3] = [MAIN_PROGRAM, storage::BTF_PROGRAM, "accept_exit"];
+const STREAMING_PROGRAMS: [&str; 6] = [
+    MAIN_PROGRAM,
+    storage::BTF_PROGRAM,
+    "accept_exit",
+    timewait::PROGRAMS[0],
+    timewait::PROGRAMS[1],
+    timewait::PROGRAMS[2],
+];
 
 /// Counters kept by the kernel program, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -105,7 +136,7 @@ impl Program {
         let mut probe = Probe::default();
         let storage = storage::wanted(settings.socket_storage);
         let (mut ebpf, mut optional) = load(settings, &tracefs, &mut probe, storage)?;
-        if let Err(err) = attach_programs(&mut ebpf, &optional) {
+        if let Err(err) = attach_programs(&mut ebpf, &mut optional, &mut probe) {
             if !optional.storage {
                 return Err(err);
             }
@@ -115,8 +146,12 @@ impl Program {
             probe = Probe::default();
             storage::fell_back(&mut probe, &err);
             (ebpf, optional) = load(settings, &tracefs, &mut probe, false)?;
-            attach_programs(&mut ebpf, &optional)?;
+            attach_programs(&mut ebpf, &mut optional, &mut probe)?;
         }
+        let timewait = settings.timewait.map(|every| match &optional.timewait {
+            Some(plan) => timewait::probes(plan),
+            None => TimewaitMethod::Table(every),
+        });
         let mechanism = if optional.storage {
             Mechanism::SocketStorage
         } else {
@@ -183,14 +218,24 @@ impl Program {
                 skipped_before_start: skipped_before_start.unwrap_or(0),
                 exited_owners,
                 mechanism,
+                timewait,
             },
             events,
         ))
     }
 
     /// How the program traces, for the line that says tracing has begun.
-    pub fn mechanism(&self) -> Mechanism {
-        self.mechanism
+    pub fn mechanism(&self) -> Tracing {
+        Tracing {
+            mechanism: self.mechanism,
+            timewait: self.timewait,
+        }
+    }
+
+    /// Whether timewait sockets come from the kprobes (`TimewaitRecord`s in
+    /// the ring buffer) rather than from readings of the kernel's table.
+    pub fn timewait_probes(&self) -> bool {
+        matches!(self.timewait, Some(TimewaitMethod::Probes { .. }))
     }
 
     /// Charges the listeners of owners that exited to the processes still
@@ -261,6 +306,9 @@ fn load(
         None
     };
     let storage = sk_fields.is_some();
+    let tw_plan = settings
+        .timewait
+        .and_then(|_| timewait::plan(btf.as_ref(), probe));
     drop(btf);
     let synack = match tracefs::read_synack_layout(tracefs) {
         Ok(layout) => {
@@ -301,6 +349,11 @@ fn load(
         .override_global("ACCEPT_OFFSETS", &accept.unwrap_or_default(), true)
         .override_global("TASK_OFFSETS", &task.unwrap_or_default(), true)
         .override_global("SK_FIELDS", &sk_fields.unwrap_or_default(), true)
+        .override_global(
+            "TW_OFFSETS",
+            &tw_plan.map(|p| p.offsets).unwrap_or_default(),
+            true,
+        )
         .override_global("SOCKET_STORAGE", &u8::from(storage), true)
         .override_global("AGGREGATE", &u8::from(settings.aggregate), true)
         .override_global("STREAM_MASK", &settings.stream_mask, true)
@@ -325,6 +378,7 @@ fn load(
         storage,
         synack: synack.is_some(),
         accept: accept.is_some(),
+        timewait: tw_plan,
     };
     Ok((ebpf, attachments))
 }
@@ -387,11 +441,13 @@ struct Attachments {
     storage: bool,
     synack: bool,
     accept: bool,
+    /// The precise TIME_WAIT path's kprobes; `None` once they failed.
+    timewait: Option<timewait::Plan>,
 }
 
 /// Verifies and attaches the main program, and the optional ones where the
 /// kernel has their tracepoints.
-fn attach_programs(ebpf: &mut Ebpf, optional: &Attachments) -> Result<()> {
+fn attach_programs(ebpf: &mut Ebpf, optional: &mut Attachments, probe: &mut Probe) -> Result<()> {
     if optional.storage {
         storage::attach(ebpf)?;
     } else {
@@ -406,7 +462,24 @@ fn attach_programs(ebpf: &mut Ebpf, optional: &Attachments) -> Result<()> {
             &[("tcp", "tcp_retransmit_synack")],
         )?;
     }
-    owners::attach(ebpf, optional.accept)
+    owners::attach(ebpf, optional.accept)?;
+    // The precise TIME_WAIT path is optional: a failure leaves the
+    // sock_diag readings, and a note saying why.
+    if let Some(plan) = optional.timewait {
+        if let Err(err) = timewait::attach(ebpf, &plan) {
+            timewait::fell_back(probe, &err);
+            for name in timewait::PROGRAMS {
+                let program: Option<&mut KProbe> =
+                    ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+                if let Some(program) = program {
+                    // Detaches what was attached; one never loaded stays so.
+                    let _ = program.unload();
+                }
+            }
+            optional.timewait = None;
+        }
+    }
+    Ok(())
 }
 
 /// Loads program `name` and attaches it to each `(category, event)`.

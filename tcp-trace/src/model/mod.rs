@@ -4,9 +4,11 @@
 pub mod errno;
 mod owner;
 pub mod recording;
+mod timewait;
 mod transition;
 
 pub use owner::{cgroup_within, Owner, OwnerSource, Placement};
+pub use timewait::{decode_timewait, is_timewait, TimewaitChange, TimewaitEvent};
 pub use transition::{decode, family, SockFields, TcpState, Transition};
 
 #[cfg(test)]

@@ -149,14 +149,7 @@ pub fn decode(bytes: &[u8]) -> Result<Transition> {
 }
 
 pub fn from_event(ev: &Event) -> Result<Transition> {
-    let (laddr, raddr) = match ev.family {
-        AF_INET => (ipv4(&ev.saddr), ipv4(&ev.daddr)),
-        AF_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(ev.saddr)),
-            IpAddr::V6(Ipv6Addr::from(ev.daddr)),
-        ),
-        other => bail!("unknown address family {other}"),
-    };
+    let (laddr, raddr) = addresses(ev.family, &ev.saddr, &ev.daddr)?;
     let (old_state, new_state) = (TcpState(ev.old_state), TcpState(ev.new_state));
     if !old_state.is_valid() || !new_state.is_valid() {
         bail!("unknown TCP state {} -> {}", ev.old_state, ev.new_state);
@@ -221,6 +214,22 @@ fn payload(ev: &Event) -> SockFields {
         bytes_received: ev.bytes_received.saturating_sub(u64::from(peer_fin)),
         error: ev.sk_err,
     }
+}
+
+/// A record's local and remote addresses: IPv4 in the first 4 bytes, or IPv6.
+pub(super) fn addresses(
+    family: u16,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+) -> Result<(IpAddr, IpAddr)> {
+    Ok(match family {
+        AF_INET => (ipv4(saddr), ipv4(daddr)),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(*saddr)),
+            IpAddr::V6(Ipv6Addr::from(*daddr)),
+        ),
+        other => bail!("unknown address family {other}"),
+    })
 }
 
 fn ipv4(bytes: &[u8; 16]) -> IpAddr {

@@ -57,6 +57,9 @@ pub async fn live_visited<C: Consumer>(
         filter: settings.filter,
     };
     announce(&program.mechanism());
+    if program.timewait_probes() {
+        consumer.timewait_probes();
+    }
 
     let streamed: Result<()> = async {
         consumer.start()?;
@@ -133,6 +136,13 @@ impl Reader {
         let mut any = false;
         while let Some(record) = ring.next() {
             any = true;
+            if model::is_timewait(&record) {
+                match model::decode_timewait(&record) {
+                    Ok(e) => consumer.timewait(&e)?,
+                    Err(_) => totals.undecodable += 1,
+                }
+                continue;
+            }
             match model::decode(&record) {
                 Ok(mut t) => {
                     totals.received += 1;

@@ -12,7 +12,10 @@ pub use live::{live, live_visited, Visit};
 pub use replay::replay;
 pub use stop::{next_tick, ticker, Stop};
 
-use crate::{kernel, model::Transition};
+use crate::{
+    kernel,
+    model::{TimewaitEvent, Transition},
+};
 
 /// A command's handling of transitions.
 pub trait Consumer {
@@ -32,6 +35,13 @@ pub trait Consumer {
     }
     /// Once, at the end.
     fn finish(&mut self, _totals: &Totals) -> Result<()> {
+        Ok(())
+    }
+    /// Before `start`, when the kernel's timewait functions are probed:
+    /// timewait sockets then arrive through `timewait`.
+    fn timewait_probes(&mut self) {}
+    /// A timewait socket's entry, move to TIME_WAIT, or death.
+    fn timewait(&mut self, _e: &TimewaitEvent) -> Result<()> {
         Ok(())
     }
 }

@@ -132,6 +132,13 @@ cd /tmp
             )
             .unwrap();
         }
+        // How `timewait` follows TIME_WAIT there (kprobes, or sock_diag).
+        writeln!(
+            s,
+            "{} timewait --duration 1 2>&1 >/dev/null | while read -r l; do echo \"VMTEST AGENT timewait $l\"; done",
+            sh_quote(agent)
+        )
+        .unwrap();
     }
     for binary in &plan.binaries {
         let threads = binary.threads.unwrap_or(plan.test_threads);
@@ -379,6 +386,7 @@ mod tests {
         assert!(s.contains(
             "TCP_TRACE_SOCKET_STORAGE='1' '/work/x/target/debug/tcp-trace' watch --duration 1"
         ));
+        assert!(s.contains("'/work/x/target/debug/tcp-trace' timewait --duration 1 2>&1"));
         assert!(s.contains("insmod '/lib/modules/6.1.0-1-amd64/9p.ko' || fail"));
         assert!(s.contains("target '/work/x/target' || fail mount 9p"));
         assert!(s.contains(

@@ -24,7 +24,7 @@ use super::timewait::Tracker;
 use crate::{
     cli::ServeConfig,
     kernel::{Program, Settings},
-    model::{Owner, TcpState, Transition},
+    model::{Owner, TcpState, TimewaitEvent, Transition},
     output::monotonic_ns,
     source::{self, Consumer, Timing, Totals},
     system::{sock_diag, usage::own_usage},
@@ -143,6 +143,15 @@ impl Consumer for ServeState {
         Ok(())
     }
 
+    fn timewait_probes(&mut self) {
+        self.tracker.use_probes();
+    }
+
+    fn timewait(&mut self, e: &TimewaitEvent) -> Result<()> {
+        self.tracker.timewait(e);
+        Ok(())
+    }
+
     fn interval(&mut self, now_ns: u64, _totals: &Totals) -> Result<()> {
         self.flush()?;
         self.ticks += 1;
@@ -195,6 +204,7 @@ pub fn run(config: ServeConfig) -> Result<()> {
             aggregate: true,
             stream_mask: STREAM_MASK,
             tally: true,
+            timewait: Some(TIMEWAIT_READINGS),
             ..config.tracing.streaming()
         };
         let timing = Timing {

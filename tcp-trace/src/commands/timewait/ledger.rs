@@ -13,7 +13,7 @@ use tcp_trace_common::Filter;
 use crate::{
     aggregate::{BoundedGroups, Histogram, Merge},
     commands::doctor::TimewaitPressure,
-    model::{family, Owner, TcpState, Transition},
+    model::{family, Owner, TcpState, TimewaitChange, TimewaitEvent, Transition},
     system::sock_diag::{Endpoints, TimewaitSocket},
 };
 
@@ -67,6 +67,17 @@ struct Lingering {
     seen: u32,
     /// Confirmed in TIME_WAIT (not only the FIN_WAIT2 substate).
     entered: bool,
+    /// Precise path: the timewait socket's kernel address (0 otherwise).
+    tw: u64,
+}
+
+/// Precise path: a timewait socket the kprobes saw hashed, not (yet)
+/// claimed by the close that made it (that event follows its entry).
+#[derive(Debug)]
+struct Seen {
+    tw: u64,
+    entered_ns: u64,
+    time_wait: bool,
 }
 
 #[derive(Clone, Default, Debug)]
@@ -150,6 +161,11 @@ pub struct Ledger {
     poll_ns: u64,
     /// Owners seen, by pid and name, shared by their sockets.
     interned: HashMap<(u32, [u8; 16]), Shared>,
+    /// Entries and exits come from the kernel's timewait functions
+    /// (`timewait`), not from readings of its table.
+    precise: bool,
+    /// Precise path: timewait sockets not claimed by a close (yet).
+    seen: BTreeMap<SocketKey, Seen>,
 }
 
 pub fn remote_key(e: &Endpoints, ephemeral: (u16, u16)) -> RemoteKey {
@@ -177,7 +193,15 @@ impl Ledger {
             entries: None,
             interned: HashMap::new(),
             poll_ns: POLL.as_nanos() as u64,
+            precise: false,
+            seen: BTreeMap::new(),
         }
+    }
+
+    /// Entries and exits from now on come from the kernel's timewait
+    /// functions (`timewait`); readings only mark what existed before.
+    pub fn use_probes(&mut self) {
+        self.precise = true;
     }
 
     /// Readings every `poll` instead of every `POLL`.
@@ -275,12 +299,109 @@ impl Ledger {
             return;
         }
         let key = (t.netns.unwrap_or(self.host_netns), Endpoints::of(t));
+        let owner = t.owner.as_ref().map(|o| self.intern(o));
+        if self.precise {
+            self.claim(key, owner);
+            return;
+        }
         let candidate = Candidate {
-            owner: t.owner.as_ref().map(|o| self.intern(o)),
+            owner,
             closed_ns: t.ts_ns,
             polls: 0,
         };
         self.candidates.insert(key, candidate);
+    }
+
+    /// Precise path: a close claims the timewait socket hashed just before
+    /// it on its endpoints; none means it closed without TIME_WAIT (or
+    /// the entry's record was lost, and counted as dropped).
+    fn claim(&mut self, key: SocketKey, owner: Option<Shared>) {
+        let Some(seen) = self.seen.remove(&key) else {
+            if let Some(row) = self.row(owner.as_deref()) {
+                row.without_timewait += 1;
+            }
+            return;
+        };
+        self.unattributed.remove(&key);
+        let lingering = Lingering {
+            owner,
+            closed_ns: seen.entered_ns,
+            seen: 0,
+            entered: false,
+            tw: seen.tw,
+        };
+        self.lingering.insert(key, lingering);
+        if seen.time_wait {
+            self.enter(key);
+        }
+    }
+
+    /// Precise path: a record from the kernel's timewait functions.
+    pub fn timewait(&mut self, e: &TimewaitEvent) {
+        if !self
+            .filter
+            .matches_endpoints(family(e.laddr), e.lport, e.rport)
+        {
+            return;
+        }
+        let endpoints = Endpoints {
+            laddr: e.laddr,
+            lport: e.lport,
+            raddr: e.raddr,
+            rport: e.rport,
+        };
+        let key = (e.netns, endpoints);
+        match e.change {
+            TimewaitChange::Entry => {
+                // Anything still kept on these endpoints is gone (one
+                // timewait socket per endpoints and namespace): its exit's
+                // record was lost.
+                self.before_start.remove(&key);
+                self.lingering.remove(&key);
+                let seen = Seen {
+                    tw: e.tw,
+                    entered_ns: e.ts_ns,
+                    time_wait: e.time_wait,
+                };
+                self.seen.insert(key, seen);
+                // Listed sockets have no owner: under --pid only claimed ones count.
+                if self.filter.pid == 0 {
+                    self.unattributed.insert(key, 0);
+                }
+            }
+            TimewaitChange::Rearmed if e.time_wait => {
+                if let Some(seen) = self.seen.get_mut(&key).filter(|s| s.tw == e.tw) {
+                    seen.time_wait = true;
+                } else if self.lingering.get(&key).is_some_and(|l| l.tw == e.tw) {
+                    self.enter(key);
+                }
+            }
+            TimewaitChange::Rearmed => {}
+            TimewaitChange::Exit => {
+                if self.seen.get(&key).is_some_and(|s| s.tw == e.tw) {
+                    self.seen.remove(&key);
+                    self.unattributed.remove(&key);
+                } else if self.lingering.get(&key).is_some_and(|l| l.tw == e.tw) {
+                    if e.time_wait {
+                        self.enter(key);
+                    }
+                    let l = self.lingering.remove(&key).expect("checked above");
+                    if l.entered {
+                        if let Some(row) = self.row(l.owner.as_deref()) {
+                            row.stay.record(e.ts_ns.saturating_sub(l.closed_ns));
+                        }
+                    }
+                } else {
+                    self.before_start.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Recounts the sockets lingering per owner (each reading does it on
+    /// the sock_diag path; on the precise path, each report).
+    pub fn refresh(&mut self) {
+        self.count_lingering();
     }
 
     /// Readings of the namespaces' timewait tables at `now_ns`; sockets of
@@ -334,6 +455,7 @@ impl Ledger {
                 closed_ns: c.closed_ns,
                 seen: now,
                 entered: false,
+                tw: 0,
             };
             self.lingering.insert(key, lingering);
         } else if let Some(l) = self.lingering.get_mut(&key) {
@@ -343,10 +465,14 @@ impl Ledger {
         } else if !by_pid {
             self.unattributed.insert(key, now);
         }
-        if !s.time_wait {
-            return;
+        if s.time_wait {
+            self.enter(key);
         }
-        let remote = remote_key(&s.endpoints, self.ephemeral);
+    }
+
+    /// A socket of ours reached TIME_WAIT proper: an entry for its owner.
+    fn enter(&mut self, key: SocketKey) {
+        let remote = remote_key(&key.1, self.ephemeral);
         let Some(l) = self.lingering.get_mut(&key).filter(|l| !l.entered) else {
             return;
         };

@@ -21,7 +21,7 @@ use crate::{
     aggregate::GroupBy,
     cli::TimewaitConfig,
     kernel::Settings,
-    model::Transition,
+    model::{TimewaitEvent, Transition},
     output::Sink,
     source::{self, Consumer, Timing, Totals},
     system::sysctl::read_timewait_sysctls,
@@ -42,6 +42,9 @@ struct TimewaitCommand {
 
 impl TimewaitCommand {
     fn report(&mut self, now_ns: u64, last: bool, totals: &Totals) -> Result<()> {
+        // The readings recount lingering sockets per owner; the probes'
+        // records do not (a recount per record would cost a busy host).
+        self.tracker.ledger.refresh();
         let sysctls = read_timewait_sysctls();
         let (ledger, by, dropped) = (&self.tracker.ledger, self.by, totals.dropped());
         self.sink.report(
@@ -78,6 +81,15 @@ impl Consumer for TimewaitCommand {
         let taken = self.tracker.finish()?;
         self.report(taken, true, totals)
     }
+
+    fn timewait_probes(&mut self) {
+        self.tracker.use_probes();
+    }
+
+    fn timewait(&mut self, e: &TimewaitEvent) -> Result<()> {
+        self.tracker.timewait(e);
+        Ok(())
+    }
 }
 
 pub fn run(config: TimewaitConfig) -> Result<()> {
@@ -99,6 +111,7 @@ pub fn run(config: TimewaitConfig) -> Result<()> {
     };
     let settings = Settings {
         filter,
+        timewait: Some(POLL),
         ..config.tracing.streaming()
     };
     let timing = Timing {
@@ -113,7 +126,7 @@ mod tests {
     use super::ledger::{Ledger, Reading, CANDIDATE_POLLS};
     use super::*;
     use crate::{
-        model::{from_event, sample_event, SockFields, TcpState},
+        model::{from_event, sample_event, SockFields, TcpState, TimewaitChange},
         output::Clock,
         system::{
             sock_diag::{Endpoints, TimewaitSocket},
@@ -337,6 +350,79 @@ mod tests {
             &Clock::with_offset(0),
         );
         assert!(text.contains("CONTAINER"), "{text}");
+    }
+
+    /// A record of the timewait kprobes about `t`'s socket.
+    fn probed(
+        t: &Transition,
+        change: TimewaitChange,
+        time_wait: bool,
+        ts_ns: u64,
+    ) -> TimewaitEvent {
+        TimewaitEvent {
+            ts_ns,
+            tw: 0xffff_0000 + u64::from(t.lport),
+            netns: HOST,
+            laddr: t.laddr,
+            lport: t.lport,
+            raddr: t.raddr,
+            rport: t.rport,
+            change,
+            time_wait,
+        }
+    }
+
+    #[test]
+    fn probes_claim_sockets_by_their_close_and_time_stays_exactly() {
+        let mut tr = Ledger::new(Default::default(), 0, (32768, 60999), HOST);
+        tr.use_probes();
+        tr.poll_host(&[], 0);
+        let row = |tr: &Ledger, pid: u32| {
+            tr.rows
+                .get(&(pid, b"curl".to_vec()))
+                .cloned()
+                .unwrap_or_default()
+        };
+        // The timewait socket is hashed just before its socket's CLOSE.
+        let a = close(40_041, "FIN_WAIT2", 5, 0);
+        tr.timewait(&probed(&a, TimewaitChange::Entry, false, S));
+        assert_eq!(tr.unattributed.len(), 1, "no owner until its close");
+        tr.event(&a);
+        assert!(tr.unattributed.is_empty());
+        assert_eq!(row(&tr, 5).entered, 0, "still in the FIN_WAIT2 substate");
+        // The peer's FIN re-arms it in TIME_WAIT.
+        tr.timewait(&probed(&a, TimewaitChange::Rearmed, true, S + 40));
+        tr.refresh();
+        assert_eq!((row(&tr, 5).entered, row(&tr, 5).lingering), (1, 1));
+        // A SYN reuses it 2 s and 7 ns after it was hashed.
+        tr.timewait(&probed(&a, TimewaitChange::Exit, true, 3 * S + 7));
+        tr.refresh();
+        let r = row(&tr, 5);
+        assert_eq!(
+            (r.lingering, r.stay.count(), r.stay.max()),
+            (0, 1, 2 * S + 7)
+        );
+        // A close without a timewait socket hashed before it.
+        tr.event(&close(40_042, "FIN_WAIT2", 5, 0));
+        assert_eq!(row(&tr, 5).without_timewait, 1);
+        // Created in TIME_WAIT; an exit of another socket on the same
+        // endpoints (an older one) does not end it.
+        let b = close(40_043, "CLOSING", 6, 0);
+        tr.timewait(&probed(&b, TimewaitChange::Entry, true, 4 * S));
+        tr.event(&b);
+        let mut stale = probed(&b, TimewaitChange::Exit, true, 5 * S);
+        stale.tw += 1;
+        tr.timewait(&stale);
+        tr.refresh();
+        assert_eq!((row(&tr, 6).entered, row(&tr, 6).lingering), (1, 1));
+        // Unclaimed sockets (another namespace's, unowned) come and go.
+        let mut c = probed(&b, TimewaitChange::Entry, true, 6 * S);
+        c.netns = 4026532999;
+        tr.timewait(&c);
+        assert_eq!(tr.lingering_by_netns()[&4026532999], 1);
+        c.change = TimewaitChange::Exit;
+        tr.timewait(&c);
+        assert_eq!(tr.lingering_total(), 1);
     }
 
     #[test]

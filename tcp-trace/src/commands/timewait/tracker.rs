@@ -1,6 +1,8 @@
 //! Following timewait sockets: candidates from the tracepoint, confirmed
 //! against readings of each network namespace's timewait table, taken every
-//! `POLL` (or a period of the caller's) on a thread of their own.
+//! `POLL` (or a period of the caller's) on a thread of their own; or, where
+//! the kernel's timewait functions are probed, claimed by the entries and
+//! exits those probes stream (one reading at start marks what existed).
 
 use std::{
     collections::HashMap,
@@ -14,7 +16,7 @@ use tcp_trace_common::Filter;
 
 use super::ledger::{Ledger, Reading, POLL};
 use crate::{
-    model::Transition,
+    model::{TimewaitEvent, Transition},
     output::monotonic_ns,
     system::{
         owners::process_start,
@@ -44,6 +46,9 @@ pub struct Tracker {
     dumps: Option<mpsc::Receiver<Dump>>,
     /// Time between two readings.
     period: Duration,
+    /// Entries and exits from the kernel's timewait functions: no readings
+    /// after the first.
+    probes: bool,
 }
 
 /// The agent's own namespace through sock_diag, the others through a
@@ -102,13 +107,29 @@ impl Tracker {
             reach: Reach::default(),
             dumps: None,
             period,
+            probes: false,
         })
+    }
+
+    /// The kernel's timewait functions are probed: entries and exits come
+    /// through `timewait` from now on.
+    pub fn use_probes(&mut self) {
+        self.probes = true;
+        self.ledger.use_probes();
+    }
+
+    /// A record from the timewait probes.
+    pub fn timewait(&mut self, e: &TimewaitEvent) {
+        self.ledger.timewait(e);
     }
 
     /// Takes the first reading (it marks what existed before us) and starts
     /// the dumping thread.
     pub fn start(&mut self) -> Result<()> {
         self.apply(dump_now(self.host_netns, &self.reach))?;
+        if self.probes {
+            return Ok(());
+        }
         let (tx, rx) = mpsc::channel();
         let (host_netns, reach, period) = (self.host_netns, self.reach.clone(), self.period);
         thread::spawn(move || loop {
@@ -131,7 +152,7 @@ impl Tracker {
         if t.accept {
             return;
         }
-        if let (Some(netns), Some(owner)) = (t.netns, &t.owner) {
+        if let (Some(netns), Some(owner), false) = (t.netns, &t.owner, self.probes) {
             if netns != self.host_netns {
                 self.remember_reach(netns, owner.pid);
             }
@@ -141,6 +162,9 @@ impl Tracker {
 
     /// Applies the readings that arrived; events up to now are already in.
     pub fn apply_pending(&mut self) -> Result<()> {
+        if self.probes {
+            return Ok(());
+        }
         while let Some(dump) = self.dumps.as_ref().and_then(|d| d.try_recv().ok()) {
             self.apply(dump)?;
         }
@@ -149,6 +173,9 @@ impl Tracker {
 
     /// Stops the thread and takes one last reading now; returns its time.
     pub fn finish(&mut self) -> Result<u64> {
+        if self.probes {
+            return Ok(monotonic_ns());
+        }
         self.apply_pending()?;
         self.dumps = None;
         let dump = dump_now(self.host_netns, &self.reach);
