@@ -67,6 +67,9 @@ fn settle(port: u16) {
         let text = String::from_utf8_lossy(&out.stdout);
         let closing = text.lines().filter(|l| !l.starts_with("TIME-WAIT")).count();
         if closing == 0 {
+            // The kernel lists a closing socket's timewait socket just
+            // before the socket's own last transition fires.
+            thread::sleep(Duration::from_millis(200));
             return;
         }
         assert!(
