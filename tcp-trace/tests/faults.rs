@@ -190,17 +190,8 @@ fn runs_as_nobody_with_the_documented_capabilities() {
 
     // Without CAP_DAC_READ_SEARCH, a tracefs of mode 0700 (the kernel's
     // default) is closed to it, and it says so.
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-    let tracefs = mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let dir = fields.nth(1)?;
-            (fields.next()? == "tracefs").then_some(dir)
-        })
-        .min_by_key(|dir| dir.len())
-        .expect("tracefs is mounted");
-    let tracefs_mode = fs::metadata(tracefs).unwrap().permissions().mode();
+    let tracefs = tracefs_root();
+    let tracefs_mode = fs::metadata(&tracefs).unwrap().permissions().mode();
     let out = as_nobody_with(&bin, "+bpf,+perfmon", &["watch", "--duration", "1"])
         .output()
         .unwrap();

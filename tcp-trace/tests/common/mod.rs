@@ -18,13 +18,14 @@ mod peer;
 mod prometheus;
 mod py;
 mod scratch;
+mod tracefs;
 
 // Flat re-exports keep the tests' `use common::...` lines short; a binary that
 // uses nothing from one module would otherwise warn about its glob.
 #[allow(unused_imports)]
 pub use {
     agent::*, cgroup::*, container::*, http::*, net::*, nft::*, nginx::*, peer::*, prometheus::*,
-    py::*, scratch::*,
+    py::*, scratch::*, tracefs::*,
 };
 
 /// How far apart two agents' programs may stamp the same transition: each

@@ -258,6 +258,51 @@ impl NetNs {
         &self.host_if
     }
 
+    /// Makes the namespace's loopback acknowledge every segment at once
+    /// (route metric `quickack`), so that no delayed-ACK timer fires later
+    /// in whatever task a CPU happens to run: the workload's transitions
+    /// then all happen in its own threads' system calls.
+    pub fn quickack_loopback(&self) {
+        for dst in ["127.0.0.0/8", "127.0.0.1"] {
+            ip(&[
+                "-n",
+                &self.name,
+                "route",
+                "change",
+                "table",
+                "local",
+                "local",
+                dst,
+                "dev",
+                "lo",
+                "proto",
+                "kernel",
+                "scope",
+                "host",
+                "src",
+                "127.0.0.1",
+                "quickack",
+                "1",
+            ]);
+        }
+    }
+
+    /// Moves the calling thread into the namespace; threads it spawns
+    /// afterwards start there too.
+    pub fn enter_on_this_thread(&self) {
+        let file = std::fs::File::open(self.path()).expect("opening the namespace");
+        // SAFETY: setns on a descriptor we own, for this thread alone; it
+        // changes no memory of ours.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns into {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// `ip netns exec NAME PROGRAM`: a command to run inside.
     pub fn command(&self, program: &str) -> Command {
         let mut command = Command::new("ip");
