@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuValues, RingBuf},
-    programs::{KProbe, TracePoint},
+    programs::{self, KProbe, ProgramError, TracePoint},
     Ebpf, EbpfLoader,
 };
 use tcp_trace_common::{
@@ -482,13 +482,21 @@ fn attach_programs(ebpf: &mut Ebpf, optional: &mut Attachments, probe: &mut Prob
     Ok(())
 }
 
-/// Loads program `name` and attaches it to each `(category, event)`.
-pub(super) fn attach_tracepoint(ebpf: &mut Ebpf, name: &str, to: &[(&str, &str)]) -> Result<()> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(name)
+/// Program `name` of the object as its type `T` (`kind` names the type for
+/// the error).
+pub(super) fn program_as<'a, T>(ebpf: &'a mut Ebpf, name: &str, kind: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
         .with_context(|| format!("the BPF object has no program {name}"))?
         .try_into()
-        .with_context(|| format!("{name} is not a tracepoint program"))?;
+        .with_context(|| format!("{name} is not a {kind} program"))
+}
+
+/// Loads program `name` and attaches it to each `(category, event)`.
+pub(super) fn attach_tracepoint(ebpf: &mut Ebpf, name: &str, to: &[(&str, &str)]) -> Result<()> {
+    let program: &mut TracePoint = program_as(ebpf, name, "tracepoint")?;
     program
         .load()
         .with_context(|| format!("the kernel's verifier rejected {name}"))?;

@@ -10,7 +10,13 @@ use anyhow::{Context as _, Result};
 use aya::{programs::BtfTracePoint, Ebpf};
 use tcp_trace_common::SkFields;
 
-use super::{btf::Btf, owners::Members, probe::Probe, program::attach_tracepoint, tracefs};
+use super::{
+    btf::Btf,
+    owners::Members,
+    probe::Probe,
+    program::{attach_tracepoint, program_as},
+    tracefs,
+};
 
 /// The BTF-typed program's name in the object.
 pub(super) const BTF_PROGRAM: &str = "sock_set_state_btf";
@@ -110,11 +116,7 @@ pub(super) fn attach(ebpf: &mut Ebpf) -> Result<()> {
 /// Verifies and attaches BTF tracepoint program `name`.
 pub(super) fn attach_btf(ebpf: &mut Ebpf, name: &str) -> Result<()> {
     let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(name)
-        .with_context(|| format!("the BPF object has no program {name}"))?
-        .try_into()
-        .with_context(|| format!("{name} is not a BTF tracepoint program"))?;
+    let program: &mut BtfTracePoint = program_as(ebpf, name, "BTF tracepoint")?;
     program
         .load(tracefs::NAME, &btf)
         .context("the kernel's verifier rejected the BTF tracepoint program")?;

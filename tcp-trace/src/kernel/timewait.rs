@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result};
 use aya::{programs::KProbe, Ebpf};
 use tcp_trace_common::TwOffsets;
 
-use super::{btf::Btf, owners::Members, probe::Probe};
+use super::{btf::Btf, owners::Members, probe::Probe, program::program_as};
 
 /// The start-up notes' name for the path.
 const PRECISE: &str = "TIME_WAIT timed by kprobes on the kernel's timewait functions";
@@ -176,11 +176,7 @@ pub(super) fn attach(ebpf: &mut Ebpf, plan: &Plan) -> Result<()> {
         (REARM_PROGRAM, REARM),
         (EXIT_PROGRAM, EXIT),
     ] {
-        let kprobe: &mut KProbe = ebpf
-            .program_mut(program)
-            .with_context(|| format!("the BPF object has no program {program}"))?
-            .try_into()
-            .with_context(|| format!("{program} is not a kprobe program"))?;
+        let kprobe: &mut KProbe = program_as(ebpf, program, "kprobe")?;
         kprobe
             .load()
             .with_context(|| format!("the kernel's verifier rejected {program}"))?;
