@@ -97,9 +97,21 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     let (ra, rb) = (&by_comm["tt-closer-a"], &by_comm["tt-closer-b"]);
     assert_eq!(ra["pid"].as_u64(), Some(a_pid as u64));
     assert_eq!(rb["pid"].as_u64(), Some(b_pid as u64));
+    // A timewait socket may end early: under `tcp_tw_reuse` (2, Linux's
+    // default, covers loopback) a connect may take over its 4-tuple as soon
+    // as the clock's second has ticked past its last timestamp, milliseconds
+    // later (seen once in 70 on 6.12, where kprobes time each end). Those
+    // are finished stays, not lingering ones.
+    let still_lingering = |row: &Value| {
+        row["entered"].as_u64().unwrap() - row["time_wait"]["count"].as_u64().unwrap()
+    };
     for (row, n) in [(ra, 50), (rb, 20)] {
         let entered = row["entered"].as_u64().unwrap();
-        assert_eq!(row["lingering"].as_u64(), Some(entered), "{report:#}");
+        assert_eq!(
+            row["lingering"].as_u64(),
+            Some(still_lingering(row)),
+            "{report:#}"
+        );
         assert!(entered <= n, "{report:#}");
         if dropped == 0 {
             assert_eq!(resolved(&report, row["comm"].as_str().unwrap()), n);
@@ -113,7 +125,7 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
     // What we count lingering is what the kernel lists: ours, any whose
     // close was skipped (unattributed), and timewait sockets an earlier test
     // left with this remote port ("before start", for us and for ss alike).
-    let ours = ra["entered"].as_u64().unwrap() + rb["entered"].as_u64().unwrap();
+    let ours = still_lingering(ra) + still_lingering(rb);
     let unattributed = report["unattributed"]["lingering"].as_u64().unwrap();
     let before = report["before_start"]["lingering"].as_u64().unwrap();
     assert!(unattributed <= dropped, "{report:#}");
