@@ -114,18 +114,39 @@ fn settle(ns: Option<&NetNs>, port: u16) {
     }
 }
 
-/// Events printed, the summary's received and dropped counts, the summary,
-/// and the printed lines.
-fn accounting(agent: Agent) -> (u64, u64, u64, String, Vec<String>) {
-    let (lines, stderr) = agent.stop_raw();
-    let summary = stderr
-        .iter()
-        .find(|l| l.contains("events received"))
-        .unwrap_or_else(|| panic!("no summary: {stderr:?}"))
-        .clone();
-    let received = summary_count(&summary, " events received");
-    let dropped = summary_count(&summary, " dropped (");
-    (lines.len() as u64, received, dropped, summary, lines)
+/// One agent's account of a burst, from its output and its summary.
+struct Accounting {
+    /// Lines printed (`watch --json`: one per event).
+    lines: Vec<String>,
+    received: u64,
+    dropped: u64,
+    summary: String,
+}
+
+impl Accounting {
+    fn of(agent: Agent) -> Accounting {
+        let (lines, stderr) = agent.stop_raw();
+        let summary = stderr
+            .iter()
+            .find(|l| l.contains("events received"))
+            .unwrap_or_else(|| panic!("no summary: {stderr:?}"))
+            .clone();
+        Accounting {
+            received: summary_count(&summary, " events received"),
+            dropped: summary_count(&summary, " dropped ("),
+            lines,
+            summary,
+        }
+    }
+
+    /// Transitions printed or counted dropped.
+    fn seen(&self) -> u64 {
+        self.received + self.dropped
+    }
+
+    fn printed(&self) -> u64 {
+        self.lines.len() as u64
+    }
 }
 
 #[test]
@@ -150,12 +171,13 @@ fn every_transition_of_a_burst_is_printed_or_counted_dropped() {
         burst(Some(&ns), port, 1);
         settle(Some(&ns), port);
         for (agent, extra) in running.into_iter().zip(agents) {
-            let (printed, received, dropped, summary, _) = accounting(agent);
-            assert_eq!(printed, received, "{summary}");
-            assert_eq!(received + dropped, truth, "{agents:?}: {summary}");
+            let account = Accounting::of(agent);
+            let summary = &account.summary;
+            assert_eq!(account.printed(), account.received, "{summary}");
+            assert_eq!(account.seen(), truth, "{agents:?}: {summary}");
             if !extra.is_empty() {
                 assert!(
-                    summary_count(&summary, " ring buffer full") > 0,
+                    summary_count(summary, " ring buffer full") > 0,
                     "a one-page ring kept up: {summary}"
                 );
             }
@@ -196,12 +218,13 @@ fn transitions_the_kernel_skips_are_counted_so_the_totals_still_balance() {
             truth - CONNECTIONS,
             "transitions tracefs saw"
         );
-        let results: Vec<_> = agents.into_iter().map(accounting).collect();
+        let results: Vec<_> = agents.into_iter().map(Accounting::of).collect();
         let hidden = hidden_at_most(&recorded.foreign, &results);
         let mut skipped_here = Vec::new();
-        for (printed, received, dropped, summary, _) in &results {
-            assert_eq!(printed, received, "{summary}");
-            let seen = received + dropped;
+        for account in &results {
+            let summary = &account.summary;
+            assert_eq!(account.printed(), account.received, "{summary}");
+            let seen = account.seen();
             assert!(
                 seen <= truth && seen + hidden.len() as u64 >= truth,
                 "{seen} of {truth} transitions printed or counted dropped, {} of the \
@@ -214,11 +237,11 @@ fn transitions_the_kernel_skips_are_counted_so_the_totals_still_balance() {
         }
         // The kernel hands a transition to every classic program or to none.
         assert_eq!(
-            results[0].1 + results[0].2,
-            results[1].1 + results[1].2,
+            results[0].seen(),
+            results[1].seen(),
             "{} / {}",
-            results[0].3,
-            results[1].3
+            results[0].summary,
+            results[1].summary
         );
         // One guard per CPU for every tracepoint program: both agents' programs
         // are skipped together.
@@ -235,14 +258,11 @@ fn transitions_the_kernel_skips_are_counted_so_the_totals_still_balance() {
 /// program (see the module's comment): made in another task's time slice,
 /// and printed by neither agent (a transition one agent printed was handed
 /// to both). Tracefs lines.
-fn hidden_at_most(
-    foreign: &[Firing],
-    results: &[(u64, u64, u64, String, Vec<String>)],
-) -> Vec<String> {
+fn hidden_at_most(foreign: &[Firing], results: &[Accounting]) -> Vec<String> {
     let mut printed: HashMap<(u16, u16, String, String), usize> = HashMap::new();
-    for (.., lines) in results {
+    for account in results {
         let mut here: HashMap<_, usize> = HashMap::new();
-        for line in lines {
+        for line in &account.lines {
             let e: serde_json::Value = serde_json::from_str(line).unwrap();
             if e["event"] != "transition" {
                 continue;
