@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use super::agent::{wait_timeout, Ev};
+use super::{
+    agent::{wait_timeout, Ev},
+    net::NetNs,
+};
 
 /// The `tcp_peer` example, built by `cargo test` next to the test binaries.
 fn peer_bin() -> PathBuf {
@@ -33,12 +36,36 @@ pub struct Peer {
 
 impl Peer {
     pub fn spawn(args: &[String]) -> Peer {
-        let mut child = Command::new(peer_bin())
+        Self::spawn_in(None, args)
+    }
+
+    /// A peer in network namespace `netns` (the host's when `None`).
+    pub fn spawn_in(netns: Option<&NetNs>, args: &[String]) -> Peer {
+        let mut command = Command::new(peer_bin());
+        command
             .args(args)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawning tcp_peer");
+            .stdout(Stdio::piped());
+        // Kept open until the child has been spawned.
+        let netns = netns.map(|ns| std::fs::File::open(ns.path()).expect("opening the namespace"));
+        if let Some(file) = &netns {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+            // SAFETY: the child calls only setns, which is async-signal-safe,
+            // on a descriptor the parent holds open across the spawn.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(
+                    &mut command,
+                    move || match libc::setns(fd, libc::CLONE_NEWNET) {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error()),
+                    },
+                );
+            }
+        }
+        Self::from_child(command.spawn().expect("spawning tcp_peer"))
+    }
+
+    fn from_child(mut child: Child) -> Peer {
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Peer {
@@ -92,40 +119,48 @@ impl Peer {
     /// A server for `count` connections, each reading `incoming` bytes and
     /// writing `outgoing` before its hold.
     pub fn server_n(
+        netns: Option<&NetNs>,
         addr: SocketAddr,
         script: Script,
         count: usize,
         incoming: usize,
         outgoing: usize,
     ) -> Peer {
-        Self::spawn(&[
-            "server".into(),
-            addr.to_string(),
-            script.hold.as_millis().to_string(),
-            script.linger.as_millis().to_string(),
-            count.to_string(),
-            incoming.to_string(),
-            outgoing.to_string(),
-        ])
+        Self::spawn_in(
+            netns,
+            &[
+                "server".into(),
+                addr.to_string(),
+                script.hold.as_millis().to_string(),
+                script.linger.as_millis().to_string(),
+                count.to_string(),
+                incoming.to_string(),
+                outgoing.to_string(),
+            ],
+        )
     }
 
     /// `count` concurrent client connections, each writing `outgoing` bytes
     /// and expecting `incoming`.
     pub fn client_n(
+        netns: Option<&NetNs>,
         addr: SocketAddr,
         script: Script,
         count: usize,
         outgoing: usize,
         incoming: usize,
     ) -> Peer {
-        Self::spawn(&[
-            "client".into(),
-            addr.to_string(),
-            script.linger.as_millis().to_string(),
-            count.to_string(),
-            outgoing.to_string(),
-            incoming.to_string(),
-        ])
+        Self::spawn_in(
+            netns,
+            &[
+                "client".into(),
+                addr.to_string(),
+                script.linger.as_millis().to_string(),
+                count.to_string(),
+                outgoing.to_string(),
+                incoming.to_string(),
+            ],
+        )
     }
 
     pub fn pid(&self) -> u32 {
@@ -192,10 +227,22 @@ pub fn exchanges(
     up: usize,
     down: usize,
 ) -> (u32, u32) {
-    let mut server = Peer::server_n(addr, script, count, up, down);
+    exchanges_in(None, addr, script, count, up, down)
+}
+
+/// `exchanges`, with both peers in network namespace `netns`.
+pub fn exchanges_in(
+    netns: Option<&NetNs>,
+    addr: SocketAddr,
+    script: Script,
+    count: usize,
+    up: usize,
+    down: usize,
+) -> (u32, u32) {
+    let mut server = Peer::server_n(netns, addr, script, count, up, down);
     server.go();
     server.expect_line("listening");
-    let mut client = Peer::client_n(addr, script, count, up, down);
+    let mut client = Peer::client_n(netns, addr, script, count, up, down);
     client.go();
     let pids = (server.pid(), client.pid());
     client.finish();
