@@ -367,6 +367,56 @@ pub fn bench_floor(_ctx: TracePointContext) -> u32 {
     0
 }
 
+/// The benchmark's second floor: what any tool that times each state per
+/// socket must do on every transition, and nothing else. It reads the record,
+/// keeps the socket's entry time in `SOCKETS` (lookup, insert, delete at
+/// CLOSE) and counts the stay in `HISTOGRAMS`: no owners, filters, tallies
+/// or streaming. `cargo xtask bench` measures the modes' extra cost over it.
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn bench_floor_timing(ctx: TracePointContext) -> u32 {
+    let _ = try_floor_timing(&ctx);
+    0
+}
+
+fn try_floor_timing(ctx: &TracePointContext) -> Result<(), i32> {
+    let layout = global(&LAYOUT);
+    let rec = read_record(ctx, global(&DIRECT) != 0, &layout)?;
+    if rec.protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    // SAFETY: a helper without arguments that only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match SOCKETS.get_ptr_mut(rec.skaddr) {
+        Some(sock) => {
+            // SAFETY: as in `track_socket`: a preallocated LRU value, plain
+            // data, valid for this run.
+            let sock = unsafe { &mut *sock };
+            if sock.state == rec.old_state {
+                let stay = now.wrapping_sub(sock.entered_ns);
+                let index = u32::from(rec.old_state) * hist::BUCKETS + hist::bucket(stay);
+                if let Some(slot) = HISTOGRAMS.get_ptr_mut(index) {
+                    // SAFETY: as in `count`: a per-CPU value, valid for this run.
+                    unsafe { *slot += 1 };
+                }
+            }
+            sock.entered_ns = now;
+            sock.state = rec.new_state;
+        }
+        None => {
+            let sock = SockState {
+                entered_ns: now,
+                state: rec.new_state,
+                ..SockState::default()
+            };
+            let _ = SOCKETS.insert(rec.skaddr, sock, 0);
+        }
+    }
+    if rec.new_state == state::CLOSE {
+        let _ = SOCKETS.remove(rec.skaddr);
+    }
+    Ok(())
+}
+
 #[inline(always)]
 fn global<T: Copy>(value: &'static T) -> T {
     // Volatile: these are patched at load time, the compiler must not fold them.

@@ -49,7 +49,11 @@ pub fn run() -> ExitCode {
         Command::Doctor(args) => doctor::run(args.into_config()),
         Command::Top(args) => top::run(args.into_config()),
         Command::Serve(args) => serve::run(args.into_config()),
-        Command::BenchFloor { btf } => bench_floor::run(btf),
+        Command::BenchFloor { btf, timing } => bench_floor::run(match (btf, timing) {
+            (true, _) => kernel::Floor::Btf,
+            (_, true) => kernel::Floor::Timing,
+            _ => kernel::Floor::Classic,
+        }),
         Command::GenerateAssets(args) => generate_assets::run(&args.dir),
     };
     match result {

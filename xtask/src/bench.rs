@@ -41,6 +41,11 @@ const CONFIGS: &[Config] = &[
         what: "the tracepoint's dispatch to an empty BTF (raw) tracepoint program: no record is built",
     },
     Config {
+        name: "floor (timing only)",
+        args: &["bench-floor", "--timing"],
+        what: "what any tool that times each socket's states pays per transition: the record read, the socket's entry time kept in the LRU map (lookup, insert, delete at close) and one histogram increment; no owners, filters, tallies or streaming",
+    },
+    Config {
         name: "watch --json --socket-storage",
         args: &["watch", "--json", "--socket-storage"],
         what: "as `watch --json`, with the BTF program, per-socket state in socket storage, and its classic helper telling task context",
@@ -158,7 +163,27 @@ impl Row {
     }
 }
 
-pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Result<()> {
+pub fn bench(
+    quick: bool,
+    only: &[String],
+    root: &Path,
+    tracer: &Path,
+    churn_bin: &Path,
+) -> Result<()> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|name| !CONFIGS.iter().any(|c| c.name == **name))
+    {
+        let names: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
+        bail!(
+            "no configuration named {unknown:?}; there are: {}",
+            names.join(", ")
+        );
+    }
+    let configs: Vec<&Config> = CONFIGS
+        .iter()
+        .filter(|c| only.is_empty() || only.iter().any(|name| name == c.name))
+        .collect();
     // Keeps run-time statistics on while held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics")?;
@@ -171,7 +196,7 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
         (LOADS, PAIRS)
     };
     for load in loads {
-        for config in CONFIGS {
+        for config in &configs {
             let mut row = Row::default();
             for _ in 0..pairs {
                 let base = churn(churn_bin, load)?;
@@ -212,7 +237,7 @@ pub fn bench(quick: bool, root: &Path, tracer: &Path, churn_bin: &Path) -> Resul
             table.push('\n');
         }
     }
-    if quick {
+    if quick || !only.is_empty() {
         return Ok(());
     }
     for config in CONFIGS {

@@ -56,6 +56,10 @@ enum Task {
         /// Flat-out load only, 3 pairs, no memory run; prints, writes nothing.
         #[arg(long)]
         quick: bool,
+        /// Only the configurations named so (as in the table's second
+        /// column, e.g. "serve"); with --quick, a quick A/B of one change.
+        #[arg(long, value_name = "CONFIGURATION")]
+        only: Vec<String>,
     },
     /// Fuzz the ring-buffer decoder and the replay parser (cargo fuzz, nightly),
     /// starting from the corpus in tcp-trace/fuzz/corpus.
@@ -186,10 +190,11 @@ fn run(task: Task) -> Result<ExitCode> {
                 }
             }
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             build(&root)?;
             bench::bench(
                 quick,
+                &only,
                 &root,
                 &root.join("target/release/tcp-trace"),
                 &root.join("target/release/churn"),

@@ -53,6 +53,9 @@ pub enum Command {
         /// An empty BTF tracepoint program instead of a classic one.
         #[arg(long)]
         btf: bool,
+        /// A classic program that only times each socket's states.
+        #[arg(long, conflicts_with = "btf")]
+        timing: bool,
     },
     /// Write the man pages and shell completions that a package installs.
     #[command(hide = true)]
@@ -111,6 +114,9 @@ impl FilterArgs {
     }
 }
 
+/// `--max-sockets` unless given: sockets the kernel tracks at once.
+pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
+
 /// Flags every tracing command takes: which sockets, how many the kernel
 /// tracks, and for how long.
 #[derive(Args, Debug, Clone)]
@@ -118,7 +124,7 @@ pub struct TracingArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Most sockets tracked at once (LRU: the least recently active are evicted, and counted).
-    #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    #[arg(long, default_value_t = DEFAULT_MAX_SOCKETS, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
     /// Keep the kernel's per-socket state in socket-local storage (a BTF
     /// tracepoint; kernels with BTF) instead of the LRU map: no limit, no

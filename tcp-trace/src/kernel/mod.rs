@@ -13,5 +13,5 @@ mod sums;
 mod timewait;
 pub mod tracefs;
 
-pub use program::{attach_floor, Counters, Program, Settings, RING_BYTES};
+pub use program::{attach_floor, Counters, Floor, Program, Settings, RING_BYTES};
 pub use sums::KernelSums;

@@ -671,33 +671,56 @@ fn direct_reads(layout: &TracepointLayout, probe: &mut Probe) -> bool {
     reason.is_none()
 }
 
-/// Loads and attaches the empty `bench_floor` program (for `cargo xtask
-/// bench`); it stays attached until the returned handle is dropped.
-/// With `btf`, the empty BTF tracepoint program `bench_floor_btf` instead.
-pub fn attach_floor(btf: bool) -> Result<Ebpf> {
+/// The programs `cargo xtask bench` measures every mode against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Floor {
+    /// `bench_floor`: an empty classic tracepoint program.
+    Classic,
+    /// `bench_floor_btf`: an empty BTF tracepoint program.
+    Btf,
+    /// `bench_floor_timing`: per-socket timing into histograms, nothing else.
+    Timing,
+}
+
+/// Loads and attaches a floor program (for `cargo xtask bench`); it stays
+/// attached until the returned handle is dropped.
+pub fn attach_floor(floor: Floor, max_sockets: u32) -> Result<Ebpf> {
     check_privileges()?;
     raise_memlock_limit();
-    tracefs::tracefs_root()?;
-    // The maps are created with the object but unused here: keep them small.
+    let tracefs = tracefs::tracefs_root()?;
+    let timing = floor == Floor::Timing;
+    let layout = tracefs::read_layout(&tracefs)?;
+    let direct = direct_reads(&layout, &mut Probe::default());
+    // The maps are created with the object; all but the timing floor's stay
+    // unused: keep them small.
     let mut ebpf = EbpfLoader::new()
         .btf(None)
-        .map_max_entries("HISTOGRAMS", 1)
+        .override_global("LAYOUT", &layout, true)
+        .override_global("DIRECT", &u8::from(direct), true)
+        .map_max_entries(
+            "HISTOGRAMS",
+            if timing {
+                hist::STATES * hist::BUCKETS
+            } else {
+                1
+            },
+        )
+        .map_max_entries("SOCKETS", if timing { max_sockets } else { 1 })
         .map_max_entries("HANDSHAKES", 1)
         .map_max_entries("TALLIES", 1)
-        .map_max_entries("SOCKETS", 1)
         .map_max_entries("ACCEPTS", 1)
         .map_max_entries("EVENTS", 4096)
         .load(PROGRAM)
         .context("loading the BPF object")?;
-    if btf {
-        storage::attach_btf(&mut ebpf, "bench_floor_btf")?;
-    } else {
-        attach_tracepoint(
-            &mut ebpf,
-            "bench_floor",
-            &[(tracefs::CATEGORY, tracefs::NAME)],
-        )?;
-    }
+    let classic = match floor {
+        Floor::Btf => {
+            storage::attach_btf(&mut ebpf, "bench_floor_btf")?;
+            return Ok(ebpf);
+        }
+        Floor::Classic => "bench_floor",
+        Floor::Timing => "bench_floor_timing",
+    };
+    attach_tracepoint(&mut ebpf, classic, &[(tracefs::CATEGORY, tracefs::NAME)])?;
     Ok(ebpf)
 }
 
