@@ -124,6 +124,7 @@ const LOADS: &[Load] = &[
 #[derive(Default, Clone, Copy)]
 struct Churn {
     per_second: f64,
+    connections: u64,
     transitions: u64,
 }
 
@@ -138,6 +139,7 @@ fn churn(bin: &Path, load: &Load) -> Result<Churn> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("churn's output")?;
     Ok(Churn {
         per_second: v["per_second"].as_f64().unwrap_or(0.0),
+        connections: v["connections"].as_u64().unwrap_or(0),
         transitions: v["transitions"].as_u64().unwrap_or(0),
     })
 }
@@ -148,6 +150,7 @@ struct Row {
     bpf_ns: u64,
     bpf_runs: u64,
     agent_cpu: f64,
+    connections: u64,
     transitions: u64,
     received: u64,
     dropped: u64,
@@ -190,6 +193,7 @@ pub fn bench(
     let started = Instant::now();
     let mut table = String::new();
     let mut notes = String::new();
+    let mut flat_out: Vec<FlatOut> = Vec::new();
     let (loads, pairs) = if quick {
         (&LOADS[2..], 3)
     } else {
@@ -214,6 +218,7 @@ pub fn bench(
                 row.bpf_ns += t1 - t0;
                 row.bpf_runs += c1 - c0;
                 row.agent_cpu += cpu1 - cpu0;
+                row.connections += traced.connections;
                 row.transitions += traced.transitions;
                 row.received += received;
                 row.dropped += dropped;
@@ -221,8 +226,11 @@ pub fn bench(
             let (median, min, max) = row.median_ratio();
             let mut rates = row.untraced_rate.clone();
             rates.sort_by(f64::total_cmp);
+            // Both sides' tracing CPU: the programs' run time and the agent's.
+            let cpu_us_per_connection =
+                (row.bpf_ns as f64 / 1e3 + row.agent_cpu * 1e6) / row.connections.max(1) as f64;
             let line = format!(
-                "| {} | {} | {:.0} | {median:.3} ({min:.3}-{max:.3}) | {:.0} | {:.2} | {} | {} | {:.1} |",
+                "| {} | {} | {:.0} | {median:.3} ({min:.3}-{max:.3}) | {:.0} | {:.2} | {cpu_us_per_connection:.1} | {} | {} | {:.1} |",
                 load.name,
                 config.name,
                 rates[rates.len() / 2],
@@ -232,12 +240,22 @@ pub fn bench(
                 row.dropped,
                 row.peak_rss_kib as f64 / 1024.0,
             );
+            if load.rate == 0 {
+                flat_out.push(FlatOut {
+                    name: config.name,
+                    ratio: median,
+                    cpu_us_per_connection,
+                    untraced_rate: rates[rates.len() / 2],
+                });
+            }
             println!("{line}");
             table.push_str(&line);
             table.push('\n');
         }
     }
+    let against_floors = against_floors(&flat_out);
     if quick || !only.is_empty() {
+        println!("{against_floors}");
         return Ok(());
     }
     for config in CONFIGS {
@@ -260,11 +278,14 @@ pub fn bench(
          median of traced/untraced connection rates per pair (min-max in brackets); *BPF ns/run* is \
          the agent's programs' run time over their run count (`kernel.bpf_stats_enabled`); *agent \
          CPU* is the agent's user+system time during the traced runs per million transitions the \
-         workload made; *received*/*dropped* (transitions and accepts) are summed over the pairs; *RSS* is the agent's peak \
+         workload made; *tracing CPU per connection* is both together (the programs' run time \
+         and the agent's CPU) over the connections the traced runs made, in microseconds (the \
+         tracepoint's dispatch and other indirect costs are not in it: the speed ratio has them); *received*/*dropped* (transitions and accepts) are summed over the pairs; *RSS* is the agent's peak \
          resident memory. Rate-limited loads cannot run faster than asked, so their ratios sit near \
          1 whenever the machine keeps up.\n\n\
-         | load | configuration | untraced conn/s | speed ratio | BPF ns/run | agent CPU s per M transitions | received | dropped | peak RSS MiB |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n{table}\n\
+         | load | configuration | untraced conn/s | speed ratio | BPF ns/run | agent CPU s per M transitions | tracing CPU per connection (us) | received | dropped | peak RSS MiB |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n{table}\n\
+         {against_floors}\n\
          What dominates each configuration's cost:\n\n{notes}\n\
          Wake-ups: the kernel program submits each record with `BPF_RB_NO_WAKEUP` unless an \
          eighth of the 4 MiB ring is queued (`BPF_RB_FORCE_WAKEUP`), and the reader also drains \
@@ -285,6 +306,47 @@ pub fn bench(
     fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// One configuration's flat-out figures.
+struct FlatOut {
+    name: &'static str,
+    /// Median traced/untraced speed ratio.
+    ratio: f64,
+    cpu_us_per_connection: f64,
+    /// Median untraced connections per second of its pairs.
+    untraced_rate: f64,
+}
+
+/// The flat-out figures that matter to `serve`'s cost, against both floors
+/// of the same run: the empty program (being attached at all) and the
+/// timing floor (what timing each socket's states costs at the least).
+fn against_floors(flat_out: &[FlatOut]) -> String {
+    let find = |name: &str| flat_out.iter().find(|f| f.name == name);
+    let (Some(empty), Some(timing), Some(serve)) = (
+        find("floor (empty classic program)"),
+        find("floor (timing only)"),
+        find("serve"),
+    ) else {
+        return String::new();
+    };
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    format!(
+        "**Flat out, against the floors.** `serve` keeps {:.3} of the untraced rate, at {:.1} us \
+         of tracing CPU per connection. The empty program keeps {:.3}; the timing floor, which \
+         does only what any tool timing each socket's states must do, keeps {:.3} at {:.1} us. \
+         So `serve`'s owners, tallies, streamed closes and timewait confirmation cost {:.1} us \
+         per connection over timing alone. Untraced, a connection of this workload costs about \
+         {:.0} us of CPU ({cpus:.0} CPUs over the untraced rate): fixed work per transition \
+         weighs heavily here, while at the rate-limited loads every mode keeps pace.\n",
+        serve.ratio,
+        serve.cpu_us_per_connection,
+        empty.ratio,
+        timing.ratio,
+        timing.cpu_us_per_connection,
+        serve.cpu_us_per_connection - timing.cpu_us_per_connection,
+        cpus * 1e6 / serve.untraced_rate.max(1.0),
+    )
 }
 
 /// Kernel memory with HELD_CONNECTIONS connections (2 sockets each, both
