@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 pub const SHARE_TAG: &str = "target";
 
 /// One test binary as the guest runs it.
+#[derive(Clone)]
 pub struct GuestBinary {
     /// Its test file's name (`watch` for tests/watch.rs).
     pub name: String,
@@ -31,6 +32,7 @@ pub fn known_run(name: &str) -> String {
 }
 
 /// What the guest is told to do.
+#[derive(Clone)]
 pub struct Plan {
     pub target_dir: String,
     pub modules: Vec<String>,
@@ -208,6 +210,9 @@ pub struct Console {
     pub boot_uptime: Option<f64>,
     pub facts: Vec<String>,
     pub fatal: Option<String>,
+    /// The first line of a crash of the guest's own kernel (an oops, which
+    /// `oops=panic` turns into a panic and so the guest's end).
+    pub crash: Option<String>,
     pub done: bool,
     pub binaries: BTreeMap<String, BinaryResult>,
     current: Option<String>,
@@ -218,6 +223,9 @@ impl Console {
     pub fn line(&mut self, line: &str) {
         // The serial console may end lines with \r.
         let line = line.trim_end_matches('\r');
+        if self.crash.is_none() && is_kernel_crash(line) {
+            self.crash = Some(line.trim().to_string());
+        }
         if let Some(rest) = line.strip_prefix("VMTEST ") {
             let (word, rest) = rest.split_once(' ').unwrap_or((rest, ""));
             match word {
@@ -318,6 +326,51 @@ impl Console {
         }
         problems
     }
+
+    /// The binaries of `expected` that never started or never ended.
+    pub fn unfinished(&self, expected: &[String]) -> Vec<String> {
+        expected
+            .iter()
+            .filter(|name| self.binaries.get(*name).is_none_or(|r| r.rc.is_none()))
+            .cloned()
+            .collect()
+    }
+
+    /// Takes a second guest's reading of the binaries it ran again: their
+    /// results replace these, and its end is the run's end.
+    pub fn merge_rerun(&mut self, rerun: Console) {
+        self.binaries.extend(rerun.binaries);
+        for fact in rerun.facts {
+            if !self.facts.contains(&fact) {
+                self.facts.push(fact);
+            }
+        }
+        self.fatal = rerun.fatal;
+        self.done = rerun.done;
+        if rerun.crash.is_some() {
+            self.crash = rerun.crash;
+        }
+    }
+}
+
+/// Whether a console line is the kernel reporting its own crash.
+fn is_kernel_crash(line: &str) -> bool {
+    // Kernel lines may start with a `[  12.345678]` timestamp.
+    let text = match line.trim_start().strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(_, text)| text),
+        None => line,
+    }
+    .trim_start();
+    [
+        "Oops: ",
+        "BUG: ",
+        "kernel BUG at ",
+        "general protection fault",
+        "int3: ",
+        "Kernel panic - not syncing",
+    ]
+    .iter()
+    .any(|start| text.starts_with(start))
 }
 
 /// `KEY=VALUE` among whitespace-separated words.
@@ -481,5 +534,38 @@ VMTEST DONE uptime=28.1
                 "the guest never reached its tests"
             ]
         );
+    }
+
+    #[test]
+    fn a_kernel_crash_is_noted_and_a_rerun_completes_the_run() {
+        // The 6.12 guest's oops under TCG, cut short.
+        let crashed = GOOD.replace(
+            "VMTEST END burst rc=0 start=24.50 end=28.00\nVMTEST DONE uptime=28.1\n",
+            "[   40.123456] int3: 0000 [#1] PREEMPT SMP NOPTI\n\
+             [   40.123999] Kernel panic - not syncing: Fatal exception in interrupt\n",
+        );
+        let mut c = console(&crashed);
+        assert_eq!(
+            c.crash.as_deref(),
+            Some("[   40.123456] int3: 0000 [#1] PREEMPT SMP NOPTI")
+        );
+        let expected = ["watch".to_string(), "burst".to_string(), "top".to_string()];
+        assert_eq!(c.unfinished(&expected), ["burst", "top"]);
+        // Test output that merely mentions such words is not a crash.
+        assert!(console("VMTEST BEGIN x\nBUG? no: a test's own line\n")
+            .crash
+            .is_none());
+
+        let rerun = console(
+            "VMTEST BOOTED 6.12.1 uptime=2\nVMTEST BEGIN burst\n\
+             test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+             VMTEST END burst rc=0 start=3 end=9\nVMTEST BEGIN top\n\
+             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+             VMTEST END top rc=0 start=9 end=12\nVMTEST DONE uptime=13\n",
+        );
+        c.merge_rerun(rerun);
+        assert_eq!(c.problems(&expected), Vec::<String>::new());
+        assert_eq!(c.binaries["burst"].passed, 2);
+        assert_eq!(c.binaries["watch"].passed, 9);
     }
 }
