@@ -154,13 +154,17 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         accept_in_map(sk, owner, now)
     };
-    let ends = endpoints(sk, &offsets)?;
-    adopt_listener(ends.lport, owner);
-
     let filter = global(&FILTER);
     let streams = global(&AGGREGATE) == 0 && filter.close_from == 0;
-    if !streams
-        || !filter.matches(ends.family, ends.lport, ends.rport, Some(owner.pid))
+    if !streams {
+        // Nothing to stream: of the endpoints only the listener's port.
+        // SAFETY: a checked read of a plain integer at a BTF offset.
+        adopt_listener(unsafe { read_at(sk, offsets.skc_num as usize)? }, owner);
+        return Ok(());
+    }
+    let ends = endpoints(sk, &offsets)?;
+    adopt_listener(ends.lport, owner);
+    if !filter.matches(ends.family, ends.lport, ends.rport, Some(owner.pid))
         || !filter.matches_cgroup(owner.in_cgroup != 0)
     {
         return Ok(());
