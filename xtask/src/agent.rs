@@ -21,7 +21,10 @@ pub struct Agent {
     pub scan: Option<String>,
     child: Child,
     stderr: mpsc::Receiver<String>,
+    /// Its programs on `inet_sock_set_state`.
     pub programs: Vec<u32>,
+    /// Every program it loaded (`accept()`'s, exits', SYN-ACK's too).
+    pub every_program: Vec<u32>,
 }
 
 /// Names (as the kernel keeps them: 15 bytes) of the programs that run on
@@ -37,12 +40,14 @@ const TRANSITION_PROGRAMS: [&str; 4] = [
 /// do not (one transition, two runs).
 const HELPER: &str = "task_context";
 
-fn our_programs() -> HashSet<u32> {
+/// The ids of the programs loaded now: all, or only those on the tracepoint.
+fn loaded(on_transitions_only: bool) -> HashSet<u32> {
     loaded_programs()
         .filter_map(|p| p.ok())
         .filter(|p| {
-            p.name_as_str()
-                .is_some_and(|n| TRANSITION_PROGRAMS.iter().any(|t| n.starts_with(t)))
+            !on_transitions_only
+                || p.name_as_str()
+                    .is_some_and(|n| TRANSITION_PROGRAMS.iter().any(|t| n.starts_with(t)))
         })
         .map(|p| p.id())
         .collect()
@@ -66,7 +71,7 @@ pub fn program_stats(ids: &[u32]) -> (u64, u64) {
 
 impl Agent {
     pub fn start(bin: &Path, args: &[&str]) -> Result<Agent> {
-        let before = our_programs();
+        let before = loaded(false);
         let mut child = Command::new(bin)
             .args(args)
             .stdout(Stdio::null())
@@ -92,11 +97,13 @@ impl Agent {
                 scan = Some(rest.to_string());
             }
         }
-        let programs = our_programs().difference(&before).copied().collect();
+        let programs = loaded(true).difference(&before).copied().collect();
+        let every_program = loaded(false).difference(&before).copied().collect();
         Ok(Agent {
             child,
             stderr,
             programs,
+            every_program,
             scan,
         })
     }

@@ -149,6 +149,8 @@ struct Row {
     ratios: Vec<f64>,
     bpf_ns: u64,
     bpf_runs: u64,
+    /// Run time of all of the agent's programs, not only the tracepoint's.
+    every_program_ns: u64,
     agent_cpu: f64,
     connections: u64,
     transitions: u64,
@@ -206,10 +208,12 @@ pub fn bench(
                 let base = churn(churn_bin, load)?;
                 let agent = Agent::start(tracer, config.args)?;
                 let (t0, c0) = program_stats(&agent.programs);
+                let (all0, _) = program_stats(&agent.every_program);
                 let cpu0 = agent.cpu_seconds();
                 let traced = churn(churn_bin, load)?;
                 let cpu1 = agent.cpu_seconds();
                 let (t1, c1) = program_stats(&agent.programs);
+                let (all1, _) = program_stats(&agent.every_program);
                 row.peak_rss_kib = row.peak_rss_kib.max(agent.peak_rss_kib());
                 let summary = agent.stop()?;
                 let (received, dropped) = (summary.received, summary.dropped);
@@ -217,6 +221,7 @@ pub fn bench(
                 row.untraced_rate.push(base.per_second);
                 row.bpf_ns += t1 - t0;
                 row.bpf_runs += c1 - c0;
+                row.every_program_ns += all1 - all0;
                 row.agent_cpu += cpu1 - cpu0;
                 row.connections += traced.connections;
                 row.transitions += traced.transitions;
@@ -278,9 +283,12 @@ pub fn bench(
          median of traced/untraced connection rates per pair (min-max in brackets); *BPF ns/run* is \
          the agent's programs' run time over their run count (`kernel.bpf_stats_enabled`); *agent \
          CPU* is the agent's user+system time during the traced runs per million transitions the \
-         workload made; *tracing CPU per connection* is both together (the programs' run time \
-         and the agent's CPU) over the connections the traced runs made, in microseconds (the \
-         tracepoint's dispatch and other indirect costs are not in it: the speed ratio has them); *received*/*dropped* (transitions and accepts) are summed over the pairs; *RSS* is the agent's peak \
+         workload made; *tracing CPU per connection* is the run time of all the agent's programs \
+         (`accept()`'s handler's too) and the agent's CPU, over the connections the traced runs \
+         made, in microseconds; the agent's CPU includes its start (the owner scan and, for \
+         `timewait` and `serve`, its first reading of the timewait table, which the untraced run \
+         just filled), which dominates at the rate-limited loads; the tracepoint's dispatch and \
+         other indirect costs are not in it (the speed ratio has them); *received*/*dropped* (transitions and accepts) are summed over the pairs; *RSS* is the agent's peak \
          resident memory. Rate-limited loads cannot run faster than asked, so their ratios sit near \
          1 whenever the machine keeps up.\n\n\
          | load | configuration | untraced conn/s | speed ratio | BPF ns/run | agent CPU s per M transitions | tracing CPU per connection (us) | received | dropped | peak RSS MiB |\n\
