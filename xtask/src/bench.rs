@@ -231,9 +231,9 @@ pub fn bench(
             let (median, min, max) = row.median_ratio();
             let mut rates = row.untraced_rate.clone();
             rates.sort_by(f64::total_cmp);
-            // Both sides' tracing CPU: the programs' run time and the agent's.
-            let cpu_us_per_connection =
-                (row.bpf_ns as f64 / 1e3 + row.agent_cpu * 1e6) / row.connections.max(1) as f64;
+            // Both sides' tracing CPU: all its programs' run time and the agent's.
+            let cpu_us_per_connection = (row.every_program_ns as f64 / 1e3 + row.agent_cpu * 1e6)
+                / row.connections.max(1) as f64;
             let line = format!(
                 "| {} | {} | {:.0} | {median:.3} ({min:.3}-{max:.3}) | {:.0} | {:.2} | {cpu_us_per_connection:.1} | {} | {} | {:.1} |",
                 load.name,
