@@ -312,7 +312,7 @@ fn healthy_traffic_makes_no_finding() {
     let (report, _) = doctor(port, 3, &[], || {
         kept_alive(at(port), 500);
         // Normal closes, the server's first, with payloads.
-        exchanges(at(port), Script::QUICK, 10, 100, 100);
+        exchanges(None, at(port), Script::QUICK, 10, 100, 100);
     });
     assert_eq!(report["findings"], serde_json::json!([]), "{report:#}");
     assert!(

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{exchanges_in, free_port, loopback, stamp_jitter_ns, Agent, NetNs, Script, AGENT_BIN};
+use common::{exchanges, free_port, loopback, stamp_jitter_ns, Agent, NetNs, Script, AGENT_BIN};
 use serde_json::Value;
 
 const CONNECTIONS: usize = 20;
@@ -105,7 +105,7 @@ fn stats_and_life_live_and_replayed() {
     // that), and every agent here would miss them alike.
     let netns = NetNs::new();
     netns.quickack_loopback();
-    let (server_pid, client_pid) = exchanges_in(
+    let (server_pid, client_pid) = exchanges(
         Some(&netns),
         SocketAddr::new(loopback(false), port),
         SCRIPT,

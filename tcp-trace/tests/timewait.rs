@@ -176,6 +176,7 @@ fn a_server_that_closes_first_is_charged() {
     let port = free_port();
     let agent = start(port);
     let (server_pid, _) = exchanges(
+        None,
         SocketAddr::new(loopback(true), port),
         Script::QUICK,
         20,

@@ -290,17 +290,15 @@ impl NetNs {
     /// Moves the calling thread into the namespace; threads it spawns
     /// afterwards start there too.
     pub fn enter_on_this_thread(&self) {
-        let file = std::fs::File::open(self.path()).expect("opening the namespace");
-        // SAFETY: setns on a descriptor we own, for this thread alone; it
-        // changes no memory of ours.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns into {}: {}",
-            self.name,
-            std::io::Error::last_os_error()
-        );
+        let file = self.open();
+        if let Err(err) = join_netns(std::os::fd::AsRawFd::as_raw_fd(&file)) {
+            panic!("setns into {}: {err}", self.name);
+        }
+    }
+
+    /// The namespace's file, for `join_netns`.
+    pub fn open(&self) -> std::fs::File {
+        std::fs::File::open(self.path()).expect("opening the namespace")
     }
 
     /// `ip netns exec NAME PROGRAM`: a command to run inside.
@@ -317,6 +315,17 @@ impl Drop for NetNs {
         // (no process, no mount) holds it.
         ip_quiet(&["link", "del", &self.host_if]);
         ip_quiet(&["netns", "del", &self.name]);
+    }
+}
+
+/// Moves the calling thread into the network namespace of open file `fd`.
+/// Async-signal-safe: a child may call it between fork and exec.
+pub fn join_netns(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: setns on a descriptor the caller holds open, for this thread
+    // alone; it changes no memory of ours.
+    match unsafe { libc::setns(fd, libc::CLONE_NEWNET) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

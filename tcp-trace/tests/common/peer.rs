@@ -11,7 +11,7 @@ use std::{
 
 use super::{
     agent::{wait_timeout, Ev},
-    net::NetNs,
+    net::{join_netns, NetNs},
 };
 
 /// The `tcp_peer` example, built by `cargo test` next to the test binaries.
@@ -47,19 +47,13 @@ impl Peer {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         // Kept open until the child has been spawned.
-        let netns = netns.map(|ns| std::fs::File::open(ns.path()).expect("opening the namespace"));
+        let netns = netns.map(NetNs::open);
         if let Some(file) = &netns {
             let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-            // SAFETY: the child calls only setns, which is async-signal-safe,
+            // SAFETY: the child calls only `join_netns`, async-signal-safe,
             // on a descriptor the parent holds open across the spawn.
             unsafe {
-                std::os::unix::process::CommandExt::pre_exec(
-                    &mut command,
-                    move || match libc::setns(fd, libc::CLONE_NEWNET) {
-                        0 => Ok(()),
-                        _ => Err(std::io::Error::last_os_error()),
-                    },
-                );
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || join_netns(fd));
             }
         }
         Self::from_child(command.spawn().expect("spawning tcp_peer"))
@@ -208,10 +202,17 @@ impl Script {
 
 /// Runs one exchange: server and client in two processes. Returns their pids.
 pub fn exchange(addr: SocketAddr, script: Script) -> (u32, u32) {
-    let mut server = Peer::server(addr, script.hold, script.linger);
+    run_pair(Peer::server(addr, script.hold, script.linger), || {
+        Peer::client(addr, script.linger)
+    })
+}
+
+/// Starts `server`, then, once it listens, the client `client` makes; waits
+/// for both to succeed. Returns their pids.
+fn run_pair(mut server: Peer, client: impl FnOnce() -> Peer) -> (u32, u32) {
     server.go();
     server.expect_line("listening");
-    let mut client = Peer::client(addr, script.linger);
+    let mut client = client();
     client.go();
     let pids = (server.pid(), client.pid());
     client.finish();
@@ -219,19 +220,10 @@ pub fn exchange(addr: SocketAddr, script: Script) -> (u32, u32) {
     pids
 }
 
-/// Runs `count` concurrent exchanges with payloads; returns (server, client) pids.
+/// Runs `count` concurrent exchanges with payloads, with both peers in
+/// network namespace `netns` (the host's when `None`); returns (server,
+/// client) pids.
 pub fn exchanges(
-    addr: SocketAddr,
-    script: Script,
-    count: usize,
-    up: usize,
-    down: usize,
-) -> (u32, u32) {
-    exchanges_in(None, addr, script, count, up, down)
-}
-
-/// `exchanges`, with both peers in network namespace `netns`.
-pub fn exchanges_in(
     netns: Option<&NetNs>,
     addr: SocketAddr,
     script: Script,
@@ -239,15 +231,9 @@ pub fn exchanges_in(
     up: usize,
     down: usize,
 ) -> (u32, u32) {
-    let mut server = Peer::server_n(netns, addr, script, count, up, down);
-    server.go();
-    server.expect_line("listening");
-    let mut client = Peer::client_n(netns, addr, script, count, up, down);
-    client.go();
-    let pids = (server.pid(), client.pid());
-    client.finish();
-    server.finish();
-    pids
+    run_pair(Peer::server_n(netns, addr, script, count, up, down), || {
+        Peer::client_n(netns, addr, script, count, up, down)
+    })
 }
 
 /// The sequence of `OLD->NEW` of one socket's transitions (accepts change no state).
