@@ -134,9 +134,12 @@ fn active_closers_are_charged_agree_with_ss_and_are_reaped() {
         Some(ours + unattributed + before),
         "{report:#}"
     );
+    // The kernel may also skip the records of a socket's whole stay (its
+    // close, and on the precise path its kprobes' records): counted as
+    // dropped, and then listed by ss alone.
     let ss = ss_time_wait(port) as u64;
     assert!(
-        (ours + unattributed..=ours + unattributed + before).contains(&ss),
+        (ours + unattributed..=ours + unattributed + before + dropped).contains(&ss),
         "ss counts {ss}: {report:#}"
     );
 
